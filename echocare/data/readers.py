@@ -1,0 +1,750 @@
+"""Readers for clinical ultrasound: still images, DICOM, video and NIfTI.
+
+Every reader returns frames as ``float32`` RGB in ``[0, 1]``:
+
+* :func:`read_ultrasound` -> ``(frames, height, width, 3)`` (all or selected frames),
+* :func:`iter_frames` -> ``(height, width, 3)`` frames one at a time (streaming).
+
+Conventions (the same for every format, so that a model never sees a difference
+between an exported PNG and the DICOM it came from):
+
+* Orientation: row 0 is the top of the image as a person sees it on screen, column 0
+  its left. (MONAI's own 2D readers return ``(width, height)`` by default; these do not.)
+* Grey images are repeated to 3 channels; colour is always RGB (YBR, palette and
+  other encodings are converted).
+* Intensities are scaled by the *stored* bit depth (8 bit by 255, 12 bit by 4095,
+  16 bit by 65535, ...), never by the image's own min/max, so that brightness means
+  the same across files of one source.
+
+Measurement metadata (``with_metadata=True``) is limited to a whitelist of
+acquisition/geometry attributes: patient and study attributes (names, IDs, dates,
+institution, UIDs) never leave the reader.
+
+Supported formats, by suffix (DICOM is also recognised by its ``DICM`` preamble):
+PNG, JPEG, BMP, TIFF, GIF (Pillow); DICOM (pydicom >= 3 with pylibjpeg decoders for
+RLE, JPEG baseline/lossless and JPEG 2000); MP4, AVI, MOV, MKV, WEBM (PyAV);
+NIfTI ``.nii``/``.nii.gz`` (nibabel).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+__all__ = [
+    "UltrasoundReadError",
+    "FrameSelection",
+    "SUPPORTED_SUFFIXES",
+    "detect_format",
+    "read_ultrasound",
+    "iter_frames",
+    "count_frames",
+    "read_metadata",
+]
+
+#: ``None`` (all frames), a frame index (negative counts from the end), a slice or a
+#: sequence of indices.
+FrameSelection = Union[None, int, slice, Sequence[int]]
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif"}
+_DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+_VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
+_NIFTI_SUFFIXES = {".nii", ".nii.gz"}
+
+#: File name suffixes that :func:`detect_format` recognises.
+SUPPORTED_SUFFIXES: frozenset[str] = frozenset(
+    _IMAGE_SUFFIXES | _DICOM_SUFFIXES | _VIDEO_SUFFIXES | _NIFTI_SUFFIXES
+)
+
+
+class UltrasoundReadError(ValueError):
+    """A file is missing, unreadable or of an unsupported kind.
+
+    The message always starts with the file's path, then the problem, e.g.
+    ``"/data/x.dcm: DICOM has no pixel data"``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return path.suffix.lower()
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """The reader family of ``path``: ``"image"``, ``"dicom"``, ``"video"`` or ``"nifti"``.
+
+    Raises:
+        UltrasoundReadError: the file does not exist or its kind is not supported.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise UltrasoundReadError(p, "file not found")
+    if p.is_dir():
+        raise UltrasoundReadError(p, "is a directory, not a file")
+    suffix = _suffix(p)
+    if suffix in _IMAGE_SUFFIXES:
+        return "image"
+    if suffix in _DICOM_SUFFIXES:
+        return "dicom"
+    if suffix in _VIDEO_SUFFIXES:
+        return "video"
+    if suffix in _NIFTI_SUFFIXES:
+        return "nifti"
+    # DICOM files from PACS exports often have no suffix at all ("IM0001").
+    if _has_dicom_preamble(p):
+        return "dicom"
+    raise UltrasoundReadError(
+        p, f"unsupported file type {suffix or '(no suffix)'!r}; expected one of "
+        f"{', '.join(sorted(SUPPORTED_SUFFIXES))} or a DICOM file"
+    )
+
+
+def _select(frames: FrameSelection, n: int, path: Path) -> list[int]:
+    """Normalise a frame selection to a list of non-negative indices below ``n``."""
+    if frames is None:
+        return list(range(n))
+    if isinstance(frames, slice):
+        return list(range(*frames.indices(n)))
+    if isinstance(frames, (int, np.integer)):
+        items = [int(frames)]
+    else:
+        items = [int(i) for i in frames]
+    out = []
+    for i in items:
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise UltrasoundReadError(path, f"frame index {i} out of range for {n} frame(s)")
+        out.append(j)
+    return out
+
+
+def _scale_uint(arr: np.ndarray, bits: int, signed: bool = False) -> np.ndarray:
+    """Integer samples -> float32 in [0, 1] by the stored bit depth ``bits``."""
+    arr = arr.astype(np.float32)
+    if signed:
+        # Two's complement range [-2^(b-1), 2^(b-1)-1] maps to [0, 1].
+        arr = arr + float(2 ** (bits - 1))
+    out = arr / float(2**bits - 1)
+    # Values above the declared depth do occur (sloppy encoders); clip rather than
+    # let them exceed the documented range.
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _to_rgb(frame: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, 1|3) float -> (H, W, 3) float32 (grey is repeated)."""
+    if frame.ndim == 2:
+        frame = frame[..., None]
+    if frame.shape[-1] == 1:
+        frame = np.repeat(frame, 3, axis=-1)
+    return np.ascontiguousarray(frame, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------- still images
+
+
+def _open_pil(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(path)
+    except UnidentifiedImageError:
+        raise UltrasoundReadError(path, "cannot decode image (not a recognised image format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UltrasoundReadError(path, f"cannot open image ({exc})") from None
+    return img
+
+
+def _pil_frame_to_float(img: Any, path: Path) -> np.ndarray:
+    """One Pillow frame -> (H, W, 3) float32 in [0, 1], by the mode's bit depth."""
+    from PIL import Image, ImageOps
+
+    try:
+        img.load()
+        # Cameras and some PACS viewers store JPEG/TIFF rotation in EXIF: apply it so
+        # that the array is "as a person sees it".
+        img = ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        msg = str(exc)
+        if "truncated" in msg.lower():
+            msg = "truncated file"
+        raise UltrasoundReadError(path, f"cannot decode image ({msg})") from None
+
+    mode = img.mode
+    if mode == "1":
+        return _to_rgb(np.asarray(img, dtype=np.float32))
+    if mode == "L":
+        return _to_rgb(_scale_uint(np.asarray(img), 8))
+    if mode.startswith("I;16"):
+        return _to_rgb(_scale_uint(np.asarray(img).astype(np.uint16), 16))
+    if mode == "I":
+        # 32-bit integer mode: Pillow uses it for 16-bit PNGs (older versions) and for
+        # 16/32-bit TIFFs. Take the stored depth from the file where it is declared.
+        bits = 16
+        if img.format == "TIFF":
+            bps = getattr(img, "tag_v2", {}).get(258, (16,))
+            bits = int(bps[0] if isinstance(bps, (tuple, list)) else bps)
+        arr = np.asarray(img)
+        return _to_rgb(_scale_uint(arr, bits, signed=bool(arr.min() < 0) and bits == 32))
+    if mode == "F":
+        # Float images carry no bit depth: they are taken to be in [0, 1] already.
+        arr = np.asarray(img, dtype=np.float32)
+        return _to_rgb(np.clip(arr, 0.0, 1.0))
+    if mode in ("LA", "La"):
+        arr = _scale_uint(np.asarray(img.convert("LA")), 8)
+        grey, alpha = arr[..., :1], arr[..., 1:]
+        return _to_rgb(grey * alpha)
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "RGBa", "PA"):
+        # Composite over black: the ultrasound background is black, and transparent
+        # pixels carry no echo whatever RGB values they happen to hold.
+        arr = _scale_uint(np.asarray(img.convert("RGBA")), 8)
+        return _to_rgb(arr[..., :3] * arr[..., 3:4])
+    # RGB, P (palette), CMYK, YCbCr, LAB, HSV ...: Pillow's conversion to 8-bit RGB.
+    return _to_rgb(_scale_uint(np.asarray(img.convert("RGB")), 8))
+
+
+def _image_num_frames(img: Any) -> int:
+    return int(getattr(img, "n_frames", 1) or 1)
+
+
+def _iter_image(path: Path, indices: list[int] | None, step: int) -> Iterator[np.ndarray]:
+    img = _open_pil(path)
+    with img:
+        n = _image_num_frames(img)
+        order = indices if indices is not None else list(range(0, n, step))
+        for i in order:
+            if n > 1:
+                try:
+                    img.seek(i)
+                except (EOFError, OSError) as exc:
+                    raise UltrasoundReadError(path, f"cannot decode image frame {i} ({exc})") from None
+            yield _pil_frame_to_float(img, path)
+
+
+def _image_meta(path: Path) -> dict[str, Any]:
+    img = _open_pil(path)
+    with img:
+        n = _image_num_frames(img)
+        # DPI tags are a print property, not the probe's geometry: still images
+        # carry no trustworthy spacing, so none is reported.
+        return {
+            "pixel_spacing_mm": None,
+            "frame_time_ms": None,
+            "num_frames": n,
+            "source_format": (img.format or "image").lower(),
+        }
+
+
+# ---------------------------------------------------------------------------- DICOM
+
+
+def _dcmread(path: Path, stop_before_pixels: bool = False):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError as exc:
+        raise UltrasoundReadError(path, f"not a valid DICOM file ({exc})") from None
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+        raise UltrasoundReadError(path, f"cannot read DICOM ({exc})") from None
+
+
+def _dicom_num_frames(ds: Any) -> int:
+    n = ds.get("NumberOfFrames", 1)
+    try:
+        return max(int(n), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def _palette_depth(ds: Any) -> int:
+    """Bits per entry declared by the red palette descriptor (8 or 16)."""
+    for kw in ("RedPaletteColorLookupTableDescriptor", "SegmentedRedPaletteColorLookupTableDescriptor"):
+        desc = ds.get(kw)
+        if desc is not None:
+            try:
+                return int(desc[2])
+            except (TypeError, IndexError, ValueError):
+                pass
+    return 8
+
+
+def _dicom_frame_to_float(arr: np.ndarray, info: dict[str, Any], ds: Any, path: Path) -> np.ndarray:
+    """One decoded DICOM frame -> (H, W, 3) float32 in [0, 1].
+
+    ``info`` is the decoder's description of the *decoded* array (its photometric
+    interpretation is already RGB where the decoder converted YBR).
+    """
+    from pydicom.pixels import apply_color_lut, convert_color_space
+
+    pi = str(info.get("photometric_interpretation", ds.get("PhotometricInterpretation", ""))).strip()
+    bits = int(info.get("bits_stored") or ds.get("BitsStored") or arr.dtype.itemsize * 8)
+    signed = int(info.get("pixel_representation", ds.get("PixelRepresentation", 0)) or 0) == 1
+
+    if pi == "PALETTE COLOR":
+        try:
+            rgb = apply_color_lut(arr, ds)
+        except Exception as exc:  # pydicom raises several kinds for broken LUTs
+            raise UltrasoundReadError(path, f"cannot apply DICOM palette ({exc})") from None
+        # The table's declared entry depth, not the pixels' depth, sets the scale.
+        return _to_rgb(_scale_uint(rgb, _palette_depth(ds)))
+    if pi in ("YBR_FULL", "YBR_FULL_422"):
+        # Reached only when a decoder kept YCbCr (as_rgb is on by default).
+        if arr.dtype != np.uint8:
+            arr = arr.astype(np.uint8) if bits <= 8 else arr
+        arr = convert_color_space(arr, pi, "RGB")
+        return _to_rgb(_scale_uint(arr, bits))
+    if pi in ("YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422"):
+        # JPEG 2000 / JPEG decoders undo these transforms themselves; a raw YBR_* here
+        # would mean a decoder that did not, which we cannot fix reliably.
+        if arr.ndim == 3 and arr.shape[-1] == 3 and info.get("photometric_interpretation") != pi:
+            return _to_rgb(_scale_uint(arr, bits, signed))
+        raise UltrasoundReadError(path, f"photometric interpretation {pi} was not converted by the decoder")
+    if pi == "MONOCHROME1":
+        # MONOCHROME1: minimum value is white; invert so that echo is bright.
+        return _to_rgb(1.0 - _scale_uint(arr, bits, signed))
+    if pi in ("MONOCHROME2", "RGB", ""):
+        return _to_rgb(_scale_uint(arr, bits, signed))
+    raise UltrasoundReadError(path, f"unsupported DICOM photometric interpretation {pi!r}")
+
+
+def _iter_dicom(path: Path, indices: list[int] | None, step: int) -> Iterator[np.ndarray]:
+    ds = _dcmread(path)
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise UltrasoundReadError(path, "DICOM has no pixel data")
+    if "PixelData" not in ds:
+        raise UltrasoundReadError(path, "DICOM float pixel data is not supported")
+    from pydicom.pixels import get_decoder
+
+    n = _dicom_num_frames(ds)
+    order = indices if indices is not None else list(range(0, n, step))
+    if not order:
+        return
+    try:
+        ts = ds.file_meta.TransferSyntaxUID
+    except AttributeError:
+        raise UltrasoundReadError(path, "DICOM has no transfer syntax (file meta missing)") from None
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError as exc:
+        raise UltrasoundReadError(path, f"unsupported DICOM transfer syntax {ts} ({exc})") from None
+    if not decoder.is_available:
+        raise UltrasoundReadError(
+            path,
+            f"no decoder installed for transfer syntax {ts.name}; install pylibjpeg, "
+            "pylibjpeg-libjpeg, pylibjpeg-openjpeg and pylibjpeg-rle",
+        )
+    # The decoder's iterator decodes one frame at a time: a 120-frame cine is never
+    # held in memory twice, and a frame selection only decodes the selected frames.
+    # It wants increasing indices; re-order afterwards for arbitrary selections.
+    unique = sorted(set(order))
+    try:
+        decoded: dict[int, np.ndarray] = {}
+        frames_iter = decoder.iter_array(ds, indices=unique)
+        if unique == order:
+            for _, (arr, info) in zip(unique, frames_iter):
+                yield _dicom_frame_to_float(arr, info, ds, path)
+            return
+        for i, (arr, info) in zip(unique, frames_iter):
+            decoded[i] = _dicom_frame_to_float(arr, info, ds, path)
+    except UltrasoundReadError:
+        raise
+    except Exception as exc:  # decoders raise RuntimeError/ValueError/... on bad data
+        raise UltrasoundReadError(path, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from None
+    for i in order:
+        yield decoded[i]
+
+
+# Unit codes of PhysicalUnitsX/YDirection (PS3.3 C.8.5.5.1.15): only cm is a length.
+_US_UNIT_CM = 3
+# RegionSpatialFormat 1 = 2D tissue image (the B-mode sector), what spacing is for.
+_US_REGION_2D = 1
+
+
+def _us_region_spacing(ds: Any) -> list[float] | None:
+    """[row, col] spacing in mm from SequenceOfUltrasoundRegions, or None."""
+    regions = ds.get("SequenceOfUltrasoundRegions")
+    if not regions:
+        return None
+    candidates = []
+    for r in regions:
+        ux, uy = r.get("PhysicalUnitsXDirection"), r.get("PhysicalUnitsYDirection")
+        dx, dy = r.get("PhysicalDeltaX"), r.get("PhysicalDeltaY")
+        if ux != _US_UNIT_CM or uy != _US_UNIT_CM or dx is None or dy is None:
+            continue
+        dx, dy = abs(float(dx)), abs(float(dy))
+        if not (dx > 0 and dy > 0 and math.isfinite(dx) and math.isfinite(dy)):
+            continue
+        area = 0
+        try:
+            area = (int(r.RegionLocationMaxX1) - int(r.RegionLocationMinX0)) * (
+                int(r.RegionLocationMaxY1) - int(r.RegionLocationMinY0)
+            )
+        except (AttributeError, TypeError, ValueError):
+            pass
+        is_2d = r.get("RegionSpatialFormat") == _US_REGION_2D
+        # Prefer the 2D tissue region, then the largest one (a small M-mode or
+        # Doppler strip may also be in cm but with another scale).
+        candidates.append((is_2d, area, [dy * 10.0, dx * 10.0]))
+    if not candidates:
+        return None
+    candidates.sort(key=lambda c: (c[0], c[1]), reverse=True)
+    return candidates[0][2]
+
+
+def _dicom_spacing(ds: Any) -> list[float] | None:
+    spacing = _us_region_spacing(ds)
+    if spacing is not None:
+        return spacing
+    for kw in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(kw)
+        if value is not None:
+            try:
+                row, col = (float(v) for v in value)
+                if row > 0 and col > 0:
+                    return [row, col]
+            except (TypeError, ValueError):
+                pass
+    return None
+
+
+def _dicom_frame_time(ds: Any) -> float | None:
+    for kw in ("FrameTime",):
+        value = ds.get(kw)
+        if value not in (None, ""):
+            try:
+                t = float(value)
+                if t > 0:
+                    return t
+            except (TypeError, ValueError):
+                pass
+    ftv = ds.get("FrameTimeVector")
+    if ftv:
+        try:
+            # The first entry is 0 by definition (time of frame 1 relative to itself).
+            times = [float(t) for t in list(ftv)[1:]]
+            if times:
+                return float(np.mean(times))
+        except (TypeError, ValueError):
+            pass
+    for kw in ("RecommendedDisplayFrameRate", "CineRate"):
+        value = ds.get(kw)
+        if value:
+            try:
+                return 1000.0 / float(value)
+            except (TypeError, ValueError, ZeroDivisionError):
+                pass
+    return None
+
+
+def _dicom_meta(path: Path) -> dict[str, Any]:
+    ds = _dcmread(path, stop_before_pixels=True)
+    # A whitelist: nothing identifying the patient, study, institution or instance.
+    return {
+        "pixel_spacing_mm": _dicom_spacing(ds),
+        "frame_time_ms": _dicom_frame_time(ds),
+        "num_frames": _dicom_num_frames(ds),
+        "source_format": "dicom",
+        "photometric_interpretation": str(ds.get("PhotometricInterpretation", "")).strip() or None,
+        "bits_stored": int(ds.BitsStored) if "BitsStored" in ds else None,
+        "transfer_syntax": getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        and ds.file_meta.TransferSyntaxUID.name,
+        "modality": str(ds.get("Modality", "")) or None,
+    }
+
+
+# ---------------------------------------------------------------------------- video
+
+
+def _open_video(path: Path):
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise UltrasoundReadError(path, f"cannot open video ({exc})") from None
+    if not container.streams.video:
+        container.close()
+        raise UltrasoundReadError(path, "file has no video stream")
+    return container
+
+
+def _video_count(path: Path) -> int:
+    """Number of frames: the container's count when it has one, else by demuxing."""
+    import av
+
+    container = _open_video(path)
+    with container:
+        stream = container.streams.video[0]
+        if stream.frames:
+            return int(stream.frames)
+        # Demuxing reads packets without decoding them: fast even for long clips.
+        try:
+            return sum(1 for p in container.demux(stream) if p.size)
+        except av.error.FFmpegError as exc:
+            raise UltrasoundReadError(path, f"cannot read video ({exc})") from None
+
+
+def _iter_video(path: Path, indices: list[int] | None, step: int) -> Iterator[np.ndarray]:
+    import av
+
+    wanted = None if indices is None else set(indices)
+    last = None if indices is None else max(indices, default=-1)
+    keep: dict[int, np.ndarray] = {}
+    in_order = indices is None or indices == sorted(set(indices))
+    container = _open_video(path)
+    with container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        i = -1
+        try:
+            for frame in container.decode(stream):
+                i += 1
+                if last is not None and i > last:
+                    break
+                if wanted is None:
+                    if i % step:
+                        continue
+                elif i not in wanted:
+                    continue
+                rgb = _to_rgb(_scale_uint(frame.to_ndarray(format="rgb24"), 8))
+                if in_order:
+                    yield rgb
+                else:
+                    keep[i] = rgb
+        except av.error.FFmpegError as exc:
+            raise UltrasoundReadError(path, f"cannot decode video frame {i + 1} ({exc})") from None
+    if not in_order:
+        missing = [j for j in indices if j not in keep]  # type: ignore[union-attr]
+        if missing:
+            raise UltrasoundReadError(path, f"video has no frame {missing[0]} (decoded {i + 1})")
+        for j in indices:  # type: ignore[union-attr]
+            yield keep[j]
+
+
+def _video_meta(path: Path) -> dict[str, Any]:
+    container = _open_video(path)
+    with container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fmt = (container.format.name or "video").split(",")[0]
+    return {
+        "pixel_spacing_mm": None,
+        "frame_time_ms": 1000.0 / float(rate) if rate else None,
+        "num_frames": _video_count(path),
+        "source_format": fmt,
+    }
+
+
+# ---------------------------------------------------------------------------- NIfTI
+
+
+def _load_nifti(path: Path):
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises ImageFileError, OSError, EOFError, ...
+        raise UltrasoundReadError(path, f"cannot read NIfTI ({exc})") from None
+    return img
+
+
+def _nifti_layout(img: Any) -> tuple[int, bool]:
+    """(number of frames, is_colour) of a NIfTI after dropping singleton axes."""
+    shape = [s for k, s in enumerate(img.shape) if k < 2 or s != 1]
+    dtype = img.get_data_dtype()
+    if dtype.names:  # RGB24/RGBA32 structured voxels
+        return (int(np.prod(shape[2:])) if len(shape) > 2 else 1), True
+    if len(shape) == 2:
+        return 1, False
+    if len(shape) == 3:
+        return shape[2], False
+    if len(shape) == 4 and shape[3] in (3, 4):
+        return shape[2], True
+    raise ValueError(f"unsupported NIfTI shape {tuple(img.shape)}")
+
+
+def _nifti_scale(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.integer):
+        bits = dtype.itemsize * 8
+        return _scale_uint(arr, bits, signed=np.issubdtype(dtype, np.signedinteger))
+    # Float voxels have no stored depth: [0, 1] data is kept, otherwise the 8-bit or
+    # 16-bit range is assumed (ultrasound exported to float keeps its grey levels).
+    arr = arr.astype(np.float32)
+    top = float(np.nanmax(arr)) if arr.size else 0.0
+    if top > 255.0:
+        arr = arr / 65535.0
+    elif top > 1.0:
+        arr = arr / 255.0
+    return np.clip(np.nan_to_num(arr), 0.0, 1.0)
+
+
+def _iter_nifti(path: Path, indices: list[int] | None, step: int) -> Iterator[np.ndarray]:
+    img = _load_nifti(path)
+    try:
+        n, colour = _nifti_layout(img)
+    except ValueError as exc:
+        raise UltrasoundReadError(path, str(exc)) from None
+    dtype = img.get_data_dtype()
+    # Unscaled voxels: the stored integers carry the bit depth; scl_slope is a
+    # physical calibration, irrelevant to display brightness.
+    data = np.asanyarray(img.dataobj.get_unscaled() if hasattr(img.dataobj, "get_unscaled") else img.dataobj)
+    keep_axes = tuple(slice(None) if (k < 2 or s != 1) else 0 for k, s in enumerate(data.shape))
+    data = data[keep_axes]
+    if dtype.names:
+        data = np.stack([data[c] for c in dtype.names[:3]], axis=-1)
+        dtype = np.dtype(data.dtype)
+        if data.ndim == 3:
+            data = data[:, :, None, :]
+    elif not colour:
+        data = data[..., None] if data.ndim == 2 else data
+        data = data[..., None]
+    # Now (X, Y, T, C). NIfTI's first voxel axis i runs along the image's columns and
+    # j along its rows (ITK and the scanner exports write it so): rows = j.
+    order = indices if indices is not None else list(range(0, n, step))
+    for t in order:
+        frame = np.asarray(data[:, :, t, :3]).transpose(1, 0, 2)
+        yield _to_rgb(_nifti_scale(frame, dtype))
+
+
+def _nifti_meta(path: Path) -> dict[str, Any]:
+    img = _load_nifti(path)
+    try:
+        n, _ = _nifti_layout(img)
+    except ValueError as exc:
+        raise UltrasoundReadError(path, str(exc)) from None
+    zooms = img.header.get_zooms()
+    units = img.header.get_xyzt_units()
+    spacing = None
+    factor = {"mm": 1.0, "meter": 1000.0, "micron": 1e-3}.get(units[0])
+    if factor is not None and len(zooms) >= 2 and zooms[0] > 0 and zooms[1] > 0:
+        spacing = [float(zooms[1]) * factor, float(zooms[0]) * factor]
+    frame_time = None
+    tfactor = {"sec": 1000.0, "msec": 1.0, "usec": 1e-3}.get(units[1])
+    if tfactor is not None and len(img.shape) >= 4 and len(zooms) >= 4 and zooms[3] > 0:
+        frame_time = float(zooms[3]) * tfactor
+    return {
+        "pixel_spacing_mm": spacing,
+        "frame_time_ms": frame_time,
+        "num_frames": n,
+        "source_format": "nifti",
+    }
+
+
+# ------------------------------------------------------------------------ public API
+
+_ITERS = {"image": _iter_image, "dicom": _iter_dicom, "video": _iter_video, "nifti": _iter_nifti}
+_METAS = {"image": _image_meta, "dicom": _dicom_meta, "video": _video_meta, "nifti": _nifti_meta}
+
+
+def count_frames(path: str | os.PathLike[str]) -> int:
+    """Number of frames in ``path`` without decoding pixel data (1 for still images)."""
+    p = Path(path)
+    fmt = detect_format(p)
+    if fmt == "video":
+        return _video_count(p)
+    return int(_METAS[fmt](p)["num_frames"])
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Measurement metadata of ``path`` (no pixel decoding).
+
+    Returns a dict with ``pixel_spacing_mm`` (``[row, col]`` in mm, or None),
+    ``frame_time_ms`` (ms between frames, or None), ``num_frames``,
+    ``source_format`` and, for DICOM, ``photometric_interpretation``, ``bits_stored``,
+    ``transfer_syntax`` and ``modality``. Never any patient or study attribute.
+
+    For DICOM the spacing comes first from the ultrasound region calibration
+    (SequenceOfUltrasoundRegions, PhysicalDeltaY/X in cm -> mm, the 2D region first),
+    then PixelSpacing, then ImagerPixelSpacing.
+    """
+    p = Path(path)
+    return _METAS[detect_format(p)](p)
+
+
+def iter_frames(path: str | os.PathLike[str], step: int = 1) -> Iterator[np.ndarray]:
+    """Stream the frames of ``path`` one at a time: every ``step``-th from frame 0.
+
+    Yields:
+        ``(height, width, 3)`` float32 arrays in [0, 1], row 0 at the top.
+        Video is decoded lazily with PyAV; multi-frame DICOM frame by frame.
+
+    Raises:
+        UltrasoundReadError: missing, unreadable or unsupported file (raised on the
+        first ``next()``, since this is a generator).
+    """
+    if int(step) < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    p = Path(path)
+    fmt = detect_format(p)
+    yield from _ITERS[fmt](p, None, int(step))
+
+
+def read_ultrasound(
+    path: str | os.PathLike[str],
+    frames: FrameSelection = None,
+    with_metadata: bool = False,
+) -> np.ndarray | tuple[np.ndarray, dict[str, Any]]:
+    """Read an ultrasound image, DICOM, video or NIfTI as RGB frames.
+
+    Args:
+        path: the file (PNG/JPG/BMP/TIFF/GIF, DICOM, MP4/AVI/..., NIfTI).
+        frames: ``None`` for all frames, an index (negative from the end), a slice, or
+            a sequence of indices (any order, repeats allowed). Only the selected
+            frames are decoded where the format allows it.
+        with_metadata: also return the measurement metadata (see
+            :func:`read_metadata`; ``num_frames`` is the file's frame count).
+
+    Returns:
+        ``(frames, height, width, 3)`` float32 in [0, 1] (a single index still gives a
+        leading frame axis of 1), or ``(array, meta)`` with ``with_metadata=True``.
+
+    Raises:
+        UltrasoundReadError: missing, unreadable or unsupported file, no pixel data,
+        or a frame index out of range.
+    """
+    p = Path(path)
+    fmt = detect_format(p)
+    meta = None
+    if frames is None:
+        indices = None
+    else:
+        n = count_frames(p) if fmt == "video" else int(_METAS[fmt](p)["num_frames"])
+        indices = _select(frames, n, p)
+    out = list(_ITERS[fmt](p, indices, 1))
+    if not out:
+        if indices is not None and not indices:
+            raise UltrasoundReadError(p, f"frame selection {frames!r} selects no frame")
+        raise UltrasoundReadError(p, "file has no frames")
+    array = np.stack(out, axis=0)
+    if with_metadata:
+        meta = _METAS[fmt](p)
+        return array, meta
+    return array
