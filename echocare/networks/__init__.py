@@ -1,0 +1,19 @@
+"""Networks: the EchoCare encoder, decoders, the pretraining network and task heads."""
+
+from echocare.networks.decoders import UNETRDecoder
+from echocare.networks.encoder import (
+    ENCODER_SIZES,
+    EchoCareEncoder,
+    EncoderWeightsError,
+    build_encoder,
+    encoder_state_dict,
+    load_encoder_weights,
+    save_encoder_weights,
+)
+from echocare.networks.pretrain import (
+    EchoCarePretrainNet,
+    PretrainLoss,
+    expand_unit_mask,
+    random_unit_mask,
+    reconstruction_panel_tensors,
+)
