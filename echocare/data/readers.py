@@ -296,13 +296,51 @@ def _palette_depth(ds: Any) -> int:
     return 8
 
 
+def _is_little_endian(ds: Any) -> bool:
+    try:
+        return not ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.2"
+    except AttributeError:
+        enc = getattr(ds, "original_encoding", (None, True))
+        return enc[1] is not False
+
+
+def _apply_palette(arr: np.ndarray, ds: Any) -> np.ndarray:
+    """Apply the PALETTE COLOR lookup table: (H, W) indices -> (H, W, 3) table entries.
+
+    pydicom 3.0's ``apply_color_lut`` reads non-segmented table data in the machine's
+    byte order, which breaks Explicit VR Big Endian files (their 16-bit entries come
+    out byte-swapped, i.e. nearly black). Those tables are read here with the file's
+    byte order; segmented tables, which pydicom reads correctly, go to pydicom.
+    """
+    from pydicom.pixels import apply_color_lut
+
+    if "RedPaletteColorLookupTableData" not in ds:
+        return apply_color_lut(arr, ds)
+    desc = ds.RedPaletteColorLookupTableDescriptor
+    n_entries = int(desc[0]) or 2**16
+    first = int(desc[1])
+    order = "<" if _is_little_endian(ds) else ">"
+    luts = []
+    for colour in ("Red", "Green", "Blue"):
+        raw = ds[f"{colour}PaletteColorLookupTableData"].value
+        # The data length tells the real entry size: 8-bit entries may be packed in
+        # bytes even when the descriptor says 16.
+        itemsize = max(1, len(raw) // n_entries)
+        dtype = np.dtype(f"{order}u{itemsize}")
+        luts.append(np.frombuffer(raw, dtype=dtype, count=n_entries).astype(np.uint16 if itemsize > 1 else np.uint8))
+    # Indices below the first mapped value take the first entry, above take the last
+    # (PS3.3 C.7.6.3.1.5).
+    index = np.clip(arr.astype(np.int64) - first, 0, n_entries - 1)
+    return np.stack([lut[index] for lut in luts], axis=-1)
+
+
 def _dicom_frame_to_float(arr: np.ndarray, info: dict[str, Any], ds: Any, path: Path) -> np.ndarray:
     """One decoded DICOM frame -> (H, W, 3) float32 in [0, 1].
 
     ``info`` is the decoder's description of the *decoded* array (its photometric
     interpretation is already RGB where the decoder converted YBR).
     """
-    from pydicom.pixels import apply_color_lut, convert_color_space
+    from pydicom.pixels import convert_color_space
 
     pi = str(info.get("photometric_interpretation", ds.get("PhotometricInterpretation", ""))).strip()
     bits = int(info.get("bits_stored") or ds.get("BitsStored") or arr.dtype.itemsize * 8)
@@ -310,7 +348,7 @@ def _dicom_frame_to_float(arr: np.ndarray, info: dict[str, Any], ds: Any, path: 
 
     if pi == "PALETTE COLOR":
         try:
-            rgb = apply_color_lut(arr, ds)
+            rgb = _apply_palette(arr, ds)
         except Exception as exc:  # pydicom raises several kinds for broken LUTs
             raise UltrasoundReadError(path, f"cannot apply DICOM palette ({exc})") from None
         # The table's declared entry depth, not the pixels' depth, sets the scale.
