@@ -1,0 +1,14 @@
+"""Data: readers, transforms, phantoms, datalist converters and checks."""
+
+from echocare.data.augment import AnatomyLabeld, RandColorJitterd, RandGrayscaled, RandResizedCropd
+from echocare.data.checks import DatalistError, check_image_size, load_datalist
+from echocare.data.readers import (
+    UltrasoundReadError,
+    count_frames,
+    detect_format,
+    iter_frames,
+    read_metadata,
+    read_ultrasound,
+)
+from echocare.data.samplers import ResumableSampler
+from echocare.data.transforms import LoadUltrasound, LoadUltrasoundd

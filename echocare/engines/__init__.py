@@ -1,0 +1,12 @@
+"""Ignite glue: iteration functions, handlers, MLflow helpers."""
+
+from echocare.engines.handlers import (
+    EncoderExporter,
+    MLflowArtifactLogger,
+    ReconstructionPanelWriter,
+    SamplerEpochSetter,
+    find_mlflow_handler,
+    find_resume_checkpoint,
+    write_panel,
+)
+from echocare.engines.pretrain import PretrainEvalIteration, PretrainIteration, mask_generator

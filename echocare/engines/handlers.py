@@ -1,0 +1,215 @@
+"""Ignite handlers shared by EchoCare bundles."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import MLFlowHandler
+from PIL import Image
+
+from echocare.data.samplers import ResumableSampler
+from echocare.networks.encoder import encoder_state_dict
+
+__all__ = [
+    "EncoderExporter",
+    "MLflowArtifactLogger",
+    "ReconstructionPanelWriter",
+    "SamplerEpochSetter",
+    "find_resume_checkpoint",
+    "find_mlflow_handler",
+]
+
+logger = logging.getLogger(__name__)
+
+_ITERATION_IN_NAME = re.compile(r"(?:iteration|epoch)=(\d+)")
+
+
+def find_resume_checkpoint(models_dir: str | os.PathLike[str], resume: bool) -> str | None:
+    """The latest interval checkpoint (``checkpoint_*iteration=N.pt``) in ``models_dir`` when ``resume``.
+
+    Returns None when ``resume`` is false; when it is true and there is nothing to resume,
+    logs a warning and returns None (a fresh start).
+    """
+    if not resume:
+        return None
+    candidates = []
+    for path in Path(models_dir).glob("checkpoint*.pt"):
+        match = _ITERATION_IN_NAME.search(path.name)
+        if match:
+            candidates.append((int(match.group(1)), path))
+    if not candidates:
+        logger.warning("resume requested but %s holds no checkpoint: starting from scratch", models_dir)
+        return None
+    return str(max(candidates)[1])
+
+
+class SamplerEpochSetter:
+    """Before each epoch, point a :class:`ResumableSampler` at the epoch and the first batch to run.
+
+    After ``CheckpointLoader`` restored iteration ``e * L + k``, Ignite resumes epoch ``e + 1``
+    at its ``k``-th iteration; the sampler then skips the ``k`` batches already trained on.
+    """
+
+    def __init__(self, sampler: ResumableSampler) -> None:
+        self.sampler = sampler
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        epoch_length = engine.state.epoch_length or 0
+        done_in_epoch = engine.state.iteration - (engine.state.epoch - 1) * epoch_length
+        self.sampler.set_epoch(engine.state.epoch, start_batch=done_in_epoch)
+
+
+def _to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8."""
+    array = torch.as_tensor(image).detach().float().clamp(0, 1).cpu().numpy()
+    return (np.moveaxis(array, 0, -1) * 255.0 + 0.5).astype(np.uint8)
+
+
+def write_panel(rows: Sequence[Sequence[torch.Tensor]], path: str | os.PathLike[str], gap: int = 4) -> Path:
+    """Write a grid PNG: one row per image, one column per (3, H, W) tensor in the row."""
+    tiles = [[_to_uint8(t) for t in row] for row in rows]
+    height = max(t.shape[0] for row in tiles for t in row)
+    width = max(t.shape[1] for row in tiles for t in row)
+    columns = max(len(row) for row in tiles)
+    canvas = np.full(
+        (len(tiles) * (height + gap) - gap, columns * (width + gap) - gap, 3), 255, dtype=np.uint8
+    )
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            y, x = r * (height + gap), c * (width + gap)
+            canvas[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(path)
+    return path
+
+
+class ReconstructionPanelWriter:
+    """After each validation run, write the first batch's original / masked / reconstruction panel.
+
+    Files: ``<output_dir>/panels/epoch_<EEEE>.png`` (one row per image) and a copy
+    ``latest.png``. Expects the decollated outputs of ``PretrainEvalIteration``.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike[str], num_images: int = 8) -> None:
+        self.panel_dir = Path(output_dir) / "panels"
+        self.num_images = num_images
+        self.written: list[Path] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), self)
+
+    def __call__(self, engine: Engine) -> None:
+        items = engine.state.output[: self.num_images]
+        rows = [[item["image"], item["masked"], item["reconstruction"]] for item in items]
+        path = write_panel(rows, self.panel_dir / f"epoch_{engine.state.epoch:04d}.png")
+        write_panel(rows, self.panel_dir / "latest.png")
+        self.written.append(path)
+
+
+def find_mlflow_handler(engine: Engine) -> MLFlowHandler | None:
+    """The ``MLFlowHandler`` attached to ``engine`` (by ``--tracking mlflow``), if any."""
+    for handler, _, _ in engine._event_handlers.get(Events.STARTED, []):
+        owner = getattr(handler, "__self__", None)
+        if isinstance(owner, MLFlowHandler):
+            return owner
+    return None
+
+
+class MLflowArtifactLogger:
+    """Log parameters and artifacts to the MLflow run of the engine's ``MLFlowHandler``.
+
+    Does nothing when the run is not tracked, so bundles can always list it. Attach it
+    *before* the ``MLFlowHandler`` (as ``--tracking mlflow`` does by appending its handler),
+    so that artifacts are logged before the run is closed.
+
+    Args:
+        artifacts: files or folders to log when the engine completes (missing ones skipped).
+        params: parameters logged once, after the first iteration (when the run exists).
+        artifact_path: folder inside the run's artifacts.
+    """
+
+    def __init__(
+        self,
+        artifacts: Sequence[str | os.PathLike[str]] = (),
+        params: Mapping[str, Any] | None = None,
+        artifact_path: str | None = None,
+    ) -> None:
+        self.artifacts = [Path(a) for a in artifacts]
+        self.params = dict(params or {})
+        self.artifact_path = artifact_path
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), self.log_params)
+        engine.add_event_handler(Events.COMPLETED, self.log_artifacts)
+
+    def _run(self, engine: Engine) -> tuple[Any, str] | None:
+        handler = find_mlflow_handler(engine)
+        if handler is None or handler.cur_run is None:
+            return None
+        return handler.client, handler.cur_run.info.run_id
+
+    def log_params(self, engine: Engine) -> None:
+        run = self._run(engine)
+        if run is None or not self.params:
+            return
+        client, run_id = run
+        existing = client.get_run(run_id).data.params
+        for key, value in self.params.items():
+            if key not in existing:  # a resumed run keeps its first values; MLflow refuses changes
+                client.log_param(run_id, key, value)
+
+    def log_artifacts(self, engine: Engine) -> None:
+        run = self._run(engine)
+        if run is None:
+            return
+        client, run_id = run
+        for path in self.artifacts:
+            if path.is_dir():
+                client.log_artifacts(run_id, str(path), artifact_path=self._subdir(path))
+            elif path.is_file():
+                client.log_artifact(run_id, str(path), artifact_path=self.artifact_path)
+
+    def _subdir(self, path: Path) -> str:
+        return f"{self.artifact_path}/{path.name}" if self.artifact_path else path.name
+
+
+class EncoderExporter:
+    """When training completes, write the encoder in the released EchoCare layout.
+
+    Takes the encoder from the best checkpoint (``best_checkpoint``) when it exists, else
+    from the network as it ends, and writes ``output_path`` (flat state dict with
+    ``mask_token``).
+    """
+
+    def __init__(self, network: torch.nn.Module, output_path: str | os.PathLike[str], best_checkpoint: str | os.PathLike[str] | None = None) -> None:
+        self.network = network
+        self.output_path = Path(output_path)
+        self.best_checkpoint = Path(best_checkpoint) if best_checkpoint else None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+            return
+        live = getattr(self.network, "module", self.network)
+        expected = set(live.encoder.state_dict())
+        if self.best_checkpoint is not None and self.best_checkpoint.is_file():
+            state = encoder_state_dict(torch.load(self.best_checkpoint, map_location="cpu", weights_only=True), expected)
+        else:
+            state = {k: v.detach().cpu() for k, v in live.encoder.state_dict().items()}
+        self.output_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, self.output_path)
+        logger.info("encoder weights (released EchoCare layout) written to %s", self.output_path)

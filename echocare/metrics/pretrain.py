@@ -1,0 +1,89 @@
+"""Validation metrics of pretraining, as Ignite metrics over MONAI's decollated outputs.
+
+Both take ``engine.state.output`` as MONAI leaves it after decollation: a list of
+per-image dicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+
+from echocare.ontology import AnatomyOntology
+
+__all__ = ["AnatomyLevelAccuracy", "MeanOfOutput"]
+
+
+def _identity(output: Any) -> Any:
+    return output
+
+
+class MeanOfOutput(Metric):
+    """Mean over images of a per-image value stored under ``key`` (e.g. ``masked_l1``)."""
+
+    def __init__(self, key: str, output_transform: Callable = _identity, device: str | torch.device = "cpu") -> None:
+        self.key = key
+        super().__init__(output_transform=output_transform, device=device)
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._sum = torch.tensor(0.0, dtype=torch.float64, device=self._device)
+        self._count = torch.tensor(0, dtype=torch.long, device=self._device)
+
+    @reinit__is_reduced
+    def update(self, output: Sequence[dict[str, Any]]) -> None:
+        for item in output:
+            self._sum += float(item[self.key])
+            self._count += 1
+
+    @sync_all_reduce("_sum", "_count")
+    def compute(self) -> float:
+        return float(self._sum / self._count) if int(self._count) else float("nan")
+
+
+class AnatomyLevelAccuracy(Metric):
+    """Accuracy of the predicted anatomy path truncated to one level of the tree.
+
+    Items labelled at least down to ``level`` count; an item is correct when the
+    predicted deepest confident path (``anatomy_pred``), truncated to ``level``, equals its
+    label (``anatomy``) truncated to ``level``. NaN when no item reaches that level.
+
+    Args:
+        ontology: the anatomy tree.
+        level: ``"region"``, ``"organ"`` or ``"structure"`` (or 0, 1, 2).
+    """
+
+    def __init__(
+        self,
+        ontology: AnatomyOntology,
+        level: str | int,
+        output_transform: Callable = _identity,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.ontology = ontology
+        self.level = level
+        super().__init__(output_transform=output_transform, device=device)
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._correct = torch.tensor(0, dtype=torch.long, device=self._device)
+        self._count = torch.tensor(0, dtype=torch.long, device=self._device)
+
+    @reinit__is_reduced
+    def update(self, output: Sequence[dict[str, Any]]) -> None:
+        for item in output:
+            truth = self.ontology.truncate(item.get("anatomy") or None, self.level)
+            if truth is None:
+                continue
+            predicted = item.get("anatomy_pred") or None
+            predicted = self.ontology.truncate(predicted, self.level) if predicted else None
+            self._correct += int(predicted == truth)
+            self._count += 1
+
+    @sync_all_reduce("_correct", "_count")
+    def compute(self) -> float:
+        return float(self._correct) / float(self._count) if int(self._count) else float("nan")
