@@ -360,10 +360,9 @@ def _dicom_frame_to_float(arr: np.ndarray, info: dict[str, Any], ds: Any, path: 
         arr = convert_color_space(arr, pi, "RGB")
         return _to_rgb(_scale_uint(arr, bits))
     if pi in ("YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422"):
-        # JPEG 2000 / JPEG decoders undo these transforms themselves; a raw YBR_* here
-        # would mean a decoder that did not, which we cannot fix reliably.
-        if arr.ndim == 3 and arr.shape[-1] == 3 and info.get("photometric_interpretation") != pi:
-            return _to_rgb(_scale_uint(arr, bits, signed))
+        # JPEG 2000 / JPEG decoders undo these transforms themselves and report RGB;
+        # still seeing one here means a decoder that did not, which cannot be undone
+        # reliably afterwards.
         raise UltrasoundReadError(path, f"photometric interpretation {pi} was not converted by the decoder")
     if pi == "MONOCHROME1":
         # MONOCHROME1: minimum value is white; invert so that echo is bright.
