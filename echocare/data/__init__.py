@@ -1,7 +1,7 @@
 """Data: readers, transforms, phantoms, datalist converters and checks."""
 
 from echocare.data.augment import AnatomyLabeld, RandColorJitterd, RandGrayscaled, RandResizedCropd
-from echocare.data.checks import DatalistError, check_image_size, load_datalist
+from echocare.data.checks import DatalistError, check_image_size, list_inputs, load_datalist
 from echocare.data.readers import (
     UltrasoundReadError,
     count_frames,

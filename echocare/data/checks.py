@@ -12,7 +12,7 @@ from typing import Any
 from echocare.data.readers import UltrasoundReadError, iter_frames
 from echocare.ontology import AnatomyOntology, UnknownAnatomyError
 
-__all__ = ["DatalistError", "check_image_size", "load_datalist"]
+__all__ = ["DatalistError", "check_image_size", "list_inputs", "load_datalist"]
 
 #: The encoder needs sides divisible by this (patch 2, four 2x merges).
 SIDE_MULTIPLE = 32
@@ -123,3 +123,31 @@ def load_datalist(
     if not items:
         raise DatalistError(f"{datalist}: the list {key!r} is empty")
     return items
+
+
+def list_inputs(
+    source: str | os.PathLike[str], key: str = "validation", base_dir: str | os.PathLike[str] | None = None
+) -> list[dict[str, Any]]:
+    """Inference inputs as ``[{"image": path}, ...]`` from a folder (searched recursively for
+    images, DICOMs, videos and NIfTI, in sorted order), a single file, or a datalist JSON
+    (its ``key`` list, paths resolved against ``base_dir`` or the datalist's folder).
+
+    Raises:
+        DatalistError: the source does not exist or holds no readable kind of file.
+    """
+    from echocare.data.readers import SUPPORTED_SUFFIXES
+
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(
+            p for p in source.rglob("*")
+            if p.is_file() and (p.suffix.lower() in SUPPORTED_SUFFIXES or p.name.lower().endswith(".nii.gz"))
+        )
+        if not files:
+            raise DatalistError(f"{source}: no image, DICOM, video or NIfTI file in this folder")
+        return [{"image": str(p)} for p in files]
+    if source.suffix.lower() == ".json":
+        return load_datalist(source, key, base_dir=base_dir, check_images=False)
+    if source.is_file():
+        return [{"image": str(source)}]
+    raise DatalistError(f"{source}: no such file or folder")

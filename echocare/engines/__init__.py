@@ -3,6 +3,7 @@
 from echocare.engines.handlers import (
     EncoderExporter,
     MLflowArtifactLogger,
+    PretrainPredictionWriter,
     ReconstructionPanelWriter,
     SamplerEpochSetter,
     find_mlflow_handler,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ from echocare.networks.encoder import encoder_state_dict
 __all__ = [
     "EncoderExporter",
     "MLflowArtifactLogger",
+    "PretrainPredictionWriter",
     "ReconstructionPanelWriter",
     "SamplerEpochSetter",
     "find_resume_checkpoint",
@@ -33,10 +35,12 @@ _ITERATION_IN_NAME = re.compile(r"(?:iteration|epoch)=(\d+)")
 
 
 def find_resume_checkpoint(models_dir: str | os.PathLike[str], resume: bool) -> str | None:
-    """The latest interval checkpoint (``checkpoint_*iteration=N.pt``) in ``models_dir`` when ``resume``.
+    """The checkpoint holding the latest trainer iteration in ``models_dir`` when ``resume``.
 
-    Returns None when ``resume`` is false; when it is true and there is nothing to resume,
-    logs a warning and returns None (a fresh start).
+    Candidates are the interval checkpoints (``checkpoint_*iteration=N.pt``) and the final
+    one (``checkpoint_final.pt``, whose iteration is read from the file). Returns None when
+    ``resume`` is false; when it is true and there is nothing to resume, logs a warning
+    and returns None (a fresh start).
     """
     if not resume:
         return None
@@ -45,6 +49,9 @@ def find_resume_checkpoint(models_dir: str | os.PathLike[str], resume: bool) -> 
         match = _ITERATION_IN_NAME.search(path.name)
         if match:
             candidates.append((int(match.group(1)), path))
+        elif path.name == "checkpoint_final.pt":
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            candidates.append((int(state.get("trainer", {}).get("iteration", 0)), path))
     if not candidates:
         logger.warning("resume requested but %s holds no checkpoint: starting from scratch", models_dir)
         return None
@@ -136,6 +143,8 @@ class MLflowArtifactLogger:
 
     Args:
         artifacts: files or folders to log when the engine completes (missing ones skipped).
+        newest_artifacts: glob patterns of which only the newest match is logged (e.g. the
+            executed config that MONAI writes for each tracked run).
         params: parameters logged once, after the first iteration (when the run exists).
         artifact_path: folder inside the run's artifacts.
     """
@@ -145,8 +154,10 @@ class MLflowArtifactLogger:
         artifacts: Sequence[str | os.PathLike[str]] = (),
         params: Mapping[str, Any] | None = None,
         artifact_path: str | None = None,
+        newest_artifacts: Sequence[str] = (),
     ) -> None:
         self.artifacts = [Path(a) for a in artifacts]
+        self.newest_artifacts = list(newest_artifacts)
         self.params = dict(params or {})
         self.artifact_path = artifact_path
 
@@ -175,7 +186,11 @@ class MLflowArtifactLogger:
         if run is None:
             return
         client, run_id = run
-        for path in self.artifacts:
+        newest = []
+        for pattern in self.newest_artifacts:
+            matches = sorted(Path(pattern).parent.glob(Path(pattern).name), key=lambda p: p.stat().st_mtime)
+            newest.extend(matches[-1:])
+        for path in [*self.artifacts, *newest]:
             if path.is_dir():
                 client.log_artifacts(run_id, str(path), artifact_path=self._subdir(path))
             elif path.is_file():
@@ -213,3 +228,57 @@ class EncoderExporter:
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, self.output_path)
         logger.info("encoder weights (released EchoCare layout) written to %s", self.output_path)
+
+
+class PretrainPredictionWriter:
+    """Inference outputs of the pretraining bundle, one per input image.
+
+    Writes ``<output_dir>/<stem>.png`` (original / masked / reconstruction panel) and, when
+    the run completes, ``<output_dir>/predictions.json``: a list of ``{"image", "panel",
+    "anatomy_path", "anatomy_scores"}`` where ``anatomy_scores`` maps every node path to its
+    hierarchy-coherent probability and ``anatomy_path`` is the deepest confident path
+    (null when no region reaches the threshold).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike[str], ontology: Any) -> None:
+        self.output_dir = Path(output_dir)
+        self.ontology = ontology
+        self.predictions: list[dict[str, Any]] = []
+        self._used_names: set[str] = set()
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._write_batch)
+        engine.add_event_handler(Events.COMPLETED, self._write_json)
+
+    def _reset(self, engine: Engine) -> None:
+        self.predictions, self._used_names = [], set()
+
+    def _name(self, source: str) -> str:
+        stem = Path(source).name.split(".")[0] or "image"
+        name, n = stem, 1
+        while name in self._used_names:  # same stem in two folders: keep both
+            n += 1
+            name = f"{stem}_{n}"
+        self._used_names.add(name)
+        return name
+
+    def _write_batch(self, engine: Engine) -> None:
+        for item in engine.state.output:
+            source = str(item.get("filename", f"image_{len(self.predictions):05d}"))
+            panel = write_panel([[item["image"], item["masked"], item["reconstruction"]]], self.output_dir / f"{self._name(source)}.png")
+            scores = torch.as_tensor(item["anatomy_scores"]).float().cpu().tolist()
+            self.predictions.append(
+                {
+                    "image": source,
+                    "panel": str(panel),
+                    "anatomy_path": item["anatomy_pred"] or None,
+                    "masked_l1": float(item["masked_l1"]),
+                    "anatomy_scores": {path: round(s, 6) for path, s in zip(self.ontology.nodes, scores)},
+                }
+            )
+
+    def _write_json(self, engine: Engine) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "predictions.json").write_text(json.dumps(self.predictions, indent=1))
+        logger.info("%d predictions written to %s", len(self.predictions), self.output_dir)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine
+from monai.engines.utils import IterationEvents
 
 from echocare.networks.pretrain import PretrainLoss, reconstruction_panel_tensors
 from echocare.ontology import AnatomyOntology
@@ -73,19 +74,25 @@ class PretrainIteration:
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, self.amp):
             outputs = network(image, unit_mask)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         losses = self.loss_function(outputs, image, labels, known)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
         losses["loss"].backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if self.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(network.parameters(), self.grad_clip_norm)
         optimizer.step()
         with torch.no_grad():
             masked_l1 = PretrainLoss.masked_l1(outputs["reconstruction"], image, outputs["pixel_mask"])
-        return {
+        engine.state.output = {
             "loss": losses["loss"].detach(),
             "loss_pixel": losses["loss_pixel"].detach(),
             "loss_anatomy": losses["loss_anatomy"].detach(),
             "masked_l1": masked_l1.detach(),
         }
+        # MONAI decollates (and runs postprocessing) on MODEL_COMPLETED, as its own iterations do.
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
 
 
 class PretrainEvalIteration:
@@ -137,4 +144,7 @@ class PretrainEvalIteration:
         meta = batch["image"].meta if hasattr(batch["image"], "meta") else {}
         if "filename_or_obj" in meta:
             result["filename"] = list(meta["filename_or_obj"])
-        return result
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.state.output = result
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output

@@ -1,5 +1,6 @@
 """Networks: the EchoCare encoder, decoders, the pretraining network and task heads."""
 
+from echocare.networks.checkpoint import load_network_checkpoint
 from echocare.networks.decoders import UNETRDecoder
 from echocare.networks.encoder import (
     ENCODER_SIZES,
@@ -8,6 +9,7 @@ from echocare.networks.encoder import (
     build_encoder,
     encoder_state_dict,
     load_encoder_weights,
+    load_pretrained,
     save_encoder_weights,
 )
 from echocare.networks.pretrain import (

@@ -24,6 +24,7 @@ __all__ = [
     "build_encoder",
     "encoder_state_dict",
     "load_encoder_weights",
+    "load_pretrained",
     "save_encoder_weights",
 ]
 
@@ -248,3 +249,14 @@ def save_encoder_weights(encoder: nn.Module, path: str | Path) -> Path:
     state = {k: v.detach().cpu().clone() for k, v in target.state_dict().items()}
     torch.save(state, path)
     return path
+
+
+def load_pretrained(network: nn.Module, path: str | Path | None) -> nn.Module:
+    """Load encoder weights into ``network`` (an encoder or a network with ``.encoder``) when ``path`` is set.
+
+    An empty ``path`` leaves the network as initialised (training from scratch); this is
+    the form bundles call with their ``pretrained_path``.
+    """
+    if path:
+        load_encoder_weights(network, path)
+    return network
