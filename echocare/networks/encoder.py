@@ -170,8 +170,9 @@ def encoder_state_dict(checkpoint: Any, expected_keys: set[str] | None = None) -
 
     Accepts the released flat layout, the same wrapped in ``{"state_dict": ...}`` /
     ``{"model": ...}``, keys prefixed by ``module.`` (DDP) and ``encoder.`` / ``swinViT.``
-    (whole-network checkpoints of our bundles or SwinUNETR-style models, whose other
-    parts are dropped).
+    (whole-network checkpoints of our bundles or SwinUNETR-style wrappers, whose other
+    parts are dropped). The encoder's ``mask_token`` must be present: a plain MONAI
+    ``SwinUNETR`` checkpoint (window 7, no mask token) is refused by the strict load.
     """
     state = _unwrap(checkpoint)
     if state is None:
