@@ -128,7 +128,7 @@ def load_datalist(
 def list_inputs(
     source: str | os.PathLike[str], key: str = "validation", base_dir: str | os.PathLike[str] | None = None
 ) -> list[dict[str, Any]]:
-    """Inference inputs as ``[{"image": path}, ...]`` from a folder (searched recursively for
+    """Inference inputs as ``[{"image": path, "anatomy": label or ""}, ...]`` from a folder (searched recursively for
     images, DICOMs, videos and NIfTI, in sorted order), a single file, or a datalist JSON
     (its ``key`` list, paths resolved against ``base_dir`` or the datalist's folder).
 
@@ -145,9 +145,11 @@ def list_inputs(
         )
         if not files:
             raise DatalistError(f"{source}: no image, DICOM, video or NIfTI file in this folder")
-        return [{"image": str(p)} for p in files]
+        return [{"image": str(p), "anatomy": ""} for p in files]
     if source.suffix.lower() == ".json":
-        return load_datalist(source, key, base_dir=base_dir, check_images=False)
+        items = load_datalist(source, key, base_dir=base_dir, check_images=False)
+        # Only what inference uses, with the same keys in every item so batches collate.
+        return [{"image": item["image"], "anatomy": item.get("anatomy") or ""} for item in items]
     if source.is_file():
-        return [{"image": str(source)}]
+        return [{"image": str(source), "anatomy": ""}]
     raise DatalistError(f"{source}: no such file or folder")

@@ -34,28 +34,37 @@ logger = logging.getLogger(__name__)
 _ITERATION_IN_NAME = re.compile(r"(?:iteration|epoch)=(\d+)")
 
 
-def find_resume_checkpoint(models_dir: str | os.PathLike[str], resume: bool) -> str | None:
-    """The checkpoint holding the latest trainer iteration in ``models_dir`` when ``resume``.
+def _trainer_iteration(path: Path) -> int | None:
+    """The trainer iteration stored in a checkpoint, or None when the file is unreadable
+    (e.g. cut short by a crash while it was being written)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return int(state["trainer"]["iteration"])
+    except Exception:  # truncated or foreign files raise many types
+        return None
 
-    Candidates are the interval checkpoints (``checkpoint_*iteration=N.pt``) and the final
-    one (``checkpoint_final.pt``, whose iteration is read from the file). Returns None when
-    ``resume`` is false; when it is true and there is nothing to resume, logs a warning
-    and returns None (a fresh start).
+
+def find_resume_checkpoint(models_dir: str | os.PathLike[str], resume: bool) -> str | None:
+    """The readable checkpoint holding the latest trainer iteration in ``models_dir`` when ``resume``.
+
+    Candidates are the interval checkpoints (``checkpoint_iteration=N.pt``) and the final
+    one (``checkpoint_final.pt``). A file that cannot be read (a crash while it was being
+    written) is skipped with a warning, falling back to the previous one. Returns None
+    when ``resume`` is false; when it is true and there is nothing to resume, logs a
+    warning and returns None (a fresh start).
     """
     if not resume:
         return None
-    candidates = []
+    named = []
     for path in Path(models_dir).glob("checkpoint*.pt"):
         match = _ITERATION_IN_NAME.search(path.name)
-        if match:
-            candidates.append((int(match.group(1)), path))
-        elif path.name == "checkpoint_final.pt":
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            candidates.append((int(state.get("trainer", {}).get("iteration", 0)), path))
-    if not candidates:
-        logger.warning("resume requested but %s holds no checkpoint: starting from scratch", models_dir)
-        return None
-    return str(max(candidates)[1])
+        named.append((int(match.group(1)) if match else -1, path))
+    for _, path in sorted(named, reverse=True):
+        if _trainer_iteration(path) is not None:
+            return str(path)
+        logger.warning("resume: skipping unreadable checkpoint %s", path)
+    logger.warning("resume requested but %s holds no readable checkpoint: starting from scratch", models_dir)
+    return None
 
 
 class SamplerEpochSetter:

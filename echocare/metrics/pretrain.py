@@ -46,11 +46,14 @@ class MeanOfOutput(Metric):
 
 
 class AnatomyLevelAccuracy(Metric):
-    """Accuracy of the predicted anatomy path truncated to one level of the tree.
+    """Top-1 accuracy of the anatomy classifier at one level of the tree.
 
-    Items labelled at least down to ``level`` count; an item is correct when the
-    predicted deepest confident path (``anatomy_pred``), truncated to ``level``, equals its
-    label (``anatomy``) truncated to ``level``. NaN when no item reaches that level.
+    For each item labelled at least down to ``level``, the prediction descends the tree
+    greedily from the root (the best region by coherent score, then its best organ, ...)
+    down to that level; it is correct when that node is the label truncated to ``level``.
+    Unlike a thresholded path this rewards ranking, so it is informative from the first
+    epochs. NaN when no item reaches that level. Reads ``anatomy_scores`` (N,) and
+    ``anatomy`` (the label path, "" if none) from each decollated output item.
 
     Args:
         ontology: the anatomy tree.
@@ -66,7 +69,19 @@ class AnatomyLevelAccuracy(Metric):
     ) -> None:
         self.ontology = ontology
         self.level = level
+        self.depth = ontology.level_names.index(level) if isinstance(level, str) else int(level)
         super().__init__(output_transform=output_transform, device=device)
+
+    def greedy_node(self, scores: torch.Tensor) -> int:
+        """Index of the node reached at ``self.depth`` by greedy descent over (N,) scores."""
+        candidates = self.ontology.regions()
+        node = max(candidates, key=lambda i: float(scores[i]))
+        for _ in range(self.depth):
+            children = self.ontology.children(node)
+            if not children:
+                break
+            node = max(children, key=lambda i: float(scores[i]))
+        return node
 
     @reinit__is_reduced
     def reset(self) -> None:
@@ -76,11 +91,10 @@ class AnatomyLevelAccuracy(Metric):
     @reinit__is_reduced
     def update(self, output: Sequence[dict[str, Any]]) -> None:
         for item in output:
-            truth = self.ontology.truncate(item.get("anatomy") or None, self.level)
+            truth = self.ontology.truncate(item.get("anatomy") or None, self.depth)
             if truth is None:
                 continue
-            predicted = item.get("anatomy_pred") or None
-            predicted = self.ontology.truncate(predicted, self.level) if predicted else None
+            predicted = self.ontology.nodes[self.greedy_node(torch.as_tensor(item["anatomy_scores"]))]
             self._correct += int(predicted == truth)
             self._count += 1
 
