@@ -3,6 +3,7 @@
     echocare demo [--out echocare_demo]            phantoms -> short tiny pretraining -> panels, in MLflow
     echocare demo-data --task pretrain --out DIR --n N
     echocare datalist NAME --root DIR --out FILE [--fold K] [--seed S]
+    echocare curate --src DIR [--src DIR ...] --mapping MAPPING.yaml --out OUT [--size 256] [--workers N]
 """
 
 from __future__ import annotations
@@ -44,6 +45,29 @@ class EchoCareCLI:
         sizes = {k: len(v) for k, v in content.items() if isinstance(v, list) and k in ("training", "validation", "test")}
         print(f"{out}: {sizes}")
         return out
+
+    def curate(
+        self,
+        src: str | list[str],
+        mapping: str | None = None,
+        out: str = "curated",
+        size: int = 256,
+        workers: int = 1,
+        frame_step: int = 10,
+        val_fraction: float = 0.02,
+        **options: object,
+    ) -> str:
+        """Turn folders of mixed ultrasound sources into a pretraining set (images, datalist, report).
+
+        SRC may be given several times (--src A --src B); MAPPING.yaml maps sources to anatomy paths.
+        """
+        from echocare.data.curation import curate
+
+        sources = [src] if isinstance(src, str) else list(src)
+        return str(
+            curate(sources, mapping=mapping, out=out, size=size, workers=workers, frame_step=frame_step,
+                   val_fraction=val_fraction, **options)
+        )
 
     def demo(
         self,

@@ -10,5 +10,6 @@ from echocare.data.readers import (
     read_metadata,
     read_ultrasound,
 )
+from echocare.data.phantom import PRETRAIN_ANATOMIES, generate_demo_data, make_phantom_image
 from echocare.data.samplers import ResumableSampler
 from echocare.data.transforms import LoadUltrasound, LoadUltrasoundd

@@ -22,9 +22,11 @@ __all__ = [
     "EchoCareEncoder",
     "EncoderWeightsError",
     "build_encoder",
+    "check_state_dict",
     "encoder_state_dict",
     "load_encoder_weights",
     "load_pretrained",
+    "read_checkpoint",
     "save_encoder_weights",
 ]
 
@@ -192,6 +194,38 @@ def _describe(keys: list[str], limit: int = 12) -> str:
     return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
 
 
+def check_state_dict(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], problem: str, model_name: str = "model"
+) -> None:
+    """Raise :class:`EncoderWeightsError` starting with ``problem`` unless ``state`` has exactly
+    the keys and shapes of ``expected``; the message lists missing, unexpected and wrongly
+    shaped keys."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shape_errors = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs {model_name} {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shape_errors:
+        raise EncoderWeightsError(
+            f"{problem}:\n"
+            f"  missing keys: {_describe(missing)}\n"
+            f"  unexpected keys: {_describe(unexpected)}\n"
+            f"  wrongly shaped keys: {_describe(shape_errors, limit=6)}"
+        )
+
+
+def read_checkpoint(path: Path, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, with errors that name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for corrupt or non-torch files
+        raise EncoderWeightsError(f"{path}: cannot read as a PyTorch checkpoint ({type(error).__name__}: {error})") from error
+
+
 def load_encoder_weights(encoder: nn.Module, path: str | Path) -> EchoCareEncoder:
     """Load encoder weights strictly, in the released layout or any layout of :func:`encoder_state_dict`.
 
@@ -206,32 +240,14 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> EchoCareEncode
     """
     target = getattr(encoder, "encoder", encoder)
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: encoder checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for corrupt or non-torch files
-        raise EncoderWeightsError(f"{path}: cannot read as a PyTorch checkpoint ({type(error).__name__}: {error})") from error
+    checkpoint = read_checkpoint(path, "encoder checkpoint")
     expected = target.state_dict()
     try:
         state = encoder_state_dict(checkpoint, set(expected))
     except EncoderWeightsError as error:
         raise EncoderWeightsError(f"{path}: {error}") from error
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shape_errors = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs encoder {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or shape_errors:
-        size = f"embed_dim={getattr(target, 'embed_dim', '?')}"
-        raise EncoderWeightsError(
-            f"{path}: the weights do not fit this EchoCare encoder ({size}):\n"
-            f"  missing keys: {_describe(missing)}\n"
-            f"  unexpected keys: {_describe(unexpected)}\n"
-            f"  wrongly shaped keys: {_describe(shape_errors, limit=6)}"
-        )
+    problem = f"{path}: the weights do not fit this EchoCare encoder (embed_dim={getattr(target, 'embed_dim', '?')})"
+    check_state_dict(state, expected, problem, model_name="encoder")
     target.load_state_dict(state, strict=True)
     return target
 
