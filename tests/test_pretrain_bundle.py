@@ -133,6 +133,25 @@ def test_inference_writes_a_panel_and_anatomy_per_image(trained, phantoms):
         assert item["anatomy_path"] is None or item["anatomy_path"] in ontology.nodes
 
 
+def test_evaluation_writes_summary_per_case_and_mlflow(trained, phantoms):
+    bundle(
+        "evaluating", "--config_file", f"['{TRAIN}','{str(CONFIGS / 'evaluate.yaml')}']", *SMALL,
+        "--dataset_dir", str(phantoms), "--datalist", str(phantoms / "datalist.json"), "--output_dir", str(trained),
+        "--tracking", "mlflow", "--run_name", "phantom_eval",
+    )
+    summary = json.loads((trained / "eval" / "summary.json").read_text())
+    assert set(summary) == {"masked_l1", "anatomy_acc_region", "anatomy_acc_organ", "anatomy_acc_structure"}
+    rows = (trained / "eval" / "per_case.csv").read_text().splitlines()
+    assert rows[0] == "image,masked_l1,anatomy,anatomy_pred" and len(rows) == 1 + 8
+    per_case = [float(r.split(",")[1]) for r in rows[1:]]
+    assert summary["masked_l1"] == pytest.approx(np.mean(per_case), rel=1e-5)
+    client, runs = mlflow_runs(trained / "mlruns.db")
+    run = next(r for r in runs if r.info.run_name == "phantom_eval")
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["val_masked_l1"] == pytest.approx(summary["masked_l1"])
+    assert {"eval/summary.json", "eval/per_case.csv", "eval/panels"} <= {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+
+
 def _readable(path: Path) -> bool:
     try:
         torch.load(path, weights_only=True)

@@ -2,6 +2,7 @@
 
 from echocare.engines.handlers import (
     EncoderExporter,
+    EvaluationReport,
     MLflowArtifactLogger,
     PretrainPredictionWriter,
     ReconstructionPanelWriter,

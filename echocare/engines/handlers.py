@@ -21,6 +21,7 @@ from echocare.networks.encoder import encoder_state_dict
 
 __all__ = [
     "EncoderExporter",
+    "EvaluationReport",
     "MLflowArtifactLogger",
     "PretrainPredictionWriter",
     "ReconstructionPanelWriter",
@@ -291,3 +292,76 @@ class PretrainPredictionWriter:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "predictions.json").write_text(json.dumps(self.predictions, indent=1))
         logger.info("%d predictions written to %s", len(self.predictions), self.output_dir)
+
+
+class EvaluationReport:
+    """Write an evaluation's results: ``summary.json``, ``per_case.csv``, logged to MLflow if tracked.
+
+    ``summary.json`` maps each metric of ``engine.state.metrics`` (without a ``val_`` prefix,
+    so names match DESIGN's across summary, MLflow and ``echocare compare``) to its value.
+    ``per_case.csv`` has one row per image: ``image`` and the listed per-item output fields
+    (scalars or strings of MONAI's decollated outputs).
+
+    Args:
+        eval_dir: output folder (``<output_dir>/eval``).
+        per_case_fields: output keys to write per image.
+        extra_artifacts: more files or folders to log with the report (e.g. pictures).
+        close_mlflow_run: end the MLflow run afterwards (a stand-alone evaluation, whose
+            validator-style ``MLFlowHandler`` from ``--tracking mlflow`` leaves it open).
+    """
+
+    def __init__(
+        self,
+        eval_dir: str | os.PathLike[str],
+        per_case_fields: Sequence[str] = (),
+        extra_artifacts: Sequence[str | os.PathLike[str]] = (),
+        close_mlflow_run: bool = False,
+    ) -> None:
+        self.close_mlflow_run = close_mlflow_run
+        self.eval_dir = Path(eval_dir)
+        self.per_case_fields = list(per_case_fields)
+        self.extra_artifacts = [Path(p) for p in extra_artifacts]
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    @staticmethod
+    def _scalar(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.item() if value.numel() == 1 else value.tolist()
+        return value
+
+    def _collect(self, engine: Engine) -> None:
+        for item in engine.state.output:
+            row = {"image": str(item.get("filename", len(self.rows)))}
+            row.update({field: self._scalar(item.get(field)) for field in self.per_case_fields})
+            self.rows.append(row)
+
+    def _write(self, engine: Engine) -> None:
+        import csv
+
+        self.eval_dir.mkdir(parents=True, exist_ok=True)
+        summary = {name.removeprefix("val_"): float(value) for name, value in engine.state.metrics.items()}
+        summary_path = self.eval_dir / "summary.json"
+        summary_path.write_text(json.dumps(summary, indent=1))
+        per_case_path = self.eval_dir / "per_case.csv"
+        with per_case_path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["image", *self.per_case_fields])
+            writer.writeheader()
+            writer.writerows(self.rows)
+        logger.info("evaluation of %d images: %s -> %s", len(self.rows), summary, self.eval_dir)
+        handler = find_mlflow_handler(engine)
+        if handler is not None and handler.cur_run is not None:
+            run_id = handler.cur_run.info.run_id
+            for path in (summary_path, per_case_path):
+                handler.client.log_artifact(run_id, str(path), artifact_path="eval")
+            for path in self.extra_artifacts:
+                if path.is_dir():
+                    handler.client.log_artifacts(run_id, str(path), artifact_path=f"eval/{path.name}")
+                elif path.is_file():
+                    handler.client.log_artifact(run_id, str(path), artifact_path="eval")
+            if self.close_mlflow_run:
+                handler.close()
