@@ -128,6 +128,7 @@ class EchoCareCLI:
             datalist_key="validation",
             **common,
         )
+        _log_to_run(out_dir / "mlruns.db", "echocare_demo", run_name, out_dir / "predictions", "predictions")
         predictions = json.loads((out_dir / "predictions" / "predictions.json").read_text())
         labelled = [p for p in predictions if _label_of(p["image"], datalist)]
         correct = sum(_region(p["anatomy_path"]) == _region(_label_of(p["image"], datalist)) for p in labelled)
@@ -154,6 +155,19 @@ class EchoCareCLI:
                 store,
             )
         )
+
+
+def _log_to_run(store: Path, experiment: str, run_name: str, folder: Path, artifact_path: str) -> None:
+    """Add a folder of artifacts to a finished MLflow run (the inference outputs of the demo)."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store}")
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], f"attributes.run_name = '{run_name}'") if found else []
+    if runs:
+        client.log_artifacts(runs[0].info.run_id, str(folder), artifact_path=artifact_path)
 
 
 _LABEL_CACHE: dict[str, dict[str, str]] = {}
