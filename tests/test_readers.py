@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dicom_helpers import write_dicom
+
 from echocare.data.readers import (
     UltrasoundReadError,
     count_frames,
@@ -20,27 +22,6 @@ EPS8 = 1.0 / 255.0 + 1e-6
 
 
 # ------------------------------------------------------------------ generated DICOM
-
-
-def write_dicom(path: Path, arr: np.ndarray, pi: str, bits_stored: int | None = None,
-                big_endian: bool = False, **attrs) -> Path:
-    """Write an uncompressed ultrasound DICOM holding ``arr`` (as stored, no conversion)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = UltrasoundMultiFrameImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "US"
-    ds.set_pixel_data(arr, photometric_interpretation=pi, bits_stored=bits_stored or arr.dtype.itemsize * 8)
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def gradient(h: int = 40, w: int = 60) -> np.ndarray:

@@ -12,6 +12,8 @@ from monai.data import DataLoader, Dataset, MetaTensor
 from monai.transforms import Compose, Resized, SaveImaged, ScaleIntensityd
 from PIL import Image
 
+from dicom_helpers import write_dicom
+
 from echocare.data.readers import UltrasoundReadError
 from echocare.data.transforms import LoadUltrasound, LoadUltrasoundd
 
@@ -24,24 +26,8 @@ def make_png(path: Path, h: int = 40, w: int = 60) -> Path:
 
 
 def make_cine(path: Path, n: int = 6, h: int = 20, w: int = 30) -> Path:
-    from pydicom.dataset import Dataset as DcmDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
-
-    ds = DcmDataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = UltrasoundMultiFrameImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "US"
-    ds.PatientName = "Doe^Jane"
-    ds.FrameTime = 20.0
-    ds.PixelSpacing = [0.25, 0.5]
     frames = np.stack([np.full((h, w), 40 * k, np.uint8) for k in range(n)])
-    ds.set_pixel_data(frames, photometric_interpretation="MONOCHROME2", bits_stored=8)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write_dicom(path, frames, "MONOCHROME2", PatientName="Doe^Jane", FrameTime=20.0, PixelSpacing=[0.25, 0.5])
 
 
 def frame_values(t: torch.Tensor) -> list[int]:
