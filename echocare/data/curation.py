@@ -214,7 +214,8 @@ def resolve_anatomy(mapping: dict[str, str | None], source: str, rel: str) -> st
     above it, or a glob matching either of those paths or the file name. Zip members
     match as if the archive were a folder (``scans.zip/a/b.png``). The most specific key
     wins: more path components first, a glob before a plain path of the same depth, then
-    the mapping's order. No match: None.
+    the mapping's order (a path relative to the source counts one level more than the
+    same path written from the source's name). No match: None.
     """
     rel = rel.replace("!", "/")
     full = f"{source}/{rel}"
@@ -223,12 +224,17 @@ def resolve_anatomy(mapping: dict[str, str | None], source: str, rel: str) -> st
     result = None
     for order, (key, value) in enumerate(mapping.items()):
         depth = key.count("/") + 1
+        # A key relative to the source is one level deeper than the same key from the
+        # source's name.
         if _is_glob(key):
-            hit = fnmatch.fnmatchcase(full, key) or fnmatch.fnmatchcase(rel, key) or fnmatch.fnmatchcase(name, key)
-            score = depth + 0.5
+            if fnmatch.fnmatchcase(rel, key) or fnmatch.fnmatchcase(name, key):
+                hit, score = True, depth + 1.5
+            else:
+                hit, score = fnmatch.fnmatchcase(full, key), depth + 0.5
+        elif rel == key or rel.startswith(key + "/"):
+            hit, score = True, depth + 1.0
         else:
-            hit = any(p == key or p.startswith(key + "/") for p in (full, rel))
-            score = float(depth)
+            hit, score = (full == key or full.startswith(key + "/")), float(depth)
         if hit and (best is None or (score, -order) > best):
             best, result = (score, -order), value
     return result
