@@ -188,8 +188,30 @@ def _region(path: str | None) -> str | None:
     return path.split("/")[0] if path else None
 
 
-def main() -> None:
-    fire.Fire(EchoCareCLI, name="echocare")
+def merge_repeated_flag(argv: list[str], flag: str) -> list[str]:
+    """Fire keeps only the last of a repeated flag: turn ``--src A --src B`` into one list value."""
+    values, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == f"--{flag}" and i + 1 < len(argv):
+            values.append(argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith(f"--{flag}="):
+            values.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+        i += 1
+    if len(values) <= 1:
+        return argv
+    return [*rest, f"--{flag}={json.dumps(values)}"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    args = merge_repeated_flag(list(sys.argv[1:] if argv is None else argv), "src")
+    fire.Fire(EchoCareCLI, command=args, name="echocare")
 
 
 if __name__ == "__main__":

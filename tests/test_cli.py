@@ -52,3 +52,25 @@ def test_datalist_on_real_carotid(real_data_dir, tmp_path):
     train_cases = {item["case"] for item in content["training"]}
     assert train_cases.isdisjoint(item["case"] for item in content["validation"])
     assert "training" in result.stdout
+
+
+def test_repeated_src_flags_reach_curate_as_one_list():
+    from echocare.cli import merge_repeated_flag
+
+    merged = merge_repeated_flag(["curate", "--src", "a dir", "--out", "o", "--src=b"], "src")
+    assert merged == ["curate", "--out", "o", '--src=["a dir", "b"]']
+    assert merge_repeated_flag(["curate", "--src", "a"], "src") == ["curate", "--src", "a"]
+
+
+def test_curate_takes_several_sources(tmp_path):
+    from echocare.data.phantom import generate_demo_data
+
+    for name in ("one", "two"):
+        generate_demo_data("pretrain", tmp_path / name, n=3, seed=len(name) * 7 + ord(name[0]), image_size=64)
+    out = tmp_path / "curated"
+    run("curate", "--src", str(tmp_path / "one"), "--src", str(tmp_path / "two"),
+        "--out", str(out), "--size", "64", "--progress", "false")
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"]["source"] == {"one": 3, "two": 3}
+    content = json.loads((out / "datalist.json").read_text())
+    assert len(content["training"]) + len(content["validation"]) == 6
