@@ -358,3 +358,22 @@ def test_invalid_yaml_rejected(tmp_path: Path) -> None:
             AnatomyOntology.from_yaml(tmp_path / name)
     with pytest.raises(ValueError, match="last dimension"):
         load_ontology().coherent_scores(torch.zeros(3))
+
+
+def test_balanced_hierarchy_loss_averages_positives_and_negatives_separately():
+    ontology = load_ontology()
+    labels_np, known_np = ontology.label_vector("thorax/breast")
+    labels, known = torch.as_tensor(labels_np)[None], torch.as_tensor(known_np)[None]
+    scores = torch.full((1, ontology.num_nodes), 0.2)
+    # Every positive (thorax, thorax/breast) has coherent probability 0.2, every negative 0.2.
+    positives = int(labels.sum())
+    negatives = int((known & (labels == 0)).sum())
+    assert positives == 2 and negatives > 50
+    plain = ontology.hierarchy_loss(scores, labels, known)
+    balanced = ontology.hierarchy_loss(scores, labels, known, balanced=True)
+    bce_pos, bce_neg = -math.log(0.2), -math.log(0.8)
+    assert plain.item() == pytest.approx((positives * bce_pos + negatives * bce_neg) / (positives + negatives), rel=1e-5)
+    assert balanced.item() == pytest.approx(0.5 * (bce_pos + bce_neg), rel=1e-5)
+    # Only negatives known (an image labelled "other" has a positive; make none positive):
+    only_negative = ontology.hierarchy_loss(scores, torch.zeros_like(labels), known, balanced=True)
+    assert only_negative.item() == pytest.approx(bce_neg, rel=1e-5)

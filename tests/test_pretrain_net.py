@@ -240,7 +240,7 @@ def test_total_is_pixel_plus_weighted_anatomy(weight, ontology):
         assert out["loss"].item() == out["loss_pixel"].item()
         assert out["loss_anatomy"].item() == 0.0
     else:
-        anatomy = ontology.hierarchy_loss(torch.sigmoid(logits), labels, known)
+        anatomy = ontology.hierarchy_loss(torch.sigmoid(logits), labels, known, balanced=True)  # PretrainLoss default
         assert out["loss_anatomy"].item() == pytest.approx(anatomy.item(), rel=1e-6)
         assert out["loss_anatomy"].item() > 0
         assert out["loss"].item() == pytest.approx(out["loss_pixel"].item() + weight * anatomy.item(), rel=1e-6)

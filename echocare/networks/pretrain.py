@@ -130,16 +130,19 @@ class PretrainLoss(nn.Module):
     """``L_pixel + anatomy_weight * L_anatomy``.
 
     ``L_pixel``: mean absolute error over masked pixels (and channels) only.
-    ``L_anatomy``: the ontology's hierarchy-coherent binary cross-entropy over known nodes.
+    ``L_anatomy``: the ontology's hierarchy-coherent binary cross-entropy over known nodes,
+    with positives and negatives averaged separately when ``balanced`` (the default; see
+    :meth:`AnatomyOntology.hierarchy_loss`).
 
     Call with the network's output dict, the original ``image`` (B, 3, H, W) and the
     anatomy ``labels`` / ``known`` (B, N); returns ``{"loss", "loss_pixel", "loss_anatomy"}``.
     """
 
-    def __init__(self, ontology: AnatomyOntology, anatomy_weight: float = 1.0) -> None:
+    def __init__(self, ontology: AnatomyOntology, anatomy_weight: float = 1.0, balanced: bool = True) -> None:
         super().__init__()
         self.ontology = ontology
         self.anatomy_weight = float(anatomy_weight)
+        self.balanced = balanced
 
     @staticmethod
     def masked_l1(reconstruction: torch.Tensor, image: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
@@ -160,7 +163,7 @@ class PretrainLoss(nn.Module):
         loss_pixel = error.sum() / (mask.sum() * image.shape[1]).clamp_min(1.0)
         if self.anatomy_weight > 0:
             scores = torch.sigmoid(outputs["anatomy_logits"].float())
-            loss_anatomy = self.ontology.hierarchy_loss(scores, labels.float(), known.bool())
+            loss_anatomy = self.ontology.hierarchy_loss(scores, labels.float(), known.bool(), balanced=self.balanced)
         else:
             loss_anatomy = torch.zeros((), device=image.device)
         return {
