@@ -175,7 +175,7 @@ def main() -> None:
         "are kept); forked workers share the parent's pages, which their RSS counts again.\n\n"
         + table + "\n\n"
         f"On this machine a pure-CPU loop ran {capacity:.2f}x faster with 2 processes than with 1 when the\n"
-        "benchmark ended (cores shared with other jobs): the worker rows can only scale as far as that.\n\n"
+        "benchmark ended: the worker rows can only scale as far as that.\n\n"
         "Data: BUS-BRA (Gómez-Flores et al., Med Phys 2023), HC18 (van den Heuvel et al., PLoS One 2018,\n"
         "CC BY 4.0), DDTI (Pedraza et al., SPIE 2015), carotid (Momot, Mendeley Data, CC BY 4.0).\n"
     )
