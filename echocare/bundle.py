@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["BUNDLES_DIR", "bundle_dir"]
+__all__ = ["BUNDLES_DIR", "as_bool", "bundle_dir"]
 
 #: The ``bundles/`` folder of the source checkout this package was installed from.
 BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
@@ -22,3 +22,21 @@ def bundle_dir(name: str) -> str:
     raise FileNotFoundError(
         f"bundle {name!r} not found in {BUNDLES_DIR} or ./bundles; pass --bundle_root explicitly"
     )
+
+
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off", "none", ""}
+
+
+def as_bool(value: object) -> bool:
+    """A config flag as a bool. ``--resume false`` on the command line arrives as the string
+    "false" (python-fire only parses Python literals such as ``False``), which plain
+    truthiness would read as True."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ValueError(f"not a yes/no value: {value!r} (use true or false)")
+    return bool(value)

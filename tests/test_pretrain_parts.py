@@ -218,3 +218,11 @@ def test_write_panel_lays_out_rows_and_columns(tmp_path):
 
 def test_unknown_anatomy_error_is_a_value_error():
     assert issubclass(UnknownAnatomyError, ValueError)
+
+
+def test_as_bool_reads_command_line_flags():
+    from echocare import as_bool
+
+    assert [as_bool(v) for v in ("true", "False", "1", "no", True, 0)] == [True, False, True, False, True, False]
+    with pytest.raises(ValueError, match="not a yes/no value"):
+        as_bool("maybe")
