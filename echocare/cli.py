@@ -140,7 +140,7 @@ class EchoCareCLI:
             "  pictures:     {} (validation panels per epoch), {}/*.png (inference)\n"
             "  predictions:  {} ({} images; region correct on {}/{} labelled)\n"
             "  MLflow store: {} (experiment echocare_demo, run {})\n"
-            "  open the MLflow UI:  mlflow ui --backend-store-uri sqlite:///{}".format(
+            "  open the MLflow UI:  {} ui --backend-store-uri sqlite:///{}".format(
                 time.time() - start,
                 out_dir,
                 out_dir / "models" / "encoder.pt",
@@ -152,9 +152,19 @@ class EchoCareCLI:
                 len(labelled),
                 store,
                 run_name,
+                _mlflow_command(),
                 store,
             )
         )
+
+
+def _mlflow_command() -> str:
+    """``mlflow`` when it is on PATH, else the one beside this Python (a venv not activated)."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / "mlflow"
+    return "mlflow" if shutil.which("mlflow") or not beside.exists() else str(beside)
 
 
 def _log_to_run(store: Path, experiment: str, run_name: str, folder: Path, artifact_path: str) -> None:
