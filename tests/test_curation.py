@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dicom_helpers import write_dicom as write_grey_dicom
+
 from echocare.data.curation import (
     CurationError,
     HashIndex,
@@ -74,23 +76,8 @@ def box_of(image: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def write_dicom(path: Path, arr: np.ndarray, **attrs) -> Path:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = UltrasoundImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = UltrasoundImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "US"
-    ds.set_pixel_data(arr, photometric_interpretation="MONOCHROME2", bits_stored=8)
-    for key, value in attrs.items():
-        setattr(ds, key, value)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write_grey_dicom(path, arr, "MONOCHROME2", **attrs)
 
 
 def write_video(path: Path, frames: list[np.ndarray]) -> Path:
