@@ -19,3 +19,13 @@ from echocare.networks.pretrain import (
     random_unit_mask,
     reconstruction_panel_tensors,
 )
+from echocare.networks.finetune import (
+    FINETUNE_MODES,
+    LoRALinear,
+    LoRAQKV,
+    apply_lora,
+    configure_finetuning,
+    lora_parameters,
+    merge_lora,
+)
+from echocare.networks.tasks import CLIP_POOLINGS, EchoCareClassifier, EchoCareSegNet
