@@ -17,7 +17,7 @@ from monai.handlers import MLFlowHandler
 from PIL import Image
 
 from echocare.data.samplers import ResumableSampler
-from echocare.networks.encoder import encoder_state_dict
+from echocare.networks.encoder import encoder_of, encoder_state_dict
 
 __all__ = [
     "EncoderExporter",
@@ -229,12 +229,12 @@ class EncoderExporter:
     def __call__(self, engine: Engine) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
             return
-        live = getattr(self.network, "module", self.network)
-        expected = set(live.encoder.state_dict())
+        live_encoder = encoder_of(self.network)
+        expected = set(live_encoder.state_dict())
         if self.best_checkpoint is not None and self.best_checkpoint.is_file():
             state = encoder_state_dict(torch.load(self.best_checkpoint, map_location="cpu", weights_only=True), expected)
         else:
-            state = {k: v.detach().cpu() for k, v in live.encoder.state_dict().items()}
+            state = {k: v.detach().cpu() for k, v in live_encoder.state_dict().items()}
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, self.output_path)
         logger.info("encoder weights (released EchoCare layout) written to %s", self.output_path)

@@ -7,6 +7,7 @@ from echocare.networks.encoder import (
     EchoCareEncoder,
     EncoderWeightsError,
     build_encoder,
+    encoder_of,
     encoder_state_dict,
     load_encoder_weights,
     load_pretrained,

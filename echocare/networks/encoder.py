@@ -23,6 +23,7 @@ __all__ = [
     "EncoderWeightsError",
     "build_encoder",
     "check_state_dict",
+    "encoder_of",
     "encoder_state_dict",
     "load_encoder_weights",
     "load_pretrained",
@@ -226,6 +227,12 @@ def read_checkpoint(path: Path, what: str = "checkpoint") -> Any:
         raise EncoderWeightsError(f"{path}: cannot read as a PyTorch checkpoint ({type(error).__name__}: {error})") from error
 
 
+def encoder_of(network: nn.Module) -> nn.Module:
+    """The encoder inside ``network``: unwraps DDP's ``.module`` and a task network's ``.encoder``."""
+    target = getattr(network, "module", network)
+    return getattr(target, "encoder", target)
+
+
 def load_encoder_weights(encoder: nn.Module, path: str | Path) -> EchoCareEncoder:
     """Load encoder weights strictly, in the released layout or any layout of :func:`encoder_state_dict`.
 
@@ -238,7 +245,7 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> EchoCareEncode
         EncoderWeightsError: the file cannot be read, or its keys/shapes differ from the
             encoder's; the message lists missing, unexpected and wrongly shaped keys.
     """
-    target = getattr(encoder, "encoder", encoder)
+    target = encoder_of(encoder)
     path = Path(path)
     checkpoint = read_checkpoint(path, "encoder checkpoint")
     expected = target.state_dict()
@@ -259,8 +266,7 @@ def save_encoder_weights(encoder: nn.Module, path: str | Path) -> Path:
     MONAI's ``SwinTransformer``. ``encoder`` may be a network holding it as ``.encoder``
     or a DDP wrapper.
     """
-    target = getattr(encoder, "module", encoder)
-    target = getattr(target, "encoder", target)
+    target = encoder_of(encoder)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in target.state_dict().items()}

@@ -16,6 +16,8 @@ import torch
 from monai.networks.nets.swin_unetr import WindowAttention
 from torch import nn
 
+from echocare.networks.encoder import encoder_of
+
 __all__ = [
     "FINETUNE_MODES",
     "LoRALinear",
@@ -40,16 +42,11 @@ def _low_rank_pair(
     return nn.Parameter(a), nn.Parameter(b)
 
 
-class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable low-rank update: ``base(x) + scale * x A^T B^T``.
+class _LoRAAdapter(nn.Module):
+    """A frozen ``nn.Linear`` plus low-rank updates; subclasses give ``delta_weight`` and ``forward``.
 
-    Args:
-        base: the layer to adapt; its weight and bias are set ``requires_grad=False``.
-        rank: rank r of the update (A is (r, in), Kaiming-uniform; B is (out, r), zeros,
-            so at init the output equals ``base(x)`` exactly).
-        alpha: scaling numerator; ``scale = alpha / rank``, alpha defaults to ``rank``.
-
-    Forward: (..., in_features) -> (..., out_features).
+    Holds the frozen ``base``, ``rank``, ``alpha`` and ``scale = alpha / rank`` (alpha
+    defaults to rank), and folds the update back into a plain ``nn.Linear`` (:meth:`merged`).
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None) -> None:
@@ -62,7 +59,6 @@ class LoRALinear(nn.Module):
         self.rank = int(rank)
         self.alpha = float(rank if alpha is None else alpha)
         self.scale = self.alpha / self.rank
-        self.lora_A, self.lora_B = _low_rank_pair(base.in_features, base.out_features, self.rank, base.weight)
 
     @property
     def in_features(self) -> int:
@@ -73,11 +69,7 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def delta_weight(self) -> torch.Tensor:
-        """The update as a dense (out, in) matrix: ``scale * B @ A``."""
-        return self.scale * (self.lora_B @ self.lora_A)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.scale * ((x @ self.lora_A.t()) @ self.lora_B.t())
+        raise NotImplementedError
 
     def merged(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing the same function (base weight + update)."""
@@ -90,7 +82,31 @@ class LoRALinear(nn.Module):
         return layer
 
 
-class LoRAQKV(nn.Module):
+class LoRALinear(_LoRAAdapter):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update: ``base(x) + scale * x A^T B^T``.
+
+    Args:
+        base: the layer to adapt; its weight and bias are set ``requires_grad=False``.
+        rank: rank r of the update (A is (r, in), Kaiming-uniform; B is (out, r), zeros,
+            so at init the output equals ``base(x)`` exactly).
+        alpha: scaling numerator; ``scale = alpha / rank``, alpha defaults to ``rank``.
+
+    Forward: (..., in_features) -> (..., out_features).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None) -> None:
+        super().__init__(base, rank, alpha)
+        self.lora_A, self.lora_B = _low_rank_pair(base.in_features, base.out_features, self.rank, base.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update as a dense (out, in) matrix: ``scale * B @ A``."""
+        return self.scale * (self.lora_B @ self.lora_A)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scale * ((x @ self.lora_A.t()) @ self.lora_B.t())
+
+
+class LoRAQKV(_LoRAAdapter):
     """A frozen fused ``qkv`` Linear (``dim -> 3 * dim``) with LoRA updates on q and v, none on k.
 
     Args:
@@ -103,31 +119,15 @@ class LoRAQKV(nn.Module):
     """
 
     def __init__(self, base_qkv: nn.Linear, rank: int, alpha: float | None = None) -> None:
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         if base_qkv.out_features != 3 * base_qkv.in_features:
             raise ValueError(
                 "expected a fused qkv Linear (out = 3 * in), "
                 f"got in={base_qkv.in_features}, out={base_qkv.out_features}"
             )
-        self.base = base_qkv
-        for p in base_qkv.parameters():
-            p.requires_grad_(False)
+        super().__init__(base_qkv, rank, alpha)
         self.dim = base_qkv.in_features
-        self.rank = int(rank)
-        self.alpha = float(rank if alpha is None else alpha)
-        self.scale = self.alpha / self.rank
         self.lora_q_A, self.lora_q_B = _low_rank_pair(self.dim, self.dim, self.rank, base_qkv.weight)
         self.lora_v_A, self.lora_v_B = _low_rank_pair(self.dim, self.dim, self.rank, base_qkv.weight)
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def delta_weight(self) -> torch.Tensor:
         """The update as a dense (3 * dim, dim) matrix with a zero k block."""
@@ -141,21 +141,6 @@ class LoRAQKV(nn.Module):
         dv = self.scale * ((x @ self.lora_v_A.t()) @ self.lora_v_B.t())
         return out + torch.cat([dq, torch.zeros_like(dq), dv], dim=-1)
 
-    def merged(self) -> nn.Linear:
-        """A plain ``nn.Linear`` computing the same function (base weight + q/v updates)."""
-        layer = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None)
-        layer = layer.to(device=self.base.weight.device, dtype=self.base.weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(self.base.weight + self.delta_weight())
-            if self.base.bias is not None:
-                layer.bias.copy_(self.base.bias)
-        return layer
-
-
-def _encoder_of(network: nn.Module) -> nn.Module:
-    target = getattr(network, "module", network)
-    return getattr(target, "encoder", target)
-
 
 def apply_lora(encoder: nn.Module, rank: int, alpha: float | None = None) -> int:
     """Put :class:`LoRAQKV` adapters on the q and v projections of every Swin attention.
@@ -168,7 +153,7 @@ def apply_lora(encoder: nn.Module, rank: int, alpha: float | None = None) -> int
         the number of fused qkv layers adapted by this call (each carries two adapters,
         q and v, of ``rank * 2 * dim`` parameters each).
     """
-    encoder = _encoder_of(encoder)
+    encoder = encoder_of(encoder)
     for p in encoder.parameters():
         p.requires_grad_(False)
     count = 0
@@ -183,13 +168,8 @@ def apply_lora(encoder: nn.Module, rank: int, alpha: float | None = None) -> int
 
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The adapter parameters (A and B of every LoRA layer) inside ``module``."""
-    params: list[nn.Parameter] = []
-    for m in module.modules():
-        if isinstance(m, LoRAQKV):
-            params += [m.lora_q_A, m.lora_q_B, m.lora_v_A, m.lora_v_B]
-        elif isinstance(m, LoRALinear):
-            params += [m.lora_A, m.lora_B]
-    return params
+    # An adapter's own parameters are its A/B pairs; the frozen base is a child module.
+    return [p for m in module.modules() if isinstance(m, _LoRAAdapter) for p in m.parameters(recurse=False)]
 
 
 def merge_lora(encoder: nn.Module) -> int:
@@ -207,12 +187,12 @@ def merge_lora(encoder: nn.Module) -> int:
     Returns:
         the number of layers merged.
     """
-    encoder = _encoder_of(encoder)
+    encoder = encoder_of(encoder)
     replacements = [
         (parent, name, child)
         for parent in encoder.modules()
         for name, child in parent.named_children()
-        if isinstance(child, (LoRAQKV, LoRALinear))
+        if isinstance(child, _LoRAAdapter)
     ]
     for parent, name, child in replacements:
         merged = child.merged()
