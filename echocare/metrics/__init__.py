@@ -1,3 +1,35 @@
 """Task metrics that MONAI and Ignite lack."""
 
+from echocare.metrics.classification import (
+    CLASSIFICATION_SCORE_NAMES,
+    ClassificationScore,
+    binary_classification_scores,
+    classification_scores,
+    confusion_matrix,
+    multiclass_classification_scores,
+    roc_auc,
+    roc_curve,
+    youden_threshold,
+)
 from echocare.metrics.pretrain import AnatomyLevelAccuracy, MeanOfOutput
+from echocare.metrics.segmentation import SegmentationScored, class_key, segmentation_scores
+from echocare.metrics.sets import classification_metrics, segmentation_metrics
+
+__all__ = [
+    "CLASSIFICATION_SCORE_NAMES",
+    "AnatomyLevelAccuracy",
+    "ClassificationScore",
+    "MeanOfOutput",
+    "SegmentationScored",
+    "binary_classification_scores",
+    "class_key",
+    "classification_metrics",
+    "classification_scores",
+    "confusion_matrix",
+    "multiclass_classification_scores",
+    "roc_auc",
+    "roc_curve",
+    "segmentation_metrics",
+    "segmentation_scores",
+    "youden_threshold",
+]

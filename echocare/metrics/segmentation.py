@@ -1,0 +1,190 @@
+"""Per-image segmentation scores (Dice, normalized surface Dice) on MONAI's implementations.
+
+``segmentation_scores`` scores one 2D label map against its reference; ``SegmentationScored``
+does the same inside an evaluator's postprocessing, writing the scores into each decollated
+item so that ``MeanOfOutput(key="mean_dice")`` (and ``dice_<class>``, ``nsd_<class>``,
+``mean_nsd``) give dataset means.
+
+Conventions (the same everywhere, also in ``summary.json``):
+
+- Scores are per foreground class; background (index 0 of ``class_names``) is never scored.
+- A class absent from both the prediction and the reference scores 1.0 for Dice and NSD
+  (nothing to find, nothing found: a perfect answer; MONAI leaves NaN there, which would
+  silently drop such images from the dataset mean). A class present in only one of them
+  scores 0.0 for both.
+- ``mean_dice`` / ``mean_nsd`` are the unweighted means over the foreground classes of this
+  image, after the convention above, so they are never NaN.
+- NSD (Nikolov et al. 2021) is the fraction of boundary pixels of either mask lying within
+  ``tolerance`` of the other mask's boundary; distances are Euclidean in the units of
+  ``spacing`` (the (row, col) size of one pixel; default (1, 1), i.e. pixels).
+- Key names: ``dice_<name>``, ``nsd_<name>`` with the class name lower-cased and spaces
+  replaced by ``_`` (``"left kidney"`` -> ``dice_left_kidney``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice, compute_surface_dice
+from monai.transforms import MapTransform
+
+__all__ = ["SegmentationScored", "class_key", "segmentation_scores"]
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def class_key(name: str) -> str:
+    """Class name as used in metric keys: lower case, spaces -> ``_`` (``"Left kidney"`` -> ``left_kidney``)."""
+    return "_".join(str(name).strip().lower().split())
+
+
+def _label_map(x: ArrayLike, what: str) -> torch.Tensor:
+    """(H, W) or (1, H, W) integer labels -> (H, W) long tensor on the CPU."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x.detach()).cpu()
+    t = t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t  # drop MetaTensor metadata
+    if t.ndim == 3 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 2:
+        raise ValueError(f"{what} must be an (H, W) or (1, H, W) label map, got shape {tuple(t.shape)}")
+    if t.is_floating_point():
+        # labels that went through float transforms (resampling, MetaTensor casts) may be 0.9999...
+        t = torch.round(t)
+    return t.long()
+
+
+def _spacing_tuple(spacing: Any) -> tuple[float, float] | None:
+    """(row, col) pixel size from a list/tuple/tensor/array (also a decollated list of 0-d tensors)."""
+    if spacing is None:
+        return None
+    if isinstance(spacing, torch.Tensor):
+        values = spacing.detach().cpu().reshape(-1).tolist()
+    elif isinstance(spacing, np.ndarray):
+        values = spacing.reshape(-1).tolist()
+    else:
+        values = [float(torch.as_tensor(v).reshape(-1)[0]) for v in spacing]
+    if len(values) != 2:
+        raise ValueError(f"spacing must give (row, col) pixel size, got {spacing!r}")
+    row, col = (float(v) for v in values)
+    if not (row > 0 and col > 0):
+        raise ValueError(f"spacing must be positive, got {(row, col)}")
+    return row, col
+
+
+def segmentation_scores(
+    pred: ArrayLike,
+    label: ArrayLike,
+    class_names: Sequence[str],
+    spacing: Sequence[float] | ArrayLike | None = None,
+    tolerance: float = 2.0,
+) -> dict[str, float]:
+    """Dice and normalized surface Dice of one 2D prediction, per foreground class and averaged.
+
+    Args:
+        pred: predicted integer label map, (H, W) or (1, H, W), numpy or torch.
+        label: reference integer label map, same shape.
+        class_names: all class names, background first (``["background", "nodule"]``);
+            labels must lie in ``[0, len(class_names))``.
+        spacing: (row, col) size of one pixel (e.g. mm); ``None`` means (1, 1), i.e. pixels.
+        tolerance: NSD boundary tolerance, in the units of ``spacing``.
+
+    Returns:
+        ``{"dice_<name>": ..., "nsd_<name>": ... for each foreground class, "mean_dice": ...,
+        "mean_nsd": ...}``, all Python floats in [0, 1]; see the module docstring for the
+        empty-class conventions.
+    """
+    num_classes = len(class_names)
+    if num_classes < 2:
+        raise ValueError("class_names must list background and at least one foreground class")
+    p, y = _label_map(pred, "pred"), _label_map(label, "label")
+    if p.shape != y.shape:
+        raise ValueError(f"pred {tuple(p.shape)} and label {tuple(y.shape)} differ in shape")
+    for t, what in ((p, "pred"), (y, "label")):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+            raise ValueError(f"{what} has labels outside [0, {num_classes}) for classes {list(class_names)}")
+    spacing_rc = _spacing_tuple(spacing) or (1.0, 1.0)
+
+    # one-hot [1, C-1, H, W] of the foreground classes: MONAI's metrics take one-hot batches
+    classes = torch.arange(1, num_classes).view(1, -1, 1, 1)
+    p_oh = (p.unsqueeze(0).unsqueeze(0) == classes).float()
+    y_oh = (y.unsqueeze(0).unsqueeze(0) == classes).float()
+
+    # ignore_empty=False already gives our convention (1 if both empty, 0 if only one is)
+    dice = compute_dice(p_oh, y_oh, include_background=True, ignore_empty=False)[0]
+
+    p_any = p_oh.flatten(2).any(-1)[0]
+    y_any = y_oh.flatten(2).any(-1)[0]
+    both = torch.nonzero(p_any & y_any).flatten()
+    nsd = torch.where(p_any | y_any, 0.0, 1.0)  # conventions for the classes MONAI cannot score
+    if len(both):
+        # only classes present on both sides go to MONAI: the others are fixed by convention,
+        # and MONAI would warn about each empty mask
+        nsd[both] = compute_surface_dice(
+            p_oh[:, both],
+            y_oh[:, both],
+            class_thresholds=[float(tolerance)] * len(both),
+            include_background=True,
+            spacing=list(spacing_rc),
+        )[0].cpu()
+
+    scores: dict[str, float] = {}
+    for i, name in enumerate(class_names[1:]):
+        scores[f"dice_{class_key(name)}"] = float(dice[i])
+        scores[f"nsd_{class_key(name)}"] = float(nsd[i])
+    scores["mean_dice"] = float(dice.mean())
+    scores["mean_nsd"] = float(nsd.mean())
+    return scores
+
+
+class SegmentationScored(MapTransform):
+    """Dict transform writing ``segmentation_scores`` of ``d[pred_key]`` vs ``d[label_key]`` into ``d``.
+
+    Meant for an evaluator's ``postprocessing`` on each decollated item, followed by
+    ``MeanOfOutput(key="mean_dice")`` etc. as Ignite metrics.
+
+    - ``d[pred_key]``: (C, H, W) with C > 1 (probabilities, logits or one-hot; argmax over
+      channel 0) or (1, H, W) integer labels (rounded, so a one-channel probability is cut
+      at 0.5).
+    - ``d[label_key]``: (1, H, W) integer labels or (C, H, W) one-hot (argmax over channel 0).
+    - ``d[spacing_key]`` (optional): (row, col) pixel size at the evaluated resolution, as a
+      list/tuple/tensor/array; absent or ``None`` means pixels.
+
+    Adds ``dice_<name>``, ``nsd_<name>`` per foreground class and ``mean_dice``, ``mean_nsd``
+    (Python floats) and returns the (shallow-copied) dict.
+    """
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        pred_key: str = "pred",
+        label_key: str = "label",
+        spacing_key: str = "eval_spacing",
+        tolerance: float = 2.0,
+    ) -> None:
+        super().__init__(keys=[pred_key, label_key])
+        self.class_names = list(class_names)
+        self.pred_key = pred_key
+        self.label_key = label_key
+        self.spacing_key = spacing_key
+        self.tolerance = float(tolerance)
+
+    @staticmethod
+    def _to_labels(x: Any) -> torch.Tensor:
+        t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+        if t.ndim == 3 and t.shape[0] > 1:
+            return torch.argmax(t, dim=0)
+        return t
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        scores = segmentation_scores(
+            self._to_labels(d[self.pred_key]),
+            self._to_labels(d[self.label_key]),
+            self.class_names,
+            spacing=_spacing_tuple(d.get(self.spacing_key)),
+            tolerance=self.tolerance,
+        )
+        d.update(scores)
+        return d
