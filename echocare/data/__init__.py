@@ -13,3 +13,19 @@ from echocare.data.readers import (
 from echocare.data.phantom import PRETRAIN_ANATOMIES, generate_demo_data, make_phantom_image
 from echocare.data.samplers import ResumableSampler
 from echocare.data.transforms import LoadUltrasound, LoadUltrasoundd
+from echocare.data.supervised import (
+    ClassLabeld,
+    EvalSpacingd,
+    LabelMapError,
+    LoadClipd,
+    LoadFramed,
+    LoadLabelMapd,
+    clip_frame_count,
+    datalist_info,
+    expand_frames,
+    load_task_datalist,
+    mask_values_for,
+    read_clip,
+    read_label_map,
+    subsample_training,
+)

@@ -12,3 +12,11 @@ from echocare.engines.handlers import (
     write_panel,
 )
 from echocare.engines.pretrain import PretrainEvalIteration, PretrainIteration, mask_generator
+from echocare.engines.handlers import UniqueNames, item_source
+from echocare.engines.supervised import (
+    ClassificationFigureWriter,
+    ClassificationPredictionWriter,
+    SegmentationOverlayWriter,
+    SegmentationPredictionWriter,
+    is_rank0,
+)

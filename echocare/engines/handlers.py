@@ -135,6 +135,37 @@ class ReconstructionPanelWriter:
         self.written.append(path)
 
 
+def item_source(item: dict[str, Any], default: str = "") -> str:
+    """The input file of a decollated item: its ``filename`` field, else the image's meta."""
+    if item.get("filename"):
+        return str(item["filename"])
+    image = item.get("image")
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    meta = getattr(image, "meta", None) or {}
+    return str(meta.get("filename_or_obj") or default)
+
+
+class UniqueNames:
+    """Output file stems named after inputs: ``<stem>`` (``<stem>_frame0003`` for a frame of
+    a multi-frame input), with ``_2``, ``_3`` ... when two inputs in different folders
+    share a stem."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def __call__(self, source: str, frame: int | None = None) -> str:
+        stem = Path(source).name.split(".")[0] or "image"
+        if frame is not None:
+            stem = f"{stem}_frame{int(frame):04d}"
+        name, n = stem, 1
+        while name in self.used:
+            n += 1
+            name = f"{stem}_{n}"
+        self.used.add(name)
+        return name
+
+
 def find_mlflow_handler(engine: Engine) -> MLFlowHandler | None:
     """The ``MLFlowHandler`` attached to ``engine`` (by ``--tracking mlflow``), if any."""
     for handler, _, _ in engine._event_handlers.get(Events.STARTED, []):
@@ -254,7 +285,7 @@ class PretrainPredictionWriter:
         self.output_dir = Path(output_dir)
         self.ontology = ontology
         self.predictions: list[dict[str, Any]] = []
-        self._used_names: set[str] = set()
+        self._name = UniqueNames()
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._reset)
@@ -262,16 +293,7 @@ class PretrainPredictionWriter:
         engine.add_event_handler(Events.COMPLETED, self._write_json)
 
     def _reset(self, engine: Engine) -> None:
-        self.predictions, self._used_names = [], set()
-
-    def _name(self, source: str) -> str:
-        stem = Path(source).name.split(".")[0] or "image"
-        name, n = stem, 1
-        while name in self._used_names:  # same stem in two folders: keep both
-            n += 1
-            name = f"{stem}_{n}"
-        self._used_names.add(name)
-        return name
+        self.predictions, self._name = [], UniqueNames()
 
     def _write_batch(self, engine: Engine) -> None:
         for item in engine.state.output:
@@ -335,9 +357,12 @@ class EvaluationReport:
         return value
 
     def _collect(self, engine: Engine) -> None:
-        for item in engine.state.output:
-            row = {"image": str(item.get("filename", len(self.rows)))}
-            row.update({field: self._scalar(item.get(field)) for field in self.per_case_fields})
+        batch = engine.state.batch if isinstance(engine.state.batch, list) else [{}] * len(engine.state.output)
+        for item, source in zip(engine.state.output, batch):
+            # Output fields first (scores, predictions), then the input item's (case, ...).
+            merged = {**(source if isinstance(source, dict) else {}), **item}
+            row = {"image": item_source(merged, default=str(len(self.rows)))}
+            row.update({field: self._scalar(merged.get(field)) for field in self.per_case_fields})
             self.rows.append(row)
 
     def _write(self, engine: Engine) -> None:

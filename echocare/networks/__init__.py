@@ -1,6 +1,11 @@
 """Networks: the EchoCare encoder, decoders, the pretraining network and task heads."""
 
-from echocare.networks.checkpoint import load_network_checkpoint
+from echocare.networks.checkpoint import (
+    HeadMismatchWarning,
+    initialise_network,
+    load_network_checkpoint,
+    merge_lora_state_dict,
+)
 from echocare.networks.decoders import UNETRDecoder
 from echocare.networks.encoder import (
     ENCODER_SIZES,
@@ -26,6 +31,7 @@ from echocare.networks.finetune import (
     LoRAQKV,
     apply_lora,
     configure_finetuning,
+    ddp_wrap,
     lora_parameters,
     merge_lora,
 )

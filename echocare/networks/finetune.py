@@ -268,3 +268,18 @@ def configure_finetuning(
         {"name": "head", "params": head_params, "lr": head_lr, "weight_decay": weight_decay},
     ]
     return [g for g in groups if g["params"]]
+
+
+def ddp_wrap(network: nn.Module, device: torch.device, finetune_mode: str = "full", lora_rank: int = 8) -> nn.Module:
+    """Wrap a task network in ``DistributedDataParallel`` for its fine-tuning mode.
+
+    The mode is applied first (:func:`configure_finetuning`): DDP registers the parameters
+    that require gradients when it is built, so LoRA adapters must already be in place and
+    frozen weights already frozen. ``configure_finetuning`` called again on the wrapper
+    (for the optimizer's param groups) finds them and changes nothing.
+    """
+    configure_finetuning(network, finetune_mode, lora_rank=lora_rank)
+    device = torch.device(device)
+    return nn.parallel.DistributedDataParallel(
+        network, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
+    )
