@@ -20,6 +20,7 @@ from echocare.data.supervised import (
     LoadClipd,
     LoadFramed,
     LoadLabelMapd,
+    class_weights,
     clip_frame_count,
     datalist_info,
     expand_frames,

@@ -100,6 +100,8 @@ def load_datalist(
             path = Path(item[image_key])
             path = path if path.is_absolute() else root / path
             item[image_key] = str(path)
+            if path.is_dir():
+                continue  # a clip given as a folder of frames (classification bundles read it)
             if not path.is_file():
                 problems.append(f"item {position}: {path}: file not found")
             elif check_images:

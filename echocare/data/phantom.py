@@ -418,6 +418,7 @@ def render_bmode(
     dynamic_range_db: float | None = None,
     atten_db: float | None = None,
     tgc: float | None = None,
+    saturation_db: float | None = None,
 ) -> np.ndarray:
     """Render a B-mode image (H, W) uint8 from the tissue maps of ``canvas``.
 
@@ -430,6 +431,9 @@ def render_bmode(
             (dB); random in [30, 45] when None.
         tgc: fraction of the mean tissue attenuation the time-gain curve compensates;
             random in [0.6, 0.8] when None, so the mean still falls with depth.
+        saturation_db: how far above the mean soft-tissue level (dB) the display
+            saturates to white; random in [14, 19] when None. Give all four settings to
+            render the frames of one clip with the same scanner settings.
 
     Returns:
         uint8 grey image, 0 outside the field of view.
@@ -496,7 +500,8 @@ def render_bmode(
     # deep anechoic regions, as on a scanner.
     amp += rng.random((size, size), dtype=np.float32) * np.float32(0.004)
     db = 20.0 * np.log10(amp + np.float32(1e-6)) + (tgc * alpha) * canvas.depth
-    top = rng.uniform(14, 19)  # dB above the mean tissue level that saturates to white
+    # dB above the mean tissue level that saturates to white.
+    top = rng.uniform(14, 19) if saturation_db is None else saturation_db
     img = np.clip((db - np.float32(top - dr_db)) * np.float32(255.0 / dr_db), 0, 255)
     img[~canvas.fov] = 0
     return img.astype(np.uint8)
@@ -928,10 +933,32 @@ def _generate_pretrain(
     return lists
 
 
+def _task_in_phantom_tasks(name: str) -> Callable[..., dict[str, list[dict]]]:
+    """A :data:`TASKS` entry that calls ``echocare.data.phantom_tasks.<name>``, imported
+    on first use (that module builds on this one)."""
+
+    def generate(out, n, seed, image_size, val_fraction, **options):
+        from echocare.data import phantom_tasks
+
+        return getattr(phantom_tasks, name)(out, n, seed, image_size, val_fraction, **options)
+
+    generate.__name__ = generate.__qualname__ = name
+    generate.__doc__ = f"See :func:`echocare.data.phantom_tasks.{name}`."
+    return generate
+
+
 #: Demo-data generator per task: ``fn(out, n, seed, image_size, val_fraction, **options)``
 #: writes the files under ``out`` and returns the datalist dict (paths relative to out).
+#: The benchmark phantoms (:mod:`echocare.data.phantom_tasks`) write their dataset's
+#: official layout under ``out/<dataset>/`` and return its converter's datalist:
+#: ``abdomen_seg`` (out/abdomen), ``musv_seg`` (out/musv), ``thyroid_cls``
+#: (out/thyroid_cine + out/thyroid_cine_clips), ``fll_cls`` (out/fll_ceus).
 TASKS: dict[str, Callable[..., dict[str, list[dict]]]] = {
     "pretrain": _generate_pretrain,
+    "abdomen_seg": _task_in_phantom_tasks("generate_abdomen_seg"),
+    "musv_seg": _task_in_phantom_tasks("generate_musv_seg"),
+    "thyroid_cls": _task_in_phantom_tasks("generate_thyroid_cls"),
+    "fll_cls": _task_in_phantom_tasks("generate_fll_cls"),
 }
 
 
@@ -946,14 +973,17 @@ def generate_demo_data(
 ) -> Path:
     """Write a synthetic data set for ``task`` and its MONAI datalist.
 
-    Writes ``out/images/<task>_<i>.png`` (8-bit grey), label files under ``out/labels``
-    for tasks with masks, and ``out/datalist.json`` with ``training`` and ``validation``
-    lists whose paths are relative to ``out`` (the bundles' ``dataset_dir``).
+    ``pretrain`` writes ``out/images/pretrain_<i>.png`` (8-bit grey). The benchmark
+    tasks (``abdomen_seg``, ``musv_seg``, ``thyroid_cls``, ``fll_cls``) write their
+    dataset's official download layout under ``out/<dataset>/`` and convert it with the
+    dataset's converter (see :mod:`echocare.data.phantom_tasks`). Every task writes
+    ``out/datalist.json`` with ``training`` and ``validation`` lists whose paths are
+    relative to ``out`` (the bundles' ``dataset_dir``).
 
     Args:
-        task: one of :data:`TASKS` (``"pretrain"``, ...).
+        task: one of :data:`TASKS` (``"pretrain"``, ``"abdomen_seg"``, ...).
         out: output folder (created).
-        n: number of items in total.
+        n: number of items in total (images, or clips for the classification tasks).
         seed: random seed; the same seed writes the same files.
         image_size: side length of the square images in pixels.
         val_fraction: fraction of items in the validation list.

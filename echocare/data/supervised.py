@@ -34,6 +34,7 @@ __all__ = [
     "ClassLabeld",
     "EvalSpacingd",
     "LoadFramed",
+    "class_weights",
     "clip_frame_count",
     "clip_indices",
     "datalist_info",
@@ -108,6 +109,15 @@ def subsample_training(
         count = max(1, int(round(fraction * len(members))))
         kept.extend(rng.permutation(members)[:count].tolist())
     return [items[i] for i in sorted(kept)]
+
+
+def class_weights(items: Sequence[dict[str, Any]], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights (N / (C * n_c)) of a classification list, as a (C,)
+    float tensor for ``CrossEntropyLoss(weight=...)``; a class with no item gets weight 0.
+    """
+    counts = np.bincount([int(item["label"]) for item in items], minlength=int(num_classes)).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 def _check_segmentation_item(item: dict[str, Any], values: Sequence[int] | None, num_classes: int) -> str | None:
