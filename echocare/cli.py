@@ -1,7 +1,7 @@
 """The ``echocare`` command (python-fire).
 
     echocare demo [--out echocare_demo]            phantoms -> short tiny pretraining -> panels, in MLflow
-    echocare demo-data --task pretrain --out DIR --n N
+    echocare demo-data --task pretrain --out DIR --n N   (tasks: pretrain, abdomen_seg, musv_seg, thyroid_cls, fll_cls)
     echocare datalist NAME --root DIR --out FILE [--fold K] [--seed S]
     echocare curate --src DIR [--src DIR ...] --mapping MAPPING.yaml --out OUT [--size 256] [--workers N]
 """

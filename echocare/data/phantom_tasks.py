@@ -124,7 +124,9 @@ def _fresh_dir(path: Path) -> Path:
     return path
 
 
-def _scanner(rng: np.random.Generator, atten_db=(30.0, 42.0), saturation_db=(14.0, 19.0), dynamic_range_db=(40.0, 48.0)) -> dict:
+def _scanner(
+    rng: np.random.Generator, atten_db=(30.0, 42.0), saturation_db=(14.0, 19.0), dynamic_range_db=(40.0, 48.0)
+) -> dict:
     """Display settings held for a whole recording (a cine clip keeps its gain)."""
     return {
         "dynamic_range_db": float(rng.uniform(*dynamic_range_db)),
@@ -227,9 +229,9 @@ def _cases(n: int, per_case: int, min_cases: int) -> list[int]:
 def _abdomen_patient(rng: np.random.Generator) -> dict:
     """Patient-level properties shared by all images of a case."""
     return {
-        "liver": rng.uniform(0.95, 1.15),
+        "liver": rng.uniform(0.95, 1.1),
         "spleen": rng.uniform(1.4, 1.7),
-        "pancreas": rng.uniform(2.6, 3.2),
+        "pancreas": rng.uniform(3.2, 4.0),
         "cortex": rng.uniform(0.45, 0.6),
         "bowel": rng.uniform(0.35, 0.5),
         "scale": rng.uniform(0.9, 1.1),
@@ -347,7 +349,8 @@ def _view_epigastric(c: Canvas, rng, p: dict, top: float) -> None:
     sy = ay + ra + c.px(rng.uniform(0.1, 0.14))
     c.paint(c.ellipse(sy + c.px(0.08), ax, c.px(0.08), c.px(0.12)), "bone", 0, atten=30.0)
     if rng.random() < 0.4:  # gas in the stomach or colon, lateral, with a dirty shadow
-        gy, gx = c.at(top + rng.uniform(0.3, 0.45), rng.choice([-1, 1]) * rng.uniform(0.8, 0.95))
+        # (deeper than the pancreas, so its shadow never hides a labelled organ)
+        gy, gx = c.at(d0 + rng.uniform(0.12, 0.2), rng.choice([-1, 1]) * rng.uniform(0.8, 0.95))
         c.paint(c.ellipse(gy, gx, c.px(0.035), c.px(0.06)), "air", 0, atten=rng.uniform(20, 50))
 
 
@@ -573,7 +576,11 @@ def generate_musv_seg(
 # Thyroid cine clips (benign / malignant)
 # --------------------------------------------------------------------------------------
 
-_MALIGNANT_DX = ["Papillary thyroid carcinoma", "Papillary carcinoma, follicular variant", "Medullary thyroid carcinoma"]
+_MALIGNANT_DX = [
+    "Papillary thyroid carcinoma",
+    "Papillary carcinoma, follicular variant",
+    "Medullary thyroid carcinoma",
+]
 _BENIGN_DX = ["Benign", "Benign follicular nodule", "Follicular adenoma", "Colloid nodule", "Nodular hyperplasia"]
 
 
@@ -642,7 +649,7 @@ def _paint_thyroid_frame(c: Canvas, p: dict, z: float) -> None:
     c.paint(c.ellipse(cy, cx, rc, rc), "fluid", 0)
     c.paint(c.ellipse(cy - rc, cx - td * rc * 1.2, rc * 0.55, rc * 1.3), "fluid", 0)
     rt = c.px(srng.uniform(0.07, 0.09))
-    ty, tx = ly + 0.1 * ry_l, lx + td * (rx_l + rt * 0.7)
+    ty, tx = ly + 0.1 * ry_l, lx + td * (rx_l + rt)  # its shadow stays off the lobe
     c.paint(c.ellipse(ty, tx, rt, rt * 1.1), "muscle", 0)
     c.paint(c.ellipse(ty + 3, tx, rt - 3, rt * 1.1 - 3), "air", 0)
     c.paint(c.ellipse(ly, lx, ry_l + 2, rx_l + 2, p["lobe_ang"]), "fascia", 0, 0.8)  # capsule
@@ -705,9 +712,14 @@ def _tirads(p: dict) -> dict:
     if p["malignant"]:
         comp, cp = "solid", 2
         echo, ep = ("very hypoechoic", 3) if p["echo"] < 0.8 else ("hypoechoic", 2)
-        shape, sp, margin, mp, foci, fp = "taller-than-wide", 3, "lobulated or irregular", 2, "punctate echogenic foci", 3
+        shape, sp, margin, mp = "taller-than-wide", 3, "lobulated or irregular", 2
+        foci, fp = "punctate echogenic foci", 3
     else:
-        comp, cp = {"solid": ("solid", 2), "mixed": ("mixed cystic and solid", 1), "spongiform": ("spongiform", 0)}[p["composition"]]
+        comp, cp = {
+            "solid": ("solid", 2),
+            "mixed": ("mixed cystic and solid", 1),
+            "spongiform": ("spongiform", 0),
+        }[p["composition"]]
         echo, ep = ("hyperechoic", 1) if p["echo"] > 1.3 else ("isoechoic", 1)
         shape, sp, margin, mp, foci, fp = "wider-than-tall", 0, "smooth", 0, "none", 0
     pts = cp + ep + sp + mp + fp
@@ -865,7 +877,8 @@ def make_fll_clip(
         oy, ox = c.at(rng.uniform(1.0, 1.2), rng.uniform(-0.6, 0.6))
         outside = c.ellipse(oy + c.px(0.5), ox, c.px(0.62), c.px(0.9)) & (rho > 1.4)
     a = rng.uniform(0.06, 0.1)  # bubble arrival
-    times = 0.03 + 0.95 * np.arange(frames) / max(frames - 1, 1)
+    # Denser early, as recordings are: the arterial phase lasts seconds, the late phase minutes.
+    times = 0.03 + 0.95 * (np.arange(frames) / max(frames - 1, 1)) ** 1.5
     peak = rng.uniform(1.0, 1.4)
     if kind == "HCC":
         tau = rng.uniform(0.2, 0.33)
@@ -873,7 +886,7 @@ def make_fll_clip(
         k_nod, ph, D = int(rng.integers(4, 8)), rng.uniform(0, 6.3), rng.uniform(0.55, 0.75)
         m = 0.5 + 0.5 * np.cos(k_nod * phi + ph)
     else:
-        n_sp, ph, G = int(rng.integers(4, 7)), rng.uniform(0, 6.3), rng.uniform(0.1, 0.15)
+        n_sp, ph, G = int(rng.integers(4, 7)), rng.uniform(0, 6.3), rng.uniform(0.12, 0.2)
         spoke = np.maximum(np.cos(n_sp * phi + ph), 0) ** 8
         scar = rho < rng.uniform(0.12, 0.18)
     clip = []
