@@ -17,8 +17,8 @@ from PIL import Image
 
 from echocare.data.phantom import generate_demo_data
 from echocare.networks import build_encoder, load_encoder_weights
+from bundle_helpers import REPO, bundle, mlflow_runs
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "echocare_pretrain" / "configs"
 TRAIN = str(CONFIGS / "train.yaml")
 MULTI_GPU = str(CONFIGS / "multi_gpu_train.yaml")
@@ -29,22 +29,6 @@ SMALL = [
     "--network_size", "tiny", "--image_size", "64", "--mask_unit", "16", "--batch_size", "8",
     "--num_workers", "0", "--warmup_steps", "2", "--total_steps", "100", "--progress_bar", "False",
 ]
-
-
-def bundle(*args: str, timeout: int = 600, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "monai.bundle", "run", *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
-    if check and result.returncode != 0:
-        raise AssertionError(f"bundle run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
-
-
-def mlflow_runs(store: Path) -> list:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{store}")
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    return client, client.search_runs(experiments)
 
 
 @pytest.fixture(scope="module")

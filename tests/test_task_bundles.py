@@ -1,0 +1,289 @@
+"""The segmentation and classification bundles end to end, as a user runs them.
+
+Every bundle trains, evaluates and infers through ``python -m monai.bundle run ...
+--tracking mlflow`` with the tiny encoder on small data: phantoms in the official release
+layouts (``echocare demo-data``) where no real data can be shipped, small made-up sets
+otherwise; the real-data variants run a few iterations on ``../shared/data`` when present.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bundle_helpers import REPO, bundle, mlflow_runs
+from echocare.data import generate_demo_data
+from echocare.networks import (
+    EchoCareClassifier,
+    EchoCareSegNet,
+    HeadMismatchWarning,
+    build_encoder,
+    initialise_network,
+    load_network_checkpoint,
+    save_encoder_weights,
+)
+
+SMALL = ["--network_size", "tiny", "--image_size", "64", "--batch_size", "4", "--num_workers", "0", "--progress_bar", "False"]
+KEY_METRIC = {
+    "ddti_seg": "mean_dice", "musv_seg": "mean_dice", "abdomen_seg": "mean_dice",
+    "busbra_cls": "accuracy", "thyroid_cls": "auc", "fll_cls": "accuracy",
+}
+
+
+def configs(name: str, *files: str) -> str:
+    paths = [str(REPO / "bundles" / name / "configs" / f) for f in files]
+    return paths[0] if len(paths) == 1 else repr(paths)
+
+
+def _blob_dataset(root: Path, n: int, classification: bool) -> Path:
+    """Grey 48x56 images with a bright ellipse; masks stored as 0/255 (as DDTI's), or
+    class = ellipse size quartile (4 classes, as BUS-BRA's BI-RADS) for classification."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:48, :56]
+    items = []
+    for i in range(n):
+        radius = 6 + 3 * (i % 4)
+        cy, cx = rng.integers(16, 32), rng.integers(16, 40)
+        inside = ((yy - cy) / radius) ** 2 + ((xx - cx) / (radius * 1.3)) ** 2 <= 1
+        image = np.clip(rng.normal(60, 20, (48, 56)) + 120 * inside, 0, 255).astype(np.uint8)
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / "images" / f"b{i}.png")
+        item = {"image": f"images/b{i}.png", "case": f"P{i}"}
+        if classification:
+            item["label"] = i % 4
+        else:
+            (root / "masks").mkdir(exist_ok=True)
+            Image.fromarray((inside * 255).astype(np.uint8)).save(root / "masks" / f"b{i}.png")
+            item["label"] = f"masks/b{i}.png"
+        items.append(item)
+    content = {"training": items[: n - 4], "validation": items[n - 4 :]}
+    if not classification:
+        content["mask_values"] = {"background": 0, "nodule": 255}
+    (root / "datalist.json").write_text(json.dumps(content))
+    return root
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("task_data")
+    out = {
+        "ddti_seg": _blob_dataset(base / "ddti_seg", 12, classification=False),
+        "busbra_cls": _blob_dataset(base / "busbra_cls", 12, classification=True),
+    }
+    for task in ("musv_seg", "abdomen_seg", "thyroid_cls", "fll_cls"):
+        generate_demo_data(task, base / task, n=12, seed=0, image_size=64)
+        out[task] = base / task
+    return out
+
+
+@pytest.mark.parametrize("name", list(KEY_METRIC))
+def test_bundle_trains_evaluates_and_infers(name: str, datasets, tmp_path: Path) -> None:
+    data = datasets[name]
+    common = [*SMALL, "--dataset_dir", str(data), "--datalist", str(data / "datalist.json"), "--output_dir", str(tmp_path)]
+    bundle("training", "--config_file", configs(name, "train.yaml"), *common, "--max_epochs", "2",
+           "--tracking", "mlflow", "--run_name", f"{name}_train")
+    models = tmp_path / "models"
+    assert (models / "model.pt").is_file() and (models / "checkpoint_final.pt").is_file()
+
+    bundle("evaluating", "--config_file", configs(name, "train.yaml", "evaluate.yaml"), *common,
+           "--tracking", "mlflow", "--run_name", f"{name}_eval")
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    key = KEY_METRIC[name]
+    assert key in summary and 0.0 <= summary[key] <= 1.0
+    per_case = (tmp_path / "eval" / "per_case.csv").read_text().splitlines()
+    validation = json.loads((data / "datalist.json").read_text())["validation"]
+    assert len(per_case) == 1 + len(validation)
+    if name.endswith("_seg"):
+        classes = json.loads((data / "datalist.json").read_text()).get("class_names") or ["background", "nodule"]
+        assert {f"dice_{c.lower()}" for c in classes[1:]} <= set(summary)
+        assert len(list((tmp_path / "eval" / "overlays").glob("*.png"))) == len(validation)
+    else:
+        assert (tmp_path / "eval" / "confusion_matrix.png").is_file()
+        assert (tmp_path / "eval" / "roc_curve.png").is_file() == (name == "thyroid_cls")
+
+    client, runs = mlflow_runs(tmp_path / "mlruns.db")
+    by_name = {r.info.run_name: r for r in runs}
+    train_run, eval_run = by_name[f"{name}_train"], by_name[f"{name}_eval"]
+    assert len(client.get_metric_history(train_run.info.run_id, key)) == 2  # one value per epoch
+    assert client.get_metric_history(train_run.info.run_id, "train_loss")
+    assert train_run.data.params["network_size"] == "tiny"
+    artifacts = {a.path for a in client.list_artifacts(eval_run.info.run_id, "eval")}
+    assert "eval/summary.json" in artifacts and "eval/per_case.csv" in artifacts
+
+    bundle("inferring", "--config_file", configs(name, "inference.yaml"), "--input_dir", str(data / "datalist.json"),
+           "--dataset_dir", str(data), "--output_dir", str(tmp_path), "--network_size", "tiny", "--image_size", "64",
+           "--num_workers", "0")
+    predictions = json.loads((tmp_path / "predictions" / "predictions.json").read_text())
+    assert len(predictions) >= len(validation)
+    first = predictions[0]
+    if name.endswith("_seg"):
+        mask = np.asarray(Image.open(first["mask_png"]))
+        source = Image.open(first["image"])
+        assert mask.shape == (source.height, source.width)  # back at the input's own size
+        assert Path(first["mask_nifti"]).is_file()
+    else:
+        assert Path(first["image"]).stem in {p.stem for p in (tmp_path / "predictions").glob("*.json")}
+        assert abs(sum(first["probabilities"].values()) - 1.0) < 1e-4
+
+
+@pytest.mark.parametrize("name", list(KEY_METRIC))
+def test_metadata_is_valid(name: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
+         str(REPO / "bundles" / name / "configs" / "metadata.json"), "--filepath", str(REPO / "bundles" / "metadata_schema.json")],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for part in ("train.yaml", "evaluate.yaml", "inference.yaml", "multi_gpu_train.yaml", "logging.conf"):
+        assert (REPO / "bundles" / name / "configs" / part).is_file()
+    assert (REPO / "bundles" / name / "docs" / "README.md").is_file()
+    assert (REPO / "bundles" / name / "LICENSE").is_file()
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def _params(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in network.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["full", "frozen", "lora"])
+def test_finetune_mode_trains_exactly_its_parameters(mode: str, datasets, tmp_path: Path) -> None:
+    """A bundle run from a known encoder: compare the saved network with the start."""
+    data = datasets["ddti_seg"]
+    encoder = build_encoder("tiny")
+    torch.manual_seed(0)
+    for p in encoder.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    save_encoder_weights(encoder, tmp_path / "encoder.pt")
+    bundle("training", "--config_file", configs("ddti_seg", "train.yaml"), *SMALL, "--dataset_dir", str(data),
+           "--datalist", str(data / "datalist.json"), "--output_dir", str(tmp_path), "--max_epochs", "1",
+           "--finetune_mode", mode, "--pretrained_path", str(tmp_path / "encoder.pt"))
+    saved = torch.load(tmp_path / "models" / "checkpoint_final.pt", weights_only=True)["model"]
+    start = encoder.state_dict()
+    changed = {k for k, v in start.items() if not torch.equal(saved.get(f"encoder.{k}", saved.get(f"encoder.{k}".replace("qkv.", "qkv.base."))), v)}
+    head_start = EchoCareSegNet("tiny", 2)
+    if mode == "full":
+        assert len(changed) > 0.9 * len([k for k in start if k != "mask_token"])
+    elif mode == "frozen":
+        assert changed == set()
+    else:
+        assert changed == set()  # base weights untouched; only adapters moved
+        adapters = [k for k in saved if ".lora_" in k]
+        assert adapters and all(k.endswith(("lora_q_A", "lora_q_B", "lora_v_A", "lora_v_B")) for k in adapters)
+        assert any(saved[k].abs().sum() > 0 for k in adapters if k.endswith("_B"))  # B starts at 0
+        # The LoRA checkpoint loads into the plain network (adapters merged into qkv).
+        plain = load_network_checkpoint(EchoCareSegNet("tiny", 2), tmp_path / "models" / "model.pt")
+        qkv = [k for k in plain.state_dict() if k.endswith("attn.qkv.weight")]
+        assert any(not torch.equal(plain.state_dict()[k], start[k.removeprefix("encoder.")]) for k in qkv)
+    decoder_keys = [k for k in saved if k.startswith("decoder.")]
+    assert any(not torch.equal(saved[k], head_start.state_dict()[k]) for k in decoder_keys)
+
+
+def test_lora_step_changes_only_adapters_and_head() -> None:
+    from echocare.networks import configure_finetuning
+
+    network = EchoCareClassifier("tiny", num_classes=3)
+    groups = configure_finetuning(network, "lora", lora_rank=2, head_lr=1e-2)
+    before = _params(network)
+    optimizer = torch.optim.AdamW(groups)
+    loss = torch.nn.functional.cross_entropy(network(torch.rand(2, 3, 64, 64)), torch.tensor([0, 2]))
+    loss.backward()
+    optimizer.step()
+    moved = {k for k, v in _params(network).items() if not torch.equal(v, before[k])}
+    assert moved and all(".lora_" in k or not k.startswith("encoder.") for k in moved)
+    assert {k for k in moved if k.startswith("head.")}
+
+
+def test_initialise_from_released_layout_ours_and_scratch(tmp_path: Path) -> None:
+    from monai.networks.nets.swin_unetr import SwinTransformer
+
+    released = SwinTransformer(
+        in_chans=3, embed_dim=24, window_size=(8, 8), patch_size=(2, 2), depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24),
+        spatial_dims=2, use_v2=True,
+    )
+    state = released.state_dict()
+    state["mask_token"] = torch.randn(1, 1, 24)
+    torch.save(state, tmp_path / "released.pt")
+    network = initialise_network(EchoCareSegNet("tiny", 3), tmp_path / "released.pt")
+    assert torch.equal(network.encoder.state_dict()["layers1.0.blocks.0.attn.qkv.weight"], state["layers1.0.blocks.0.attn.qkv.weight"])
+    save_encoder_weights(network.encoder, tmp_path / "ours.pt")
+    again = initialise_network(EchoCareClassifier("tiny", 2), tmp_path / "ours.pt")
+    assert torch.equal(again.encoder.mask_token, state["mask_token"])
+    scratch = initialise_network(EchoCareSegNet("tiny", 3), "")
+    assert not torch.equal(scratch.encoder.state_dict()["layers1.0.blocks.0.attn.qkv.weight"], state["layers1.0.blocks.0.attn.qkv.weight"])
+    with pytest.raises(ValueError, match="not both"):
+        initialise_network(EchoCareSegNet("tiny", 3), tmp_path / "ours.pt", tmp_path / "ours.pt")
+
+
+def test_checkpoint_for_another_class_count(tmp_path: Path) -> None:
+    source = EchoCareSegNet("tiny", out_channels=3)
+    torch.save(source.state_dict(), tmp_path / "model.pt")
+    target = EchoCareSegNet("tiny", out_channels=2)
+    fresh_head = {k: v.clone() for k, v in target.state_dict().items() if k.startswith("decoder.out")}
+    with pytest.warns(HeadMismatchWarning, match=r"model\.pt: 2 head weight\(s\) do not fit .*decoder\.out"):
+        initialise_network(target, checkpoint=tmp_path / "model.pt")
+    for k, v in target.state_dict().items():
+        if k.startswith("decoder.out"):
+            assert torch.equal(v, fresh_head[k])  # re-initialised, not copied
+        else:
+            assert torch.equal(v, source.state_dict()[k])  # encoder and the rest of the decoder loaded
+    from echocare.networks import EncoderWeightsError
+
+    with pytest.raises(EncoderWeightsError, match=r"model\.pt: the checkpoint does not fit EchoCareSegNet"):
+        load_network_checkpoint(EchoCareSegNet("tiny", out_channels=2), tmp_path / "model.pt")  # evaluation is strict
+
+
+def test_bad_input_fails_before_training_with_the_file_named(datasets, tmp_path: Path) -> None:
+    data = tmp_path / "bad"
+    data.mkdir()
+    src = datasets["ddti_seg"]
+    items = json.loads((src / "datalist.json").read_text())
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(data / "wrong_size.png")
+    items["training"][0]["label"] = str(data / "wrong_size.png")
+    items["validation"] = []
+    (data / "datalist.json").write_text(json.dumps(items))
+    result = bundle("training", "--config_file", configs("ddti_seg", "train.yaml"), *SMALL, "--dataset_dir", str(src),
+                    "--datalist", str(data / "datalist.json"), "--output_dir", str(tmp_path), "--max_epochs", "1", check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "wrong_size.png: mask is 20x20 pixels but its image" in output
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+REAL_VARIANTS = [
+    # (bundle, overlay, dataset, converter args)
+    ("ddti_seg", None, "ddti", []),
+    ("ddti_seg", "busbra_lesion.yaml", "busbra", ["--fold", "2"]),
+    ("ddti_seg", "hc18_head.yaml", "hc18", []),
+    ("musv_seg", "carotid.yaml", "carotid", []),
+    ("busbra_cls", None, "busbra", ["--fold", "2"]),
+    ("busbra_cls", "pathology.yaml", "busbra", ["--fold", "2"]),
+]
+
+
+@pytest.mark.parametrize("name,overlay,dataset,args", REAL_VARIANTS)
+def test_real_data_variant_runs(name, overlay, dataset, args, real_data_dir: Path, tmp_path: Path) -> None:
+    from echocare.data import convert_datalist
+
+    lists = convert_datalist(dataset, real_data_dir / dataset, **({"fold": 2} if args else {}))
+    # A few items of each list keep this a smoke test; the full runs are in the bundle READMEs.
+    small = {**lists, "training": lists["training"][:8], "validation": lists["validation"][:4]}
+    (tmp_path / "datalist.json").write_text(json.dumps(small))
+    files = ["train.yaml", overlay] if overlay else ["train.yaml"]
+    common = [*SMALL, "--dataset_dir", str(real_data_dir / dataset), "--datalist", str(tmp_path / "datalist.json"),
+              "--output_dir", str(tmp_path)]
+    bundle("training", "--config_file", configs(name, *files), *common, "--max_epochs", "1",
+           "--tracking", "mlflow", "--run_name", "real_smoke")
+    bundle("evaluating", "--config_file", configs(name, *files, "evaluate.yaml"), *common)
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert KEY_METRIC[name] in summary or "auc" in summary
