@@ -273,7 +273,7 @@ REAL_VARIANTS = [
 
 @pytest.mark.parametrize("name,overlay,dataset,args", REAL_VARIANTS)
 def test_real_data_variant_runs(name, overlay, dataset, args, real_data_dir: Path, tmp_path: Path) -> None:
-    from echocare.data import convert_datalist
+    from echocare.data.datalists import convert_datalist
 
     lists = convert_datalist(dataset, real_data_dir / dataset, **({"fold": 2} if args else {}))
     # A few items of each list keep this a smoke test; the full runs are in the bundle READMEs.
@@ -287,3 +287,8 @@ def test_real_data_variant_runs(name, overlay, dataset, args, real_data_dir: Pat
     bundle("evaluating", "--config_file", configs(name, *files, "evaluate.yaml"), *common)
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert KEY_METRIC[name] in summary or "auc" in summary
+    inference = ["inference.yaml", overlay] if overlay else ["inference.yaml"]
+    bundle("inferring", "--config_file", configs(name, *inference), "--input_dir", str(tmp_path / "datalist.json"),
+           "--dataset_dir", str(real_data_dir / dataset), "--output_dir", str(tmp_path), *SMALL[:4], "--num_workers", "0")
+    predictions = json.loads((tmp_path / "predictions" / "predictions.json").read_text())
+    assert len(predictions) == len(small["validation"])

@@ -12,7 +12,7 @@ from typing import Any
 from echocare.data.readers import UltrasoundReadError, iter_frames
 from echocare.ontology import AnatomyOntology, UnknownAnatomyError
 
-__all__ = ["DatalistError", "check_image_size", "list_inputs", "load_datalist"]
+__all__ = ["DatalistError", "check_image_size", "list_inputs", "load_datalist", "raise_problems"]
 
 #: The encoder needs sides divisible by this (patch 2, four 2x merges).
 SIDE_MULTIPLE = 32
@@ -47,6 +47,16 @@ def _check_file(path: str) -> str | None:
     if min(height, width) < MIN_SOURCE_SIDE:
         return f"is {height}x{width} pixels, smaller than {MIN_SOURCE_SIDE} on a side"
     return None
+
+
+def raise_problems(datalist: str | os.PathLike[str], key: str, problems: Sequence[str], limit: int = 20) -> None:
+    """Raise one :class:`DatalistError` listing ``problems`` (the first ``limit``) of list
+    ``key`` of ``datalist``; nothing when there are none."""
+    if not problems:
+        return
+    shown = "\n  ".join(problems[:limit])
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    raise DatalistError(f"{datalist} [{key}]: {len(problems)} problem(s):\n  {shown}{more}")
 
 
 def load_datalist(
@@ -118,10 +128,7 @@ def load_datalist(
             for (position, path), problem in zip(to_decode, results):
                 if problem is not None:
                     problems.append(f"item {position}: {path}: {problem}")
-    if problems:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise DatalistError(f"{datalist} [{key}]: {len(problems)} problem(s):\n  {shown}{more}")
+    raise_problems(datalist, key, problems)
     if not items:
         raise DatalistError(f"{datalist}: the list {key!r} is empty")
     return items

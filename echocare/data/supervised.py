@@ -24,7 +24,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from echocare.data.checks import DatalistError, load_datalist
+from echocare.data.checks import load_datalist, raise_problems
 from echocare.data.readers import UltrasoundReadError, count_frames, read_ultrasound
 
 __all__ = [
@@ -194,27 +194,17 @@ def load_task_datalist(
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
     num_classes = len(class_names)
-    image_keys = ("image", "label") if task == "segmentation" else ("image",)
-    # Clips given as frame folders are not files: resolve and check them here.
-    raw = load_datalist(datalist, key, base_dir=base_dir, image_keys=(), check_images=False)
-    raw = [{**item, "label": item[label_key]} if label_key in item else {k: v for k, v in item.items() if k != "label"}
-           for item in raw]
-    root = Path(base_dir) if base_dir else Path(datalist).parent
+    file_keys = ("image", label_key) if task == "segmentation" else ("image",)
+    # Resolves paths and reports missing files; clips may be folders of frames.
+    raw = load_datalist(datalist, key, base_dir=base_dir, image_keys=file_keys, check_images=False)
     problems: list[str] = []
     items: list[dict[str, Any]] = []
     for position, source in enumerate(raw):
-        item: dict[str, Any] = {}
-        for image_key in image_keys:
-            if image_key not in source:
-                problems.append(f"item {position}: no {image_key!r} key")
-                continue
-            path = Path(source[image_key])
-            path = path if path.is_absolute() else root / path
-            item[image_key] = str(path)
-            if not path.exists():
-                problems.append(f"item {position}: {path}: file not found")
+        item: dict[str, Any] = {"image": source["image"]}
+        if label_key in source:
+            item["label"] = source[label_key]
         if task == "classification":
-            label = source.get("label")
+            label = item.pop("label", None)
             if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or isinstance(label, float):
                 problems.append(f"item {position} ({item.get('image')}): label {label!r} is not a class index")
             elif not 0 <= int(label) < num_classes:
@@ -233,12 +223,7 @@ def load_task_datalist(
         items.append(item)
     if not problems and check_images:
         problems.extend(_check_files(items, task, mask_values, num_classes, num_threads))
-    if problems:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise DatalistError(f"{datalist} [{key}]: {len(problems)} problem(s):\n  {shown}{more}")
-    if not items:
-        raise DatalistError(f"{datalist}: the list {key!r} is empty")
+    raise_problems(datalist, key, problems)
     stratify = "label" if task == "classification" else "classes_present"
     kept = subsample_training(items, train_fraction, seed, stratify)
     for item in kept:  # a list of varying length would not collate
