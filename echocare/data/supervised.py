@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, Randomizable
 
 from echocare.data.checks import load_datalist, raise_problems
 from echocare.data.readers import UltrasoundReadError, count_frames, read_ultrasound
@@ -449,48 +449,51 @@ def read_clip(path: str | os.PathLike[str], indices: Sequence[int]) -> np.ndarra
     return np.stack(frames)
 
 
-def clip_indices(count: int, num_frames: int, random: bool = False, rng: np.random.Generator | None = None) -> list[int]:
+def clip_indices(count: int, num_frames: int, random: bool = False, rng: np.random.RandomState | None = None) -> list[int]:
     """``num_frames`` indices spread over ``count`` frames: the centres of equal segments,
     or (``random``) one random frame per segment; frames repeat when the clip is shorter."""
     edges = np.linspace(0, count, num_frames + 1)
     if random:
-        rng = rng or np.random.default_rng()
+        rng = rng or np.random.RandomState()
         picks = [rng.uniform(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
     else:
         picks = (edges[:-1] + edges[1:]) / 2
     return [min(count - 1, int(p)) for p in picks]
 
 
-class LoadClipd(MapTransform):
+class LoadClipd(Randomizable, MapTransform):
     """Load a clip as a (F, 3, H, W) float32 tensor at ``spatial_size`` (area resampling).
 
     ``num_frames`` frames are taken evenly over the clip (``random=True``: one random frame
     from each of ``num_frames`` equal segments, a standard clip augmentation). A still
-    image gives its one frame repeated.
+    image gives its one frame repeated. Randomizable, so caching datasets stop before it
+    and MONAI's ``set_determinism`` seeds it.
 
     Args:
         keys: keys holding clip paths (files or frame folders).
         num_frames: frames per clip F.
         spatial_size: output (H, W).
         random: random frame per segment (training) instead of the segment centre.
+        seed: seed of the frame sampling.
     """
 
     def __init__(
         self, keys: KeysCollection, num_frames: int, spatial_size: Sequence[int], random: bool = False, seed: int = 0
     ) -> None:
-        super().__init__(keys)
+        MapTransform.__init__(self, keys)
         if int(num_frames) < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         self.num_frames = int(num_frames)
         self.spatial_size = tuple(int(s) for s in spatial_size)
         self.random = random
-        self.rng = np.random.default_rng(seed)
+        self.set_random_state(seed=seed)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             path = d[key]
-            indices = clip_indices(clip_frame_count(path), self.num_frames, self.random, self.rng)
+            count = clip_frame_count(path)
+            indices = clip_indices(count, self.num_frames, self.random, self.R)
             frames = torch.from_numpy(np.ascontiguousarray(read_clip(path, indices).transpose(0, 3, 1, 2)))
             frames = F.interpolate(frames, size=self.spatial_size, mode="area")
             d[key] = MetaTensor(frames, meta={"filename_or_obj": str(path), "frame_indices": indices})
