@@ -212,4 +212,4 @@ def test_expand_frames_one_item_per_frame_and_skips_bad_files(tmp_path: Path) ->
     frame = LoadFramed("image")(out[2])
     assert frame["image"].shape == (3, 24, 32)
     np.testing.assert_allclose(float(frame["image"][0, 0, 0]), 100 / 255, atol=1e-6)
-    assert [i["frame"] for i in expand_frames(items[:1], per_frame=False)] == [0]
+    assert [(i["frame"], i["num_frames"]) for i in expand_frames(items[:1], per_frame=False)] == [(0, 1)]

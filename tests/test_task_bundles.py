@@ -76,8 +76,9 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
         "ddti_seg": _blob_dataset(base / "ddti_seg", 12, classification=False),
         "busbra_cls": _blob_dataset(base / "busbra_cls", 12, classification=True),
     }
-    for task in ("musv_seg", "abdomen_seg", "thyroid_cls", "fll_cls"):
-        generate_demo_data(task, base / task, n=12, seed=0, image_size=64)
+    # thyroid: 16 clips put both classes in validation (AUC needs them)
+    for task, n in (("musv_seg", 12), ("abdomen_seg", 12), ("thyroid_cls", 16), ("fll_cls", 12)):
+        generate_demo_data(task, base / task, n=n, seed=0, image_size=64)
         out[task] = base / task
     return out
 

@@ -506,7 +506,8 @@ class LoadClipd(Randomizable, MapTransform):
 def expand_frames(items: Sequence[dict[str, Any]], per_frame: bool = True) -> list[dict[str, Any]]:
     """One inference item per input frame: multi-frame files (cine DICOM, video, TIFF stacks)
     become items with ``frame`` = 0..F-1; still images keep ``frame`` 0. ``per_frame=False``
-    keeps one item per file (clip models). Adds ``num_frames`` to every item.
+    keeps one item per file (clip models, ``num_frames`` 1: one result per file). Adds
+    ``num_frames`` (frames in the file) to every item.
 
     Unreadable inputs are reported with a warning and skipped, so that one bad file does
     not stop a batch job.
@@ -518,8 +519,10 @@ def expand_frames(items: Sequence[dict[str, Any]], per_frame: bool = True) -> li
         except UltrasoundReadError as error:
             warnings.warn(f"skipped: {error}", stacklevel=2)
             continue
-        frames = range(count) if per_frame else [0]
-        out.extend({**item, "frame": int(f), "num_frames": int(count)} for f in frames)
+        if per_frame:
+            out.extend({**item, "frame": int(f), "num_frames": int(count)} for f in range(count))
+        else:  # one result for the whole clip: writers name it after the file alone
+            out.append({**item, "frame": 0, "num_frames": 1})
     return out
 
 
