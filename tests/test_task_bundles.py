@@ -256,8 +256,9 @@ def test_bad_input_fails_before_training_with_the_file_named(datasets, tmp_path:
     result = bundle("training", "--config_file", configs("ddti_seg", "train.yaml"), *SMALL, "--dataset_dir", str(src),
                     "--datalist", str(data / "datalist.json"), "--output_dir", str(tmp_path), "--max_epochs", "1", check=False)
     assert result.returncode != 0
-    output = result.stdout + result.stderr
-    assert "wrong_size.png: mask is 20x20 pixels but its image" in output
+    assert "wrong_size.png is 20x20 pixels but its image" in result.stderr, result.stderr[-3000:]
+    assert "the list 'validation' is empty" not in result.stderr  # training list checked first, then validation
+    assert "Engine run resuming" not in result.stdout + result.stderr  # nothing trained
 
 
 # ----------------------------------------------------------------------------- real data
