@@ -4,6 +4,9 @@
     echocare demo-data --task pretrain --out DIR --n N   (tasks: pretrain, abdomen_seg, musv_seg, thyroid_cls, fll_cls)
     echocare datalist NAME --root DIR --out FILE [--fold K] [--seed S]
     echocare curate --src DIR [--src DIR ...] --mapping MAPPING.yaml --out OUT [--size 256] [--workers N]
+    echocare experiment BUNDLE --name NAME --inits scratch,ENC.pt --seeds 5 --train-fractions 0.1,1.0 [--config OVERLAY]
+        [--dataset_dir D --datalist L] [--output_dir experiments/NAME] [--override ID=VALUE ...]
+    echocare compare --experiment NAME --metric mean_dice [--by init] [--tracking-uri URI] [--out DIR] [--lower-is-better]
 """
 
 from __future__ import annotations
@@ -68,6 +71,81 @@ class EchoCareCLI:
             curate(sources, mapping=mapping, out=out, size=size, workers=workers, frame_step=frame_step,
                    val_fraction=val_fraction, **options)
         )
+
+    def experiment(
+        self,
+        bundle: str,
+        name: str,
+        inits: str | list[str] = "scratch",
+        seeds: int | list[int] = 3,
+        train_fractions: float | list[float] = 1.0,
+        config: str | list[str] | None = None,
+        dataset_dir: str | None = None,
+        datalist: str | None = None,
+        output_dir: str | None = None,
+        override: str | list[str] | None = None,
+        tracking_uri: str | None = None,
+        evaluate: bool = True,
+        metric: str | None = None,
+        timeout: float | None = None,
+        **bundle_args: object,
+    ) -> None:
+        """Repeated trials of BUNDLE: the grid inits x seeds x train fractions, into the MLflow experiment NAME.
+
+        --inits scratch,ENC.pt[,LABEL=ENC2.pt]   models: from scratch and/or encoder weights
+        --seeds N (seeds 0..N-1) or 0,4,9;  --train-fractions 0.1,0.25,0.5,1.0
+        --config OVERLAY (repeatable; a path or a file in the bundle's configs/)
+        --override ID=VALUE (repeatable) and any other --ID VALUE go to the bundle (e.g. --network_size tiny)
+        --output_dir (default experiments/NAME): runs/<run>/ per run and mlruns.db (or MLFLOW_TRACKING_URI, --tracking-uri)
+        Each run trains with train.yaml, then evaluates its best checkpoint with evaluate.yaml (--evaluate False
+        skips it), in its own subprocess; MLflow runs are tagged init, seed, fraction. Rerunning skips finished
+        runs and redoes failed ones. Exits with status 1 when a run failed. See echocare.experiments.
+        """
+        import sys
+
+        from echocare import as_bool
+        from echocare.experiments import run_experiment
+
+        rows = run_experiment(
+            bundle, name, inits=inits, seeds=seeds, train_fractions=train_fractions, config=config,
+            dataset_dir=dataset_dir, datalist=datalist, output_dir=output_dir, overrides=override,
+            tracking_uri=tracking_uri, evaluate=as_bool(evaluate), metric=metric, timeout=timeout, **bundle_args,
+        )
+        if any(r["status"] == "failed" for r in rows):
+            sys.exit(1)
+
+    def compare(
+        self,
+        experiment: str,
+        metric: str,
+        by: str = "init",
+        tracking_uri: str | None = None,
+        output_dir: str | None = None,
+        out: str | None = None,
+        lower_is_better: bool | None = None,
+        min_pairs: int = 6,
+    ) -> None:
+        """Compare the models of an `echocare experiment` on METRIC (DESIGN's names: mean_dice, accuracy, mae, ...).
+
+        Writes to --out (default <output_dir>/compare_<metric>, output_dir default experiments/NAME) and logs to a
+        "compare" run of the experiment: summary (mean ± sd, n per model and fraction), tests (best model vs each
+        other: two-sided Wilcoxon signed-rank on seed pairs, NaN below --min-pairs; Welch's t-test; stars),
+        convergence (epochs and seconds to 95% of the best validation value), box plots and label-efficiency
+        curves, as CSV, Markdown and PNG, plus report.md. --lower-is-better for error metrics (inferred for mae,
+        mae_se, mre_px, mse_px2, niqe, brisque, piqe, fid and *loss). Store: --tracking-uri, MLFLOW_TRACKING_URI,
+        or <output_dir>/mlruns.db.
+        """
+        from echocare import as_bool
+        from echocare.experiments import compare_experiment
+
+        result = compare_experiment(
+            experiment, metric, by=by, tracking_uri=tracking_uri, output_dir=output_dir, out=out,
+            lower_is_better=None if lower_is_better is None else as_bool(lower_is_better), min_pairs=int(min_pairs),
+        )
+        print((Path(result["out"]) / "summary.md").read_text())
+        if result["tests"]:
+            print((Path(result["out"]) / "tests.md").read_text())
+        print(f"report: {Path(result['out']) / 'report.md'}" + (f" (MLflow run {result['run_id']})" if result["run_id"] else ""))
 
     def demo(
         self,
@@ -217,10 +295,26 @@ def merge_repeated_flag(argv: list[str], flag: str) -> list[str]:
     return [*rest, f"--{flag}={json.dumps(values)}"]
 
 
+def _list_flag(argv: list[str], flag: str) -> list[str]:
+    """Every ``--FLAG V`` (repeated or not) as one JSON list value: fire reads a bare value
+    as Python, which cuts ``train#trainer#max_epochs=2`` at the ``#``."""
+    merged = merge_repeated_flag(argv, flag)
+    if merged is not argv:
+        return merged
+    for i, arg in enumerate(argv):
+        if arg == f"--{flag}" and i + 1 < len(argv):
+            return [*argv[:i], f"--{flag}={json.dumps([argv[i + 1]])}", *argv[i + 2 :]]
+        if arg.startswith(f"--{flag}="):
+            return [*argv[:i], f"--{flag}={json.dumps([arg.split('=', 1)[1]])}", *argv[i + 1 :]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> None:
     import sys
 
     args = merge_repeated_flag(list(sys.argv[1:] if argv is None else argv), "src")
+    for flag in ("override", "config"):  # echocare experiment: always a list, so fire keeps '#' in ids
+        args = _list_flag(args, flag)
     fire.Fire(EchoCareCLI, command=args, name="echocare")
 
 
