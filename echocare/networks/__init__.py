@@ -36,3 +36,4 @@ from echocare.networks.finetune import (
     merge_lora,
 )
 from echocare.networks.tasks import CLIP_POOLINGS, EchoCareClassifier, EchoCareSegNet
+from echocare.networks.fast import optimize_for_inference, reference_paths, use_fast_paths

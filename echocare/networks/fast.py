@@ -1,0 +1,616 @@
+"""Fast exact paths for the EchoCare networks (same math, same parameters, same state dicts).
+
+MONAI's Swin stages spend much of their time outside the matrix products: every block rolls
+the token grid, cuts it into windows, gathers the relative position bias from its table,
+builds the attention matrix with separate matmul / add / softmax / matmul kernels, and puts
+the windows back. :func:`use_fast_paths` swaps in forwards that compute the same functions
+faster, without touching a single parameter or buffer:
+
+* **Window order kept between blocks.** Every Swin operation except attention acts on each
+  token alone (LayerNorm, linear layers, GELU, residual adds), so the residual stream can
+  stay in the window order of the current block. Going from one block's windows to the
+  next block's shifted windows is one permutation of the tokens: one gather
+  (``index_select``) per block replaces two rolls, a window partition and a window
+  reverse. The last gather of a stage produces the 2x2 patch-merging layout directly.
+* **Fused attention.** ``torch.nn.functional.scaled_dot_product_attention`` with the
+  relative position bias and the shifted-window mask (MONAI's ``-100`` entries) added into
+  one additive ``attn_mask``; at inference the bias is precomputed per block and
+  resolution (and recomputed whenever the table changes).
+* **Fused inference kernels** (no autograd): oneDNN linear layers with the GELU and the
+  residual additions fused (``torch.ops.mkldnn._linear_pointwise``), in-place residuals,
+  and LayerNorms on channel-last views instead of copies.
+* **Instance norm as group norm** with one channel per group (the same statistics, a
+  faster kernel) in the residual convolution blocks of the encoder (Swin v2) and the
+  UNETR decoders.
+
+Parameter names and shapes never change (the modules keep their classes' attributes; only
+their ``forward`` changes, by switching ``__class__`` to a subclass), so state dicts load
+and save exactly as before, in the released layout. :func:`reference_paths` switches back.
+Stages whose windows need padding (sides that are not multiples of the window) run MONAI's
+own forward.
+
+Correctness (outputs and gradients within tolerance of MONAI's modules) is tested in
+``tests/test_fast_paths.py``; speed is measured by ``benchmarks/inference.py`` and
+``benchmarks/pretrain_step.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from monai.networks.blocks.dynunet_block import UnetResBlock
+from monai.networks.nets.swin_unetr import (
+    BasicLayer,
+    PatchMergingV2,
+    compute_mask,
+    get_window_size,
+    window_partition,
+)
+from torch import nn
+
+from echocare.networks.encoder import EchoCareEncoder
+
+__all__ = [
+    "CHECKPOINT_MODES",
+    "FastBasicLayer",
+    "FastConv2d",
+    "FastConvTranspose2d",
+    "FastEchoCareEncoder",
+    "FastUnetResBlock",
+    "fast_paths_enabled",
+    "optimize_for_inference",
+    "reference_paths",
+    "use_fast_paths",
+]
+
+
+_CACHES = ("_fast_plans", "_fast_bias", "_fast_packed")
+
+
+class _FastModule(nn.Module):
+    """Mixin: caches (plans, biases, packed weights) are never copied or pickled."""
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for cache in _CACHES:
+            state.pop(cache, None)
+        return state
+
+
+# --------------------------------------------------------------------------------------
+# Token permutations
+# --------------------------------------------------------------------------------------
+
+
+def _window_order(h: int, w: int, window: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
+    """Spatial index (row * w + col) of each token in MONAI's window order for ``shift``:
+    ``roll(x, -shift)`` then ``window_partition`` (windows row-major, tokens row-major)."""
+    grid = torch.arange(h * w, dtype=torch.float64).reshape(1, h, w, 1)
+    if any(s > 0 for s in shift):
+        grid = torch.roll(grid, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    return window_partition(grid, window).reshape(-1).long()
+
+
+def _merge_order(h: int, w: int) -> torch.Tensor:
+    """Spatial index of each token in the order of MONAI's 2D patch merging: for each output
+    pixel (row-major), the four inputs in the order of its ``torch.cat``:
+    ``x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]``."""
+    idx = torch.arange(h * w).reshape(h, w)
+    slots = [idx[r::2, c::2] for c in range(2) for r in range(2)]
+    return torch.stack(slots, dim=-1).reshape(-1)
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return inverse
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """``x.index_select(1, index)`` for a permutation ``index``, whose backward is the inverse
+    gather (no scatter, deterministic)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+def _permute(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _PermuteTokens.apply(x, index, inverse)
+    return x.index_select(1, index)
+
+
+class _StagePlan:
+    """Permutations and masks of one Swin stage at one resolution, on one device."""
+
+    def __init__(self, layer: BasicLayer, h: int, w: int, device: torch.device) -> None:
+        window, layer_shift = get_window_size((h, w), layer.window_size, layer.shift_size)
+        self.window = tuple(int(v) for v in window)
+        self.tokens = self.window[0] * self.window[1]
+        self.num_windows = (h // self.window[0]) * (w // self.window[1])
+        orders, self.shifted = [], []
+        for blk in layer.blocks:
+            _, shift = get_window_size((h, w), blk.window_size, blk.shift_size)
+            shifted = any(s > 0 for s in shift)
+            self.shifted.append(shifted)
+            orders.append(_window_order(h, w, self.window, shift if shifted else (0, 0)))
+        # MONAI builds one mask per stage (for the stage's shift) and gives it to the shifted blocks.
+        self.mask = (
+            compute_mask([h, w], self.window, layer_shift, device) if any(self.shifted) else None
+        )
+        merging = isinstance(layer.downsample, PatchMergingV2)
+        final = _merge_order(h, w) if merging else torch.arange(h * w)
+        gathers, previous_inverse = [], torch.arange(h * w)
+        for order in orders:
+            gathers.append(previous_inverse[order])
+            previous_inverse = _inverse(order)
+        gathers.append(previous_inverse[final])
+        self.gathers = [(g.to(device), _inverse(g).to(device)) for g in gathers]
+        self.merging = merging
+
+    @staticmethod
+    def supported(layer: BasicLayer, h: int, w: int) -> bool:
+        window, _ = get_window_size((h, w), layer.window_size, layer.shift_size)
+        if h % window[0] or w % window[1]:
+            return False  # padded windows: MONAI's forward
+        if layer.downsample is not None and not isinstance(layer.downsample, PatchMergingV2):
+            return False
+        if isinstance(layer.downsample, PatchMergingV2) and (h % 2 or w % 2):
+            return False
+        return not getattr(layer, "use_hyena", False)
+
+
+# --------------------------------------------------------------------------------------
+# Swin stage
+# --------------------------------------------------------------------------------------
+
+
+def _relative_bias(attn: nn.Module, n: int) -> torch.Tensor:
+    """(heads, n, n) relative position bias, exactly as MONAI's WindowAttention gathers it."""
+    index = attn.relative_position_index[:n, :n].reshape(-1)
+    return attn.relative_position_bias_table[index].reshape(n, n, -1).permute(2, 0, 1)
+
+
+def _fusable(x: torch.Tensor, linear: nn.Module) -> bool:
+    # plain nn.Linear only: adapters (LoRA) and other wrappers run their own forward
+    return type(linear) is nn.Linear and _MKLDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 \
+        and linear.weight.dtype == torch.float32
+
+
+def _inference_linear(x: torch.Tensor, linear: nn.Module, gelu: bool = False) -> torch.Tensor:
+    """``linear(x)``, followed by the exact (erf) GELU when ``gelu``; fused on oneDNN."""
+    if _fusable(x, linear):
+        if gelu:
+            return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "gelu", [], "none")
+        return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "none", [], "")
+    out = linear(x)
+    return F.gelu(out) if gelu else out
+
+
+def _inference_linear_add(x: torch.Tensor, linear: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + linear(x)`` (may reuse ``residual``'s memory)."""
+    if _fusable(x, linear):
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, linear.weight, linear.bias, "add")
+    return residual.add_(linear(x))
+
+
+def _check_mkldnn_linear() -> bool:
+    try:
+        x = torch.randn(4, 8)
+        lin = nn.Linear(8, 16)
+        out = torch.ops.mkldnn._linear_pointwise(x, lin.weight, lin.bias, "gelu", [], "none")
+        ref = F.gelu(lin(x))
+        res = torch.randn(4, 16)
+        out2 = torch.ops.mkldnn._linear_pointwise.binary(x, res, lin.weight, lin.bias, "add")
+        return bool(torch.allclose(out, ref, atol=1e-5) and torch.allclose(out2, res + lin(x), atol=1e-5))
+    except Exception:  # builds without oneDNN
+        return False
+
+
+with torch.no_grad():
+    _MKLDNN_LINEAR = torch.backends.mkldnn.is_available() and _check_mkldnn_linear()
+
+
+class FastBasicLayer(_FastModule, BasicLayer):
+    """MONAI's 2D ``BasicLayer`` (one Swin stage) with the fast forward; same parameters.
+
+    Input (B, C, H, W) in any memory format; output (B, C', H', W') as a view of a
+    channels-last tensor.
+    """
+
+    def _plan(self, h: int, w: int, device: torch.device) -> _StagePlan:
+        plans = self.__dict__.setdefault("_fast_plans", {})
+        key = (h, w, str(device))
+        if key not in plans:
+            plans[key] = _StagePlan(self, h, w, device)
+        return plans[key]
+
+    def _inference_bias(self, i: int, plan: _StagePlan, dtype: torch.dtype) -> torch.Tensor:
+        """Block ``i``'s additive attention mask (nW or 1, heads, n, n), cached while its table is unchanged."""
+        attn = self.blocks[i].attn
+        table = attn.relative_position_bias_table
+        cache = self.__dict__.setdefault("_fast_bias", {})
+        key = (i, plan.window, plan.num_windows, table.device.type, dtype)
+        # inference tensors have no version counter (and cannot change outside inference mode)
+        stamp = (table.data_ptr(), None if table.is_inference() else table._version)
+        hit = cache.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        with torch.no_grad():
+            bias = _relative_bias(attn, plan.tokens).unsqueeze(0)
+            if plan.shifted[i]:
+                bias = bias + plan.mask.to(bias.dtype).unsqueeze(1)
+            bias = bias.to(dtype).contiguous()
+        cache[key] = (stamp, bias)
+        return bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            return super().forward(x)
+        b, c, h, w = x.shape
+        if not _StagePlan.supported(self, h, w):
+            return super().forward(x.contiguous())
+        plan = self._plan(h, w, x.device)
+        tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view when x is channels-last
+        if torch.is_grad_enabled():
+            tokens = self._blocks_train(tokens, plan)
+        else:
+            tokens = self._blocks_inference(tokens, plan)
+        index, inverse = plan.gathers[-1]
+        tokens = _permute(tokens, index, inverse)
+        if plan.merging:
+            # the gather above did the 2x2 merge: only the merging's norm and reduction are left
+            tokens = self.downsample.reduction(self.downsample.norm(tokens.view(b, h // 2, w // 2, 4 * c)))
+            h, w = h // 2, w // 2
+        else:
+            tokens = tokens.view(b, h, w, c)
+        return tokens.permute(0, 3, 1, 2)
+
+    # ---- inference: fused oneDNN kernels, cached biases, in-place residuals -------------
+
+    def _blocks_inference(self, x: torch.Tensor, plan: _StagePlan) -> torch.Tensor:
+        b, length, c = x.shape
+        n, nw = plan.tokens, plan.num_windows
+        for i, blk in enumerate(self.blocks):
+            attn = blk.attn
+            heads = attn.num_heads
+            x = x.index_select(1, plan.gathers[i][0]).view(b * length, c)
+            h = F.layer_norm(x, (c,), blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
+            qkv = _inference_linear(h, attn.qkv)
+            q, k, v = qkv.view(b * nw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+            bias = self._inference_bias(i, plan, q.dtype)
+            if plan.shifted[i] and b > 1:
+                # one image at a time: the per-window mask broadcasts without being repeated
+                o = torch.empty(b * nw, n, heads, c // heads, dtype=q.dtype, device=q.device)
+                for j in range(b):
+                    s = slice(j * nw, (j + 1) * nw)
+                    o[s] = F.scaled_dot_product_attention(q[s], k[s], v[s], attn_mask=bias, scale=attn.scale).transpose(1, 2)
+                o = o.view(b * length, c)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
+                o = o.transpose(1, 2).reshape(b * length, c)
+            x = _inference_linear_add(o, attn.proj, x)
+            h = F.layer_norm(x, (c,), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
+            if _is_exact_gelu(blk.mlp.fn):
+                h = _inference_linear(h, blk.mlp.linear1, gelu=True)
+            else:
+                h = blk.mlp.fn(_inference_linear(h, blk.mlp.linear1))
+            x = _inference_linear_add(h, blk.mlp.linear2, x).view(b, length, c)
+        return x
+
+    # ---- training (autograd): same order of operations as MONAI -----------------------
+
+    def _blocks_train(self, x: torch.Tensor, plan: _StagePlan) -> torch.Tensor:
+        mode = getattr(self, "fast_checkpoint", None)
+        for i, blk in enumerate(self.blocks):
+            index, inverse = plan.gathers[i]
+            x = _permute(x, index, inverse)
+            if mode == "block" or (mode is None and blk.use_checkpoint):
+                x = checkpoint(_train_block, blk, x, plan, i, False, use_reentrant=False)
+            else:
+                x = _train_block(blk, x, plan, i, mode == "mlp")
+        return x
+
+
+def _is_exact_gelu(fn: nn.Module) -> bool:
+    return isinstance(fn, nn.GELU) and fn.approximate == "none"
+
+
+def _mlp_branch(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return blk.drop_path(blk.mlp(blk.norm2(x)))
+
+
+def _train_block(blk: nn.Module, x: torch.Tensor, plan: _StagePlan, i: int, checkpoint_mlp: bool = False) -> torch.Tensor:
+    """One Swin block on tokens already in its window order (B, L, C), differentiable.
+
+    ``checkpoint_mlp``: recompute the MLP branch in the backward pass instead of keeping its
+    activations (LayerNorm output, 4C-wide hidden layer before and after the GELU).
+    """
+    b, length, c = x.shape
+    n, nw = plan.tokens, plan.num_windows
+    attn = blk.attn
+    heads, hd = attn.num_heads, c // attn.num_heads
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    h = blk.norm1(x)
+    qkv = attn.qkv(h)
+    bias = _relative_bias(attn, n)  # (heads, n, n), differentiable in the table
+    if plan.shifted[i]:
+        # (B, nW * heads, n, hd) so that the per-window bias broadcasts over the batch
+        q, k, v = (
+            qkv.view(b, nw, n, 3, heads, hd).permute(3, 0, 1, 4, 2, 5).reshape(3, b, nw * heads, n, hd).unbind(0)
+        )
+        mask = (bias.unsqueeze(0) + plan.mask.to(bias.dtype).unsqueeze(1)).reshape(1, nw * heads, n, n)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout, scale=attn.scale)
+        o = o.view(b, nw, heads, n, hd).permute(0, 1, 3, 2, 4).reshape(b, length, c)
+    else:
+        q, k, v = qkv.view(b * nw, n, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype), dropout_p=dropout, scale=attn.scale
+        )
+        o = o.transpose(1, 2).reshape(b, length, c)
+    x = x + blk.drop_path(attn.proj_drop(attn.proj(o)))
+    if checkpoint_mlp:
+        return x + checkpoint(_mlp_branch, blk, x, use_reentrant=False)
+    return x + _mlp_branch(blk, x)
+
+
+# --------------------------------------------------------------------------------------
+# Residual convolution blocks (Swin v2 stages, UNETR decoders)
+# --------------------------------------------------------------------------------------
+
+
+def _packed(module: nn.Module, x: torch.Tensor, transposed: bool) -> torch.Tensor | None:
+    """The module's weight reordered once for oneDNN (per input shape), while the weight is unchanged."""
+    weight = module.weight
+    cache = module.__dict__.setdefault("_fast_packed", {})
+    key = tuple(x.shape)
+    stamp = (weight.data_ptr(), None if weight.is_inference() else weight._version)
+    hit = cache.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    if len(cache) >= 4:
+        cache.clear()
+    with torch.no_grad():
+        if transposed:
+            packed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
+                weight, list(module.padding), list(module.output_padding), list(module.stride),
+                list(module.dilation), module.groups, list(x.shape),
+            )
+        else:
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                weight, list(module.padding), list(module.stride), list(module.dilation), module.groups, list(x.shape)
+            )
+    cache[key] = (stamp, packed)
+    return packed
+
+
+def _packed_conv_ok(module: nn.Module, x: torch.Tensor) -> bool:
+    return (
+        _MKLDNN_CONV
+        and not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and module.weight.dtype == torch.float32
+        and x.ndim == 4
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
+
+
+def _like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` (oneDNN returns channels-last) in the memory format of the input ``x``, as PyTorch's conv does."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return out
+    return out.contiguous()
+
+
+class FastConv2d(_FastModule, nn.Conv2d):
+    """``nn.Conv2d`` whose inference runs oneDNN with the weight reordered once (not at every
+    call) where the weight outweighs the activations (deep, low-resolution layers)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _packed_conv_ok(self, x) or self.weight.numel() < x[0].numel():
+            return super().forward(x)
+        packed = _packed(self, x, transposed=False)
+        out = torch.ops.mkldnn._convolution_pointwise(
+            x, packed, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups, "none", [], ""
+        )
+        return _like(out, x)
+
+
+class FastConvTranspose2d(_FastModule, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` whose inference runs oneDNN with the weight reordered once."""
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if output_size is not None or not _packed_conv_ok(self, x):
+            return super().forward(x, output_size)
+        packed = _packed(self, x, transposed=True)
+        out = torch.ops.mkldnn._convolution_transpose_pointwise(
+            x, packed, self.bias, list(self.padding), list(self.output_padding), list(self.stride),
+            list(self.dilation), self.groups, "none", [], "",
+        )
+        return _like(out, x)
+
+
+def _check_mkldnn_conv() -> bool:
+    try:
+        with torch.no_grad():
+            x = torch.randn(1, 4, 8, 8)
+            conv = nn.Conv2d(4, 6, 3, padding=1, bias=True)
+            out = torch.ops.mkldnn._convolution_pointwise(
+                x, _packed(conv, x, False), conv.bias, [1, 1], [1, 1], [1, 1], 1, "none", [], ""
+            )
+            up = nn.ConvTranspose2d(4, 6, 2, stride=2)
+            out2 = torch.ops.mkldnn._convolution_transpose_pointwise(
+                x, _packed(up, x, True), up.bias, [0, 0], [0, 0], [2, 2], [1, 1], 1, "none", [], ""
+            )
+            return bool(torch.allclose(out, conv(x), atol=1e-5) and torch.allclose(out2, up(x), atol=1e-5))
+    except Exception:  # builds without oneDNN
+        return False
+
+
+_MKLDNN_CONV = torch.backends.mkldnn.is_available() and _check_mkldnn_conv()
+
+
+
+def _instance_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """MONAI's ``InstanceNorm2d`` (no running statistics) as a group norm with one channel per group."""
+    if (
+        isinstance(norm, nn.InstanceNorm2d)
+        and x.ndim == 4
+        and not norm.track_running_stats
+        and x.shape[1] == norm.num_features
+    ):
+        weight = norm.weight if norm.affine else None
+        bias = norm.bias if norm.affine else None
+        # NCHW: the channels-last group-norm kernel is less accurate (one-pass variance)
+        x = x.contiguous()
+        if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
+            # autocast would run group_norm in float32; instance_norm (the reference) runs in
+            # the input's dtype (statistics accumulated in float32 by the kernel): keep that.
+            with torch.autocast(x.device.type, enabled=False):
+                weight = weight.to(x.dtype) if weight is not None else None
+                bias = bias.to(x.dtype) if bias is not None else None
+                return F.group_norm(x, x.shape[1], weight, bias, norm.eps)
+        return F.group_norm(x, x.shape[1], weight, bias, norm.eps)
+    return norm(x)
+
+
+class FastUnetResBlock(_FastModule, UnetResBlock):
+    """MONAI's ``UnetResBlock`` with instance norms run as group norms; same parameters.
+
+    With ``fast_checkpoint == "block"`` its activations are recomputed in the backward pass.
+    """
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "fast_checkpoint", None) == "block" and torch.is_grad_enabled():
+            return checkpoint(self._forward, inp, use_reentrant=False)
+        return self._forward(inp)
+
+    def _forward(self, inp: torch.Tensor) -> torch.Tensor:
+        inplace = not torch.is_grad_enabled()
+        out = self.conv1(inp)
+        out = _instance_norm(self.norm1, out)
+        out = self.lrelu(out)
+        out = self.conv2(out)
+        out = _instance_norm(self.norm2, out)
+        residual = inp
+        if hasattr(self, "conv3"):
+            residual = self.conv3(residual)
+        if hasattr(self, "norm3"):
+            residual = _instance_norm(self.norm3, residual)
+        out = out.add_(residual) if inplace else out + residual
+        return self.lrelu(out)
+
+
+# --------------------------------------------------------------------------------------
+# Encoder
+# --------------------------------------------------------------------------------------
+
+
+def _channel_layer_norm(x: torch.Tensor) -> torch.Tensor:
+    """MONAI's ``proj_out``: LayerNorm over channels of (B, C, H, W), no affine; returned as a
+    channels-last view (no copy back to channels-first)."""
+    y = F.layer_norm(x.permute(0, 2, 3, 1), [x.shape[1]])
+    return y.permute(0, 3, 1, 2)
+
+
+class FastEchoCareEncoder(_FastModule, EchoCareEncoder):
+    """:class:`EchoCareEncoder` whose five maps are normalised without copies back to
+    channels-first (they are channels-last views); same parameters and outputs."""
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, normalize: bool = True
+    ) -> list[torch.Tensor]:
+        x0 = self.pos_drop(self.embed(x, mask))
+        norm = _channel_layer_norm if normalize else (lambda t: t)
+        outputs = [norm(x0)]
+        stages = (self.layers1, self.layers2, self.layers3, self.layers4)
+        v2_blocks = (self.layers1c, self.layers2c, self.layers3c, self.layers4c)
+        for stage, v2_block in zip(stages, v2_blocks):
+            x0 = stage[0](v2_block[0](x0.contiguous()))
+            outputs.append(norm(x0))
+        return outputs
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+_FAST_CLASSES: dict[type, type] = {
+    nn.Conv2d: FastConv2d,
+    nn.ConvTranspose2d: FastConvTranspose2d,
+    EchoCareEncoder: FastEchoCareEncoder,
+    BasicLayer: FastBasicLayer,
+    UnetResBlock: FastUnetResBlock,
+}
+_REFERENCE_CLASSES = {fast: ref for ref, fast in _FAST_CLASSES.items()}
+
+
+#: Activation checkpointing modes of the fast training path (see :func:`use_fast_paths`).
+CHECKPOINT_MODES = (None, "mlp", "block")
+
+
+def use_fast_paths(network: nn.Module, checkpoint: str | None = None) -> nn.Module:
+    """Switch ``network``'s Swin stages, encoder, convolutions and residual conv blocks to the
+    fast forwards, in place. Returns ``network``.
+
+    Training and inference both work (gradients flow as through MONAI's modules). Parameters,
+    buffers and ``state_dict()`` are unchanged.
+
+    Args:
+        checkpoint: activation checkpointing in training, trading compute for memory:
+            ``None`` (MONAI's ``use_checkpoint`` flags decide), ``"mlp"`` (the MLP branch of
+            every Swin block is recomputed in the backward pass), ``"block"`` (every Swin
+            block and every residual conv block is recomputed).
+    """
+    if checkpoint not in CHECKPOINT_MODES:
+        raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, got {checkpoint!r}")
+    for module in network.modules():
+        fast = _FAST_CLASSES.get(type(module))
+        if fast is not None:
+            module.__class__ = fast
+        if isinstance(module, (FastBasicLayer, FastUnetResBlock)):
+            module.fast_checkpoint = checkpoint
+    return network
+
+
+def reference_paths(network: nn.Module) -> nn.Module:
+    """Undo :func:`use_fast_paths`: MONAI's own forwards again, in place. Returns ``network``."""
+    for module in network.modules():
+        ref = _REFERENCE_CLASSES.get(type(module))
+        if ref is not None:
+            module.__class__ = ref
+            for cache in (*_CACHES, "fast_checkpoint"):
+                module.__dict__.pop(cache, None)
+    return network
+
+
+def fast_paths_enabled(network: nn.Module) -> bool:
+    """Whether any module of ``network`` runs a fast forward."""
+    return any(type(m) in _REFERENCE_CLASSES for m in network.modules())
+
+
+def optimize_for_inference(network: nn.Module, inplace: bool = True) -> nn.Module:
+    """The fastest exact inference form of an EchoCare network (encoder, task or pretraining network).
+
+    Puts the network in ``eval()`` mode with the fast paths of :func:`use_fast_paths`. Run it
+    under ``torch.inference_mode()`` (or ``torch.no_grad()``) for the fused inference kernels.
+    Outputs equal the reference's within float32 rounding (tested to 1e-4). The state dict is
+    unchanged. ``inplace=False`` works on a deep copy.
+    """
+    if not inplace:
+        network = copy.deepcopy(network)
+    network.eval()
+    return use_fast_paths(network)
