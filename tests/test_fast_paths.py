@@ -320,3 +320,93 @@ def test_inference_of_a_training_network_under_no_grad():
 def test_unknown_checkpoint_mode():
     with pytest.raises(ValueError, match="checkpoint"):
         use_fast_paths(build_encoder("tiny"), checkpoint="everything")
+
+
+# ---------------------------------------------------------------------------- data loading
+def _jpeg_dicom(path, rgb):
+    """A JPEG baseline (YBR_FULL_422) colour DICOM, as scanners write them."""
+    import io
+
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit, UltrasoundImageStorage, generate_uid
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=90, subsampling=1)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.file_meta.MediaStorageSOPClassUID = UltrasoundImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID = UltrasoundImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "US"
+    ds.Rows, ds.Columns = rgb.shape[:2]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "YBR_FULL_422", 0
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_channel_first_reader_equals_read_ultrasound(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from dicom_helpers import write_dicom
+    from echocare.data.readers import read_ultrasound, read_ultrasound_chw
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (40, 56), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    clip = rng.integers(0, 4096, (5, 24, 32), dtype=np.uint16)
+    write_dicom(tmp_path / "clip.dcm", clip, "MONOCHROME2", bits_stored=12, NumberOfFrames=5)
+    _jpeg_dicom(tmp_path / "jpeg.dcm", rgb)
+    for name, frames in [("grey.png", None), ("rgb.png", 0), ("clip.dcm", None), ("clip.dcm", [3, 1, 3]),
+                         ("clip.dcm", slice(0, None, 2)), ("jpeg.dcm", None)]:
+        hwc, meta = read_ultrasound(tmp_path / name, frames=frames, with_metadata=True)
+        chw, meta_chw = read_ultrasound_chw(tmp_path / name, frames=frames, with_metadata=True)
+        assert chw.flags.c_contiguous and chw.dtype == np.float32
+        np.testing.assert_array_equal(chw, hwc.transpose(0, 3, 1, 2))
+        assert meta == meta_chw
+
+
+def test_jpeg_dicom_decoder_matches_pydicom_default(tmp_path):
+    """Baseline JPEG DICOMs are decoded by Pillow (libjpeg-turbo); pydicom's other decoder
+    (pylibjpeg) may differ only by JPEG decoder rounding (chroma upsampling)."""
+    import numpy as np
+    import pydicom
+
+    from echocare.data.readers import read_ultrasound
+
+    decoder = pydicom.pixels.get_decoder(pydicom.uid.JPEGBaseline8Bit)
+    if "pylibjpeg" not in decoder.available_plugins:
+        pytest.skip("pylibjpeg not installed")
+    rng = np.random.default_rng(1)
+    rgb = np.repeat(rng.integers(0, 256, (48, 64, 1), dtype=np.uint8), 3, axis=-1)
+    rgb[8:24, 8:40, 0] = 255
+    path = _jpeg_dicom(tmp_path / "jpeg.dcm", rgb)
+    ours = read_ultrasound(path)[0]
+    ds = pydicom.dcmread(path)
+    other = next(decoder.iter_array(ds, indices=[0], decoding_plugin="pylibjpeg"))[0].astype(np.float32) / 255
+    diff = np.abs(ours - other)
+    assert diff.mean() < 1 / 255 and diff.max() <= 16 / 255
+
+
+def test_load_transform_output_unchanged(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from echocare.data import LoadUltrasoundd
+    from echocare.data.readers import read_ultrasound
+
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (30, 20), dtype=np.uint8)).save(tmp_path / "a.png")
+    out = LoadUltrasoundd("image")({"image": str(tmp_path / "a.png")})["image"]
+    expected = read_ultrasound(tmp_path / "a.png")[0].transpose(2, 0, 1)
+    assert tuple(out.shape) == (3, 30, 20)
+    np.testing.assert_array_equal(out.numpy(), expected)

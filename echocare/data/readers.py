@@ -42,6 +42,7 @@ __all__ = [
     "SUPPORTED_SUFFIXES",
     "detect_format",
     "read_ultrasound",
+    "read_ultrasound_chw",
     "iter_frames",
     "count_frames",
     "read_metadata",
@@ -144,23 +145,33 @@ def _select(frames: FrameSelection, n: int, path: Path) -> list[int]:
 
 def _scale_uint(arr: np.ndarray, bits: int, signed: bool = False) -> np.ndarray:
     """Integer samples -> float32 in [0, 1] by the stored bit depth ``bits``."""
-    arr = arr.astype(np.float32)
+    source = np.asarray(arr)
+    arr = source.astype(np.float32)
     if signed:
         # Two's complement range [-2^(b-1), 2^(b-1)-1] maps to [0, 1].
-        arr = arr + float(2 ** (bits - 1))
-    out = arr / float(2**bits - 1)
+        arr += float(2 ** (bits - 1))
+    out = np.divide(arr, float(2**bits - 1), out=arr)
     # Values above the declared depth do occur (sloppy encoders); clip rather than
-    # let them exceed the documented range.
-    return np.clip(out, 0.0, 1.0, out=out)
+    # let them exceed the documented range. (Unsigned samples whose type cannot exceed
+    # the depth, e.g. 8-bit samples stored in uint8, need no clipping.)
+    if signed or not (source.dtype.kind == "u" and source.dtype.itemsize * 8 <= bits):
+        np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+def _hwc(frame: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, C) -> (H, W, C) float32, C-contiguous; grey stays one channel."""
+    if frame.ndim == 2:
+        frame = frame[..., None]
+    return np.ascontiguousarray(frame, dtype=np.float32)
 
 
 def _to_rgb(frame: np.ndarray) -> np.ndarray:
     """(H, W) or (H, W, 1|3) float -> (H, W, 3) float32 (grey is repeated)."""
-    if frame.ndim == 2:
-        frame = frame[..., None]
+    frame = _hwc(frame)
     if frame.shape[-1] == 1:
         frame = np.repeat(frame, 3, axis=-1)
-    return np.ascontiguousarray(frame, dtype=np.float32)
+    return frame
 
 
 # ---------------------------------------------------------------------- still images
@@ -179,7 +190,7 @@ def _open_pil(path: Path):
 
 
 def _pil_frame_to_float(img: Any, path: Path) -> np.ndarray:
-    """One Pillow frame -> (H, W, 3) float32 in [0, 1], by the mode's bit depth."""
+    """One Pillow frame -> (H, W, 1|3) float32 in [0, 1], by the mode's bit depth."""
     from PIL import Image, ImageOps
 
     try:
@@ -195,11 +206,11 @@ def _pil_frame_to_float(img: Any, path: Path) -> np.ndarray:
 
     mode = img.mode
     if mode == "1":
-        return _to_rgb(np.asarray(img, dtype=np.float32))
+        return _hwc(np.asarray(img, dtype=np.float32))
     if mode == "L":
-        return _to_rgb(_scale_uint(np.asarray(img), 8))
+        return _hwc(_scale_uint(np.asarray(img), 8))
     if mode.startswith("I;16"):
-        return _to_rgb(_scale_uint(np.asarray(img).astype(np.uint16), 16))
+        return _hwc(_scale_uint(np.asarray(img).astype(np.uint16), 16))
     if mode == "I":
         # 32-bit integer mode: Pillow uses it for 16-bit PNGs (older versions) and for
         # 16/32-bit TIFFs. Take the stored depth from the file where it is declared.
@@ -208,15 +219,15 @@ def _pil_frame_to_float(img: Any, path: Path) -> np.ndarray:
             bps = getattr(img, "tag_v2", {}).get(258, (16,))
             bits = int(bps[0] if isinstance(bps, (tuple, list)) else bps)
         arr = np.asarray(img)
-        return _to_rgb(_scale_uint(arr, bits, signed=bool(arr.min() < 0) and bits == 32))
+        return _hwc(_scale_uint(arr, bits, signed=bool(arr.min() < 0) and bits == 32))
     if mode == "F":
         # Float images carry no bit depth: they are taken to be in [0, 1] already.
         arr = np.asarray(img, dtype=np.float32)
-        return _to_rgb(np.clip(arr, 0.0, 1.0))
+        return _hwc(np.clip(arr, 0.0, 1.0))
     if mode in ("LA", "La"):
         arr = _scale_uint(np.asarray(img.convert("LA")), 8)
         grey, alpha = arr[..., :1], arr[..., 1:]
-        return _to_rgb(grey * alpha)
+        return _hwc(grey * alpha)
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
         mode = "RGBA"
@@ -224,9 +235,9 @@ def _pil_frame_to_float(img: Any, path: Path) -> np.ndarray:
         # Composite over black: the ultrasound background is black, and transparent
         # pixels carry no echo whatever RGB values they happen to hold.
         arr = _scale_uint(np.asarray(img.convert("RGBA")), 8)
-        return _to_rgb(arr[..., :3] * arr[..., 3:4])
+        return _hwc(arr[..., :3] * arr[..., 3:4])
     # RGB, P (palette), CMYK, YCbCr, LAB, HSV ...: Pillow's conversion to 8-bit RGB.
-    return _to_rgb(_scale_uint(np.asarray(img.convert("RGB")), 8))
+    return _hwc(_scale_uint(np.asarray(img.convert("RGB")), 8))
 
 
 def _image_num_frames(img: Any) -> int:
@@ -262,6 +273,10 @@ def _image_meta(path: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- DICOM
+
+
+#: JPEG Baseline (Process 1) transfer syntax: 8-bit lossy JPEG.
+_JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 
 
 def _dcmread(path: Path, stop_before_pixels: bool = False):
@@ -335,7 +350,7 @@ def _apply_palette(arr: np.ndarray, ds: Any) -> np.ndarray:
 
 
 def _dicom_frame_to_float(arr: np.ndarray, info: dict[str, Any], ds: Any, path: Path) -> np.ndarray:
-    """One decoded DICOM frame -> (H, W, 3) float32 in [0, 1].
+    """One decoded DICOM frame -> (H, W, 1|3) float32 in [0, 1] (grey not repeated).
 
     ``info`` is the decoder's description of the *decoded* array (its photometric
     interpretation is already RGB where the decoder converted YBR).
@@ -352,13 +367,13 @@ def _dicom_frame_to_float(arr: np.ndarray, info: dict[str, Any], ds: Any, path: 
         except Exception as exc:  # pydicom raises several kinds for broken LUTs
             raise UltrasoundReadError(path, f"cannot apply DICOM palette ({exc})") from None
         # The table's declared entry depth, not the pixels' depth, sets the scale.
-        return _to_rgb(_scale_uint(rgb, _palette_depth(ds)))
+        return _hwc(_scale_uint(rgb, _palette_depth(ds)))
     if pi in ("YBR_FULL", "YBR_FULL_422"):
         # Reached only when a decoder kept YCbCr (as_rgb is on by default).
         if arr.dtype != np.uint8:
             arr = arr.astype(np.uint8) if bits <= 8 else arr
         arr = convert_color_space(arr, pi, "RGB")
-        return _to_rgb(_scale_uint(arr, bits))
+        return _hwc(_scale_uint(arr, bits))
     if pi in ("YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422"):
         # JPEG 2000 / JPEG decoders undo these transforms themselves and report RGB;
         # still seeing one here means a decoder that did not, which cannot be undone
@@ -366,9 +381,9 @@ def _dicom_frame_to_float(arr: np.ndarray, info: dict[str, Any], ds: Any, path: 
         raise UltrasoundReadError(path, f"photometric interpretation {pi} was not converted by the decoder")
     if pi == "MONOCHROME1":
         # MONOCHROME1: minimum value is white; invert so that echo is bright.
-        return _to_rgb(1.0 - _scale_uint(arr, bits, signed))
+        return _hwc(1.0 - _scale_uint(arr, bits, signed))
     if pi in ("MONOCHROME2", "RGB", ""):
-        return _to_rgb(_scale_uint(arr, bits, signed))
+        return _hwc(_scale_uint(arr, bits, signed))
     raise UltrasoundReadError(path, f"unsupported DICOM photometric interpretation {pi!r}")
 
 
@@ -402,9 +417,15 @@ def _iter_dicom(path: Path, indices: list[int] | None, step: int) -> Iterator[np
     # held in memory twice, and a frame selection only decodes the selected frames.
     # It wants increasing indices; re-order afterwards for arbitrary selections.
     unique = sorted(set(order))
+    options: dict[str, Any] = {}
+    if ts == _JPEG_BASELINE and "pillow" in decoder.available_plugins:
+        # 8-bit baseline JPEG (what most ultrasound scanners store): Pillow's libjpeg-turbo
+        # decodes a 640x480 colour frame several times faster than pylibjpeg's libjpeg.
+        # Colour is then converted to RGB by pydicom's own routine, as for other decoders.
+        options = {"decoding_plugin": "pillow", "as_rgb": False}
     try:
         decoded: dict[int, np.ndarray] = {}
-        frames_iter = decoder.iter_array(ds, indices=unique)
+        frames_iter = decoder.iter_array(ds, indices=unique, **options)
         if unique == order:
             for _, (arr, info) in zip(unique, frames_iter):
                 yield _dicom_frame_to_float(arr, info, ds, path)
@@ -571,7 +592,7 @@ def _iter_video(path: Path, indices: list[int] | None, step: int) -> Iterator[np
                         continue
                 elif i not in wanted:
                     continue
-                rgb = _to_rgb(_scale_uint(frame.to_ndarray(format="rgb24"), 8))
+                rgb = _scale_uint(frame.to_ndarray(format="rgb24"), 8)
                 if in_order:
                     yield rgb
                 else:
@@ -668,7 +689,7 @@ def _iter_nifti(path: Path, indices: list[int] | None, step: int) -> Iterator[np
     order = indices if indices is not None else list(range(0, n, step))
     for t in order:
         frame = np.asarray(data[:, :, t, :3]).transpose(1, 0, 2)
-        yield _to_rgb(_nifti_scale(frame, dtype))
+        yield _hwc(_nifti_scale(frame, dtype))
 
 
 def _nifti_meta(path: Path) -> dict[str, Any]:
@@ -741,7 +762,8 @@ def iter_frames(path: str | os.PathLike[str], step: int = 1) -> Iterator[np.ndar
         raise ValueError(f"step must be >= 1, got {step}")
     p = Path(path)
     fmt = detect_format(p)
-    yield from _ITERS[fmt](p, None, int(step))
+    for frame in _ITERS[fmt](p, None, int(step)):
+        yield _to_rgb(frame)
 
 
 def read_ultrasound(
@@ -767,21 +789,57 @@ def read_ultrasound(
         UltrasoundReadError: missing, unreadable or unsupported file, no pixel data,
         or a frame index out of range.
     """
+    array, meta = _read(path, frames, with_metadata, channels_first=False)
+    return (array, meta) if with_metadata else array
+
+
+def read_ultrasound_chw(
+    path: str | os.PathLike[str],
+    frames: FrameSelection = None,
+    with_metadata: bool = False,
+) -> np.ndarray | tuple[np.ndarray, dict[str, Any]]:
+    """:func:`read_ultrasound` with the channel axis first: ``(frames, 3, height, width)``.
+
+    The same values as ``read_ultrasound(...).transpose(0, 3, 1, 2)`` (C-contiguous),
+    built without the intermediate channel-last copy (grey frames are decoded once and
+    written to the three channels directly): the layout MONAI transforms take.
+    """
+    array, meta = _read(path, frames, with_metadata, channels_first=True)
+    return (array, meta) if with_metadata else array
+
+
+def _read(
+    path: str | os.PathLike[str], frames: FrameSelection, with_metadata: bool, channels_first: bool
+) -> tuple[np.ndarray, dict[str, Any] | None]:
     p = Path(path)
     fmt = detect_format(p)
     meta = None
     if frames is None:
         indices = None
     else:
-        n = count_frames(p) if fmt == "video" else int(_METAS[fmt](p)["num_frames"])
+        if fmt == "video":
+            n = count_frames(p)
+        else:
+            meta = _METAS[fmt](p)  # read once: it also gives the frame count
+            n = int(meta["num_frames"])
         indices = _select(frames, n, p)
     out = list(_ITERS[fmt](p, indices, 1))
     if not out:
         if indices is not None and not indices:
             raise UltrasoundReadError(p, f"frame selection {frames!r} selects no frame")
         raise UltrasoundReadError(p, "file has no frames")
-    array = np.stack(out, axis=0)
-    if with_metadata:
+    height, width = out[0].shape[:2]
+    if any(f.shape[:2] != (height, width) for f in out):
+        raise UltrasoundReadError(p, "frames of different sizes")
+    if channels_first:
+        array = np.empty((len(out), 3, height, width), dtype=np.float32)
+        for i, frame in enumerate(out):
+            # (H, W, 1) grey broadcasts to the three channels; (H, W, 3) is transposed.
+            array[i] = frame.transpose(2, 0, 1)
+    else:
+        array = np.empty((len(out), height, width, 3), dtype=np.float32)
+        for i, frame in enumerate(out):
+            array[i] = frame
+    if with_metadata and meta is None:
         meta = _METAS[fmt](p)
-        return array, meta
-    return array
+    return array, meta

@@ -35,7 +35,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import MetaKeys
 
-from echocare.data.readers import UltrasoundReadError, read_ultrasound
+from echocare.data.readers import UltrasoundReadError, read_ultrasound_chw
 
 __all__ = ["FramesSpec", "LoadUltrasound", "LoadUltrasoundd"]
 
@@ -77,9 +77,9 @@ def _load(path: str | os.PathLike[str], frames: FramesSpec, with_metadata: bool)
             from echocare.data.readers import count_frames
 
             selection = count_frames(path) // 2
-    array, info = read_ultrasound(path, frames=selection, with_metadata=True)  # (F, H, W, 3)
-    # (F, H, W, 3) -> (F, 3, H, W): channel first, the layout MONAI transforms expect.
-    chw = np.ascontiguousarray(array.transpose(0, 3, 1, 2))
+    # (F, 3, H, W): channel first, the layout MONAI transforms expect (read_ultrasound's
+    # (F, H, W, 3) values, without the channel-last copy).
+    chw, info = read_ultrasound_chw(path, frames=selection, with_metadata=True)
     if single:
         chw = chw[0]
     spatial = chw.shape[1:]
