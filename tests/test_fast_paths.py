@@ -248,7 +248,7 @@ def _rel_l2(a: dict, b: dict) -> float:
     return float((num / den) ** 0.5)
 
 
-@pytest.mark.parametrize("checkpoint", [None, "mlp", "block"])
+@pytest.mark.parametrize("checkpoint", [None, "mlp", "mlp+conv", "block"])
 def test_pretraining_gradients_match(checkpoint):
     ontology, reference = _pretrain_pair(drop_path=0.1)
     fast = use_fast_paths(copy.deepcopy(reference), checkpoint=checkpoint)

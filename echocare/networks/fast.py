@@ -319,7 +319,7 @@ class FastBasicLayer(_FastModule, BasicLayer):
             if mode == "block" or (mode is None and blk.use_checkpoint):
                 x = checkpoint(_train_block, blk, x, plan, i, False, use_reentrant=False)
             else:
-                x = _train_block(blk, x, plan, i, mode == "mlp")
+                x = _train_block(blk, x, plan, i, mode in ("mlp", "mlp+conv"))
         return x
 
 
@@ -490,11 +490,12 @@ def _instance_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class FastUnetResBlock(_FastModule, UnetResBlock):
     """MONAI's ``UnetResBlock`` with instance norms run as group norms; same parameters.
 
-    With ``fast_checkpoint == "block"`` its activations are recomputed in the backward pass.
+    With ``fast_checkpoint`` ``"block"`` or ``"mlp+conv"`` its activations are recomputed in
+    the backward pass.
     """
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "fast_checkpoint", None) == "block" and torch.is_grad_enabled():
+        if getattr(self, "fast_checkpoint", None) in ("block", "mlp+conv") and torch.is_grad_enabled():
             return checkpoint(self._forward, inp, use_reentrant=False)
         return self._forward(inp)
 
@@ -559,7 +560,7 @@ _REFERENCE_CLASSES = {fast: ref for ref, fast in _FAST_CLASSES.items()}
 
 
 #: Activation checkpointing modes of the fast training path (see :func:`use_fast_paths`).
-CHECKPOINT_MODES = (None, "mlp", "block")
+CHECKPOINT_MODES = (None, "mlp", "mlp+conv", "block")
 
 
 def use_fast_paths(network: nn.Module, checkpoint: str | None = None) -> nn.Module:
@@ -572,8 +573,9 @@ def use_fast_paths(network: nn.Module, checkpoint: str | None = None) -> nn.Modu
     Args:
         checkpoint: activation checkpointing in training, trading compute for memory:
             ``None`` (MONAI's ``use_checkpoint`` flags decide), ``"mlp"`` (the MLP branch of
-            every Swin block is recomputed in the backward pass), ``"block"`` (every Swin
-            block and every residual conv block is recomputed).
+            every Swin block is recomputed in the backward pass), ``"mlp+conv"`` (and every
+            residual conv block: Swin v2 stages and UNETR decoders), ``"block"`` (every Swin
+            block and every residual conv block).
     """
     if checkpoint not in CHECKPOINT_MODES:
         raise ValueError(f"checkpoint must be one of {CHECKPOINT_MODES}, got {checkpoint!r}")
