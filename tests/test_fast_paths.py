@@ -410,3 +410,19 @@ def test_load_transform_output_unchanged(tmp_path):
     expected = read_ultrasound(tmp_path / "a.png")[0].transpose(2, 0, 1)
     assert tuple(out.shape) == (3, 30, 20)
     np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def test_micro_batches_equal_whole_batches():
+    torch.manual_seed(0)
+    reference = _perturb(EchoCareSegNet("tiny", out_channels=2), 12).eval()
+    whole = optimize_for_inference(reference, inplace=False, micro_batch=None)
+    single = optimize_for_inference(reference, inplace=False)  # micro-batches of 1 (default)
+    pairs = optimize_for_inference(reference, inplace=False, micro_batch=2)
+    x = torch.rand(3, 3, 64, 64)
+    mask = torch.rand(3, 32, 32) < 0.5
+    with torch.inference_mode():
+        expected = reference(x)
+        for net in (whole, single, pairs):
+            assert (net(x) - expected).abs().max().item() <= ATOL
+        _assert_maps_close(single.encoder(x, mask=mask), reference.encoder(x, mask=mask))
+    assert single.encoder.fast_micro_batch == 1 and whole.encoder.fast_micro_batch is None
