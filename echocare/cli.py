@@ -7,6 +7,7 @@
     echocare experiment BUNDLE --name NAME --inits scratch,ENC.pt --seeds 5 --train-fractions 0.1,1.0 [--config OVERLAY]
         [--dataset_dir D --datalist L] [--output_dir experiments/NAME] [--override ID=VALUE ...]
     echocare compare --experiment NAME --metric mean_dice [--by init] [--tracking-uri URI] [--out DIR] [--lower-is-better]
+    echocare predict BUNDLE --input PATH [--input PATH ...] --out DIR [--checkpoint CKPT] [--config OVERLAY] [--max-frames N]
 """
 
 from __future__ import annotations
@@ -146,6 +147,41 @@ class EchoCareCLI:
         if result["tests"]:
             print((Path(result["out"]) / "tests.md").read_text())
         print(f"report: {Path(result['out']) / 'report.md'}" + (f" (MLflow run {result['run_id']})" if result["run_id"] else ""))
+
+    def predict(
+        self,
+        bundle: str,
+        input: str | list[str],
+        out: str = "echocare_predictions",
+        checkpoint: str | None = None,
+        config: str | list[str] | None = None,
+        max_frames: int | None = None,
+        override: str | list[str] | None = None,
+        **bundle_args: object,
+    ) -> None:
+        """Run BUNDLE (segmentation or classification) on images, DICOM files, study folders, videos.
+
+        --input PATH (repeatable): files, folders (searched recursively, suffix-less DICOM included) or datalist JSON
+        --out DIR: predictions/ (the bundle's masks or probabilities per frame), dicom/ (for DICOM inputs: STEM_seg.dcm,
+        or STEM_sc.dcm, a Secondary Capture overlay where highdicom cannot make a SEG, with the reason; STEM_sr.dcm,
+        a Structured Report of the classes or segmented areas), predict_report.json/.csv (one row per input).
+        --checkpoint CKPT (default the bundle's models/model.pt); --config OVERLAY (variant overlays);
+        --max-frames N: only the first N frames of multi-frame inputs; --override ID=VALUE and any other --ID VALUE
+        (e.g. --network_size tiny --image_size 128 --device cpu) go to the bundle.
+        A bad input is reported on one line (failed: PATH: reason) and skipped; exits with status 1 if any failed.
+        """
+        import sys
+
+        from echocare.experiments import parse_overrides
+        from echocare.predict import predict
+
+        rows = predict(
+            bundle, input, out, checkpoint=checkpoint, config=config,
+            max_frames=None if max_frames is None else int(max_frames),
+            overrides={**parse_overrides(override or []), **bundle_args},
+        )
+        if any(r.status == "failed" for r in rows):
+            sys.exit(1)
 
     def demo(
         self,
@@ -313,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     import sys
 
     args = merge_repeated_flag(list(sys.argv[1:] if argv is None else argv), "src")
+    args = merge_repeated_flag(args, "input")  # echocare predict --input A --input B
     for flag in ("override", "config"):  # echocare experiment: always a list, so fire keeps '#' in ids
         args = _list_flag(args, flag)
     fire.Fire(EchoCareCLI, command=args, name="echocare")

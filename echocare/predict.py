@@ -1,0 +1,397 @@
+"""``echocare predict``: a bundle on images, DICOM files, study folders and videos, with DICOM results.
+
+The bundle's own ``inference.yaml`` (plus overlays) does the inference, in this process
+through ``monai.bundle``'s config parser, with overrides: its writers put masks (PNG and
+NIfTI at the input's size) or class probabilities (JSON) per input frame, and
+``predictions.json``, in ``<out>/predictions/``. This module then:
+
+* collects the inputs (files, folders searched recursively including suffix-less DICOM
+  files of PACS exports, datalist JSON files), checks each one (header, then every frame the
+  bundle will read) and reports a bad one on one line, ``failed: PATH: reason``, and leaves it
+  out so the run goes on;
+* optionally keeps the first ``max_frames`` frames of each multi-frame input;
+* for DICOM inputs, writes into ``<out>/dicom/``: a DICOM SEG (segmentation bundles) or, where
+  highdicom cannot make a SEG from the source, a Secondary Capture overlay with the reason
+  stated; and a Structured Report with the classification or the segmented areas;
+* writes ``<out>/predict_report.json`` and ``.csv``: one row per input with its status,
+  frames, output files and, for a Secondary Capture or a failure, the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["InputResult", "collect_inputs", "predict"]
+
+#: Files of a study folder that are never images (DICOMDIR indexes hold no pixels).
+_NOT_INPUTS = {"dicomdir"}
+TASK_OF_FORMAT = {"segmentation": "segmentation", "classes": "classification"}
+
+
+@dataclass
+class InputResult:
+    """One row of ``predict_report``: an input and what became of it."""
+
+    input: str
+    format: str = ""
+    status: str = "ok"  # ok | failed
+    num_frames: int = 0  # frames in the file
+    frames: int = 0  # frames predicted (or 1 for a clip-level result)
+    seg: str = ""
+    secondary_capture: str = ""
+    sr: str = ""
+    summary: str = ""  # the prediction in a few words
+    reason: str = ""
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def collect_inputs(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list[InputResult], list[str]]:
+    """The input files of ``paths``: files as given, folders searched recursively (sorted), the
+    items of datalist JSON files.
+
+    In folders, every file the readers know by suffix is taken, and suffix-less files with a
+    DICOM preamble (PACS exports name them ``IM0001``); other files are skipped and counted.
+
+    Returns:
+        (files, failures: missing paths and unsupported files given by name, notes: one
+        line per folder with skipped files).
+    """
+    from echocare.data.checks import list_inputs
+    from echocare.data.readers import UltrasoundReadError, detect_format
+
+    files: list[Path] = []
+    failures: list[InputResult] = []
+    notes: list[str] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            skipped = 0
+            for candidate in sorted(p for p in path.rglob("*") if p.is_file()):
+                if candidate.name.startswith(".") or candidate.name.lower() in _NOT_INPUTS:
+                    skipped += 1
+                    continue
+                try:
+                    detect_format(candidate)
+                except UltrasoundReadError:
+                    skipped += 1
+                    continue
+                files.append(candidate)
+            if skipped:
+                notes.append(f"{path}: skipped {skipped} file(s) that are not images, DICOM, video or NIfTI")
+        elif path.is_file() and path.suffix.lower() == ".json":
+            try:
+                files.extend(Path(item["image"]) for item in list_inputs(path))
+            except (ValueError, OSError) as exc:  # DatalistError is a ValueError
+                failures.append(InputResult(str(path), "datalist", "failed", reason=str(exc)))
+        else:
+            try:
+                detect_format(path)
+                files.append(path)
+            except UltrasoundReadError as exc:
+                failures.append(InputResult(str(path), status="failed", reason=exc.problem))
+    unique = list(dict.fromkeys(p.resolve() for p in files))
+    return unique, failures, notes
+
+
+def _check_frames(path: Path, count: int | None) -> None:
+    """Decode the first ``count`` frames of ``path`` (all with None): what the bundle will read.
+
+    Raises:
+        UltrasoundReadError: a frame cannot be decoded.
+    """
+    from echocare.data.readers import iter_frames
+
+    for _ in islice(iter_frames(path), count):
+        pass
+
+
+# ----------------------------------------------------------------------------- bundle
+
+
+def _bundle_task(configs: Path) -> tuple[str, dict[str, Any]]:
+    """(``segmentation`` | ``classification``, metadata) of the bundle whose configs are in ``configs``."""
+    meta_file = configs / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    formats = {v.get("format") for v in meta.get("network_data_format", {}).get("outputs", {}).values()}
+    tasks = {TASK_OF_FORMAT[f] for f in formats if f in TASK_OF_FORMAT}
+    if len(tasks) != 1:
+        raise ValueError(
+            f"{meta_file}: echocare predict runs segmentation and classification bundles; this one outputs "
+            f"{sorted(str(f) for f in formats)}"
+        )
+    return tasks.pop(), meta
+
+
+def _parser(config_files: Sequence[str], overrides: dict[str, Any]):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(list(config_files))
+    parser.update(overrides)
+    return parser
+
+
+def _read_predictions(predictions_dir: Path) -> dict[Path, list[dict[str, Any]]]:
+    """The bundle writer's records grouped by input file, in frame order."""
+    index = predictions_dir / "predictions.json"
+    if not index.is_file():
+        return {}
+    grouped: dict[Path, list[dict[str, Any]]] = defaultdict(list)
+    for record in json.loads(index.read_text()):
+        grouped[Path(record["image"]).resolve()].append(record)
+    for records in grouped.values():
+        records.sort(key=lambda r: int(r.get("frame", 0)))
+    return grouped
+
+
+# ----------------------------------------------------------------------------- DICOM results
+
+
+def _load_masks(records: Sequence[dict[str, Any]]) -> np.ndarray:
+    """(F, H, W) uint8 class indices from the bundle's mask PNGs."""
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(r["mask_png"])) for r in records]).astype(np.uint8)
+
+
+def _frames_of(path: Path, count: int) -> Iterator[np.ndarray]:
+    from echocare.data.readers import iter_frames
+
+    return islice(iter_frames(path), count)
+
+
+def _dicom_results(
+    row: InputResult,
+    path: Path,
+    records: Sequence[dict[str, Any]],
+    task: str,
+    per_clip: bool,
+    class_names: Sequence[str],
+    algorithm: Any,
+    stem: str,
+    dicom_dir: Path,
+) -> list[str]:
+    """Write the SEG (or Secondary Capture) and SR of one DICOM input; returns notes to print."""
+    import pydicom
+
+    from echocare.data import dicom_out
+    from echocare.data.readers import read_metadata
+
+    source = pydicom.dcmread(path, stop_before_pixels=True)
+    notes = []
+    if task == "classification":
+        results = [
+            dicom_out.ClassificationResult(
+                probabilities=[float(r["probabilities"][n]) for n in class_names],
+                frame=None if per_clip or row.num_frames == 1 else int(r["frame"]),
+            )
+            for r in records
+        ]
+        sr_path = dicom_dir / f"{stem}_sr.dcm"
+        dicom_out.write_classification_report(source, results, class_names, algorithm, sr_path)
+        row.sr = str(sr_path)
+        return notes
+    frames = [int(r["frame"]) for r in records]
+    masks = _load_masks(records)
+    try:
+        seg_path = dicom_dir / f"{stem}_seg.dcm"
+        derived = dicom_out.write_segmentation(source, masks, class_names, algorithm, seg_path, frames=frames)
+        row.seg = str(seg_path)
+    except dicom_out.SegNotPossible as exc:
+        sc_path = dicom_dir / f"{stem}_sc.dcm"
+        reason = str(exc)
+        # Frames are the file's first ones, in order (the bundle's datalist, cut to max_frames).
+        images = _frames_of(path, len(frames))
+        derived = dicom_out.write_overlay_capture(source, images, masks, algorithm, reason, sc_path, frames=frames)
+        row.secondary_capture, row.reason = str(sc_path), f"Secondary Capture instead of SEG: {reason}"
+        notes.append(f"{path}: {row.reason}")
+    spacing = read_metadata(path).get("pixel_spacing_mm")
+    sr_path = dicom_dir / f"{stem}_sr.dcm"
+    dicom_out.write_segmentation_report(
+        source, masks, class_names, algorithm, sr_path, frames=frames, spacing_mm=spacing, segmentation=derived
+    )
+    row.sr = str(sr_path)
+    return notes
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def _write_report(out: Path, rows: Sequence[InputResult]) -> Path:
+    table = [asdict(r) for r in rows]
+    (out / "predict_report.json").write_text(json.dumps(table, indent=1))
+    with (out / "predict_report.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(table[0]) if table else ["input"])
+        writer.writeheader()
+        writer.writerows(table)
+    return out / "predict_report.json"
+
+
+def _summary(records: Sequence[dict[str, Any]], task: str, class_names: Sequence[str]) -> str:
+    """The bundle's records of one input in a few words: the predicted class (most frequent over
+    frames) or, per foreground class, in how many frames it was found."""
+    if task == "classification":
+        predicted = [str(r["predicted"]) for r in records]
+        top = max(set(predicted), key=predicted.count)
+        return f"{top} ({predicted.count(top)}/{len(predicted)} frames)" if len(predicted) > 1 else top
+    found = [f"{n} in {sum(int(r.get(f'pixels_{n}', 0)) > 0 for r in records)}/{len(records)} frames" for n in class_names[1:]]
+    return ", ".join(found)
+
+
+def _progress(items: Iterable[Any], description: str, total: int) -> Iterable[Any]:
+    from tqdm import tqdm
+
+    return tqdm(items, desc=description, total=total, unit="input", leave=True)
+
+
+def predict(
+    bundle: str,
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    checkpoint: str | None = None,
+    config: Any = None,
+    max_frames: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    echo: bool = True,
+) -> list[InputResult]:
+    """Run bundle ``bundle`` on ``inputs`` and write its results, DICOM ones included, to ``out``.
+
+    Args:
+        bundle: a bundle name (``bundles/NAME``) or folder; segmentation or classification.
+        inputs: files (images, DICOM, videos, NIfTI), folders (searched recursively) or
+            datalist JSON files.
+        out: output folder: ``predictions/`` (the bundle's own outputs), ``dicom/``
+            (``<stem>_seg.dcm`` or ``<stem>_sc.dcm``, ``<stem>_sr.dcm``) and
+            ``predict_report.json``/``.csv``.
+        checkpoint: network weights (default: the bundle's ``models/model.pt``).
+        config: overlay configs merged after ``inference.yaml`` (a path or a file name in
+            the bundle's ``configs/``; several as a list or ``a,b``).
+        max_frames: predict only the first ``max_frames`` frames of multi-frame inputs
+            (clip-level bundles still see the whole clip).
+        overrides: other bundle config ids (``network_size``, ``image_size``, ``device``,
+            ``batch_size``, ``num_workers``, ...).
+        echo: print one line per failed input and per Secondary Capture fallback, and a
+            summary.
+
+    Returns:
+        One :class:`InputResult` per input (also in ``predict_report.json``).
+    """
+    from echocare.data import dicom_out
+    from echocare.data.readers import UltrasoundReadError, count_frames, detect_format
+    from echocare.engines.handlers import UniqueNames
+    from echocare.experiments import _resolve_bundle, _resolve_overlays
+
+    say = print if echo else (lambda *a, **k: None)
+    name, configs = _resolve_bundle(bundle)
+    config_files = [str(configs / "inference.yaml"), *_resolve_overlays(config, configs)]
+    task, meta = _bundle_task(configs)
+    if max_frames is not None and int(max_frames) < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    out = Path(out).resolve()
+    predictions_dir, dicom_dir = out / "predictions", out / "dicom"
+    out.mkdir(parents=True, exist_ok=True)
+
+    # 1. Inputs: found, of a known kind, with a readable header.
+    raw = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    files, failed, notes = collect_inputs(raw)
+    for note in notes:
+        say(note)
+    rows: dict[Path, InputResult] = {}
+    for path in files:
+        row = rows[path] = InputResult(str(path))
+        try:
+            row.format = detect_format(path)
+            row.num_frames = count_frames(path)
+        except UltrasoundReadError as exc:
+            row.status, row.reason = "failed", exc.problem
+    readable = [p for p, r in rows.items() if r.status == "ok"]
+
+    # 2. The bundle's own datalist of them (one item per frame, or per clip), cut to max_frames.
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    datalist_file = out / "predict_inputs.json"
+    datalist_file.write_text(json.dumps({"validation": [{"image": str(p)} for p in readable]}, indent=1))
+    bundle_overrides = {
+        **overrides,
+        "input_dir": str(datalist_file),
+        "datalist_key": "validation",
+        "dataset_dir": "",
+        "predictions_dir": str(predictions_dir),
+        **({"checkpoint": str(checkpoint)} if checkpoint else {}),
+    }
+    parser = _parser(config_files, bundle_overrides)
+    class_names = [str(c) for c in parser.get_parsed_content("class_names")]
+    items_of: dict[Path, list[dict[str, Any]]] = defaultdict(list)
+    if readable:
+        for item in parser.get_parsed_content("datalist"):
+            if max_frames is None or int(item.get("frame", 0)) < int(max_frames):
+                items_of[Path(item["image"]).resolve()].append(item)
+
+    # 3. Decode every frame the bundle will read: a corrupt file is reported here, not as a
+    #    crash of the whole run.
+    for path in _progress(readable, "checking inputs", len(readable)):
+        row, items = rows[path], items_of.get(path, [])
+        per_clip = len(items) == 1 and int(items[0].get("num_frames", 1)) == 1 and row.num_frames > 1
+        try:
+            if not items:
+                raise UltrasoundReadError(path, "the bundle's datalist left it out (see the warning above)")
+            _check_frames(path, None if per_clip else len(items))
+            row.frames = len(items)
+        except UltrasoundReadError as exc:
+            row.status, row.reason = "failed", exc.problem
+            items_of.pop(path, None)
+    kept = [item for path in readable if rows[path].status == "ok" for item in items_of[path]]
+
+    # 4. Inference by the bundle.
+    if kept:
+        parser["datalist"] = kept
+        parser.get_parsed_content("run")
+    predictions = _read_predictions(predictions_dir) if kept else {}
+
+    # 5. DICOM results.
+    algorithm = dicom_out.Algorithm(name=name, version=str(meta.get("version", "")), description=meta.get("name", ""))
+    names = UniqueNames()
+    ok = [p for p in readable if rows[p].status == "ok"]
+    for path in _progress(ok, "writing results", len(ok)):
+        row, records = rows[path], predictions.get(path, [])
+        row.summary = _summary(records, task, class_names)
+        if not records:
+            row.status, row.reason = "failed", "the bundle wrote no prediction for it"
+            continue
+        if row.format != "dicom":
+            continue
+        items = items_of[path]
+        per_clip = len(items) == 1 and int(items[0].get("num_frames", 1)) == 1 and row.num_frames > 1
+        try:
+            notes = _dicom_results(row, path, records, task, per_clip, class_names, algorithm, names(str(path)),
+                                   dicom_dir)
+        except Exception as exc:  # one bad source must not stop the batch: report it, go on
+            row.status, row.reason = "failed", f"cannot write DICOM results ({type(exc).__name__}: {exc})"
+            continue
+        for note in notes:
+            say(note)
+
+    # 6. Report.
+    all_rows = [*failed, *rows.values()]
+    report = _write_report(out, all_rows)
+    for row in all_rows:
+        if row.status == "failed":
+            say(f"failed: {row.input}: {row.reason}")
+    done = [r for r in all_rows if r.status == "ok"]
+    say(
+        f"{len(all_rows)} input(s): {len(done)} done ({sum(bool(r.seg) for r in done)} SEG, "
+        f"{sum(bool(r.secondary_capture) for r in done)} Secondary Capture, {sum(bool(r.sr) for r in done)} SR), "
+        f"{len(all_rows) - len(done)} failed; outputs in {out}, report {report}"
+    )
+    return all_rows
