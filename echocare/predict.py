@@ -24,12 +24,15 @@ import json
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from echocare.data import dicom_out
 
 __all__ = ["InputResult", "collect_inputs", "predict"]
 
@@ -179,7 +182,7 @@ def _dicom_results(
     task: str,
     per_clip: bool,
     class_names: Sequence[str],
-    algorithm: Any,
+    algorithm: dicom_out.Algorithm,
     stem: str,
     dicom_dir: Path,
 ) -> list[str]:
@@ -360,7 +363,7 @@ def predict(
     predictions = _read_predictions(predictions_dir) if kept else {}
 
     # 5. DICOM results.
-    algorithm = dicom_out.Algorithm(name=name, version=str(meta.get("version", "")), description=meta.get("name", ""))
+    algorithm = dicom_out.Algorithm(name=name, version=str(meta.get("version", "")))
     names = UniqueNames()
     ok = [p for p in readable if rows[p].status == "ok"]
     for path in _progress(ok, "writing results", len(ok)):

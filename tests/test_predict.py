@@ -92,10 +92,17 @@ def _rows(result) -> dict[str, object]:
 
 def _referenced_uids(ds) -> set[str]:
     """Every ReferencedSOPInstanceUID anywhere in a dataset."""
-    found = set()
+    return set(_references(ds))
+
+
+def _references(ds) -> dict[str, set[str]]:
+    """Referenced SOP Instance UID -> the SOP Class UIDs it is referenced with, anywhere in a dataset."""
+    found: dict[str, set[str]] = {}
     for element in ds.iterall():
-        if element.keyword == "ReferencedSOPInstanceUID":
-            found.add(str(element.value))
+        if element.VR == "SQ":
+            for item in element.value:
+                if "ReferencedSOPInstanceUID" in item:
+                    found.setdefault(str(item.ReferencedSOPInstanceUID), set()).add(str(item.get("ReferencedSOPClassUID")))
     return found
 
 
@@ -252,7 +259,10 @@ def test_real_scanner_dicoms(real_data_dir, seg_checkpoint, tmp_path) -> None:
             assert row.reason.startswith("Secondary Capture instead of SEG: ")
             kinds[name] = "SC"
         assert out.StudyInstanceUID == source.StudyInstanceUID
-        assert source.SOPInstanceUID in _referenced_uids(pydicom.dcmread(row.sr))
+        sr = pydicom.dcmread(row.sr)
+        # Sources of retired SOP classes (color-pl/px) are referenced by their own class everywhere.
+        for derived in (out, sr):
+            assert _references(derived)[source.SOPInstanceUID] == {source.SOPClassUID}
     # Multi-frame sources have no Frame of Reference and three sources no patient module.
     assert {n for n, k in kinds.items() if k == "SC"} == {
         "OBXXXX1A_2frame.dcm", "OBXXXX1A_expb_2frame.dcm", "OBXXXX1A_rle_2frame.dcm", "color3d_jpeg_baseline.dcm",

@@ -21,7 +21,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ _SCT_KEYWORDS = {
     "liver": "Liver",
     "kidney": "Kidney",
     "pancreas": "Pancreas",
-    "bladder": "UrinaryBladderStructure",
+    "bladder": "Bladder",
     "spleen": "Spleen",
     "artery": "Artery",
     "vein": "Vein",
@@ -78,9 +78,9 @@ class Algorithm:
 
     name: str
     version: str
-    description: str = ""
 
     def seg_identification(self):
+        """The SEG's Segment Algorithm Identification (family: artificial intelligence)."""
         import highdicom as hd
         from pydicom.sr.codedict import codes
 
@@ -89,6 +89,7 @@ class Algorithm:
         )
 
     def sr_identification(self):
+        """The SR's Algorithm Name / Version concept modifiers."""
         import highdicom as hd
 
         return hd.sr.AlgorithmIdentification(name=self.name, version=self.version)
@@ -100,7 +101,6 @@ class ClassificationResult:
 
     probabilities: list[float]
     frame: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def predicted(self) -> int:
@@ -126,7 +126,7 @@ def class_concept(name: str, index: int):
     keyword = _SCT_KEYWORDS.get(name.strip().lower())
     if keyword is not None:
         code = getattr(codes.SCT, keyword)
-        return CodedConcept(code.value, code.scheme_designator, name if len(name) <= 64 else code.meaning)
+        return CodedConcept(code.value, code.scheme_designator, code.meaning)
     return CodedConcept(_short_code(name, index), PRIVATE_SCHEME, name[:64])
 
 
