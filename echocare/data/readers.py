@@ -22,7 +22,8 @@ institution, UIDs) never leave the reader.
 
 Supported formats, by suffix (DICOM is also recognised by its ``DICM`` preamble):
 PNG, JPEG, BMP, TIFF, GIF (Pillow); DICOM (pydicom >= 3 with pylibjpeg decoders for
-RLE, JPEG baseline/lossless and JPEG 2000); MP4, AVI, MOV, MKV, WEBM (PyAV);
+RLE, JPEG baseline/lossless and JPEG 2000; also pydicom 2.4, for the MONAI Label server
+environment, where a file's frames are decoded all at once); MP4, AVI, MOV, MKV, WEBM (PyAV);
 NIfTI ``.nii``/``.nii.gz`` (nibabel).
 """
 
@@ -291,6 +292,16 @@ def _dcmread(path: Path, stop_before_pixels: bool = False):
         raise UltrasoundReadError(path, f"cannot read DICOM ({exc})") from None
 
 
+def _pixel_functions() -> tuple[Any, Any]:
+    """pydicom's ``(apply_color_lut, convert_color_space)``: from ``pydicom.pixels`` (pydicom 3),
+    else from ``pydicom.pixel_data_handlers.util`` (pydicom 2.4, the same functions)."""
+    try:
+        from pydicom.pixels import apply_color_lut, convert_color_space
+    except ImportError:
+        from pydicom.pixel_data_handlers.util import apply_color_lut, convert_color_space
+    return apply_color_lut, convert_color_space
+
+
 def _dicom_num_frames(ds: Any) -> int:
     n = ds.get("NumberOfFrames", 1)
     try:
@@ -327,7 +338,7 @@ def _apply_palette(arr: np.ndarray, ds: Any) -> np.ndarray:
     out byte-swapped, i.e. nearly black). Those tables are read here with the file's
     byte order; segmented tables, which pydicom reads correctly, go to pydicom.
     """
-    from pydicom.pixels import apply_color_lut
+    apply_color_lut, _ = _pixel_functions()
 
     if "RedPaletteColorLookupTableData" not in ds:
         return apply_color_lut(arr, ds)
@@ -355,7 +366,7 @@ def _dicom_frame_to_float(arr: np.ndarray, info: dict[str, Any], ds: Any, path: 
     ``info`` is the decoder's description of the *decoded* array (its photometric
     interpretation is already RGB where the decoder converted YBR).
     """
-    from pydicom.pixels import convert_color_space
+    _, convert_color_space = _pixel_functions()
 
     pi = str(info.get("photometric_interpretation", ds.get("PhotometricInterpretation", ""))).strip()
     bits = int(info.get("bits_stored") or ds.get("BitsStored") or arr.dtype.itemsize * 8)
@@ -393,7 +404,6 @@ def _iter_dicom(path: Path, indices: list[int] | None, step: int) -> Iterator[np
         raise UltrasoundReadError(path, "DICOM has no pixel data")
     if "PixelData" not in ds:
         raise UltrasoundReadError(path, "DICOM float pixel data is not supported")
-    from pydicom.pixels import get_decoder
 
     n = _dicom_num_frames(ds)
     order = indices if indices is not None else list(range(0, n, step))
@@ -403,6 +413,11 @@ def _iter_dicom(path: Path, indices: list[int] | None, step: int) -> Iterator[np
         ts = ds.file_meta.TransferSyntaxUID
     except AttributeError:
         raise UltrasoundReadError(path, "DICOM has no transfer syntax (file meta missing)") from None
+    try:
+        from pydicom.pixels import get_decoder
+    except ImportError:  # pydicom 2.4
+        yield from _iter_dicom_pydicom2(ds, path, order, n)
+        return
     try:
         decoder = get_decoder(ts)
     except NotImplementedError as exc:
@@ -438,6 +453,36 @@ def _iter_dicom(path: Path, indices: list[int] | None, step: int) -> Iterator[np
         raise UltrasoundReadError(path, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from None
     for i in order:
         yield decoded[i]
+
+
+#: JPEG 2000 transfer syntaxes: their decoders undo the YBR_ICT / YBR_RCT colour transform.
+_JPEG2000 = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
+
+
+def _iter_dicom_pydicom2(ds: Any, path: Path, order: list[int], n: int) -> Iterator[np.ndarray]:
+    """Frames ``order`` of a DICOM with pydicom 2.4 (the MONAI Label server environment).
+
+    pydicom 2.4 has no frame iterator: its pixel data handlers decode every frame at once
+    (``ds.pixel_array``). They return pixels in the stored photometric interpretation,
+    except JPEG 2000, whose decoders return RGB; frames are then converted exactly as
+    in the pydicom 3 path.
+    """
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # handlers raise RuntimeError/ValueError/NotImplementedError on bad data
+        raise UltrasoundReadError(path, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from None
+    if n == 1:  # a single frame comes without the frame axis
+        arr = arr[None]
+    pi = str(ds.get("PhotometricInterpretation", "")).strip()
+    if ds.file_meta.TransferSyntaxUID in _JPEG2000 and pi in ("YBR_ICT", "YBR_RCT"):
+        pi = "RGB"
+    info = {
+        "photometric_interpretation": pi,
+        "bits_stored": ds.get("BitsStored"),
+        "pixel_representation": ds.get("PixelRepresentation", 0),
+    }
+    for i in order:
+        yield _dicom_frame_to_float(arr[i], info, ds, path)
 
 
 # Unit codes of PhysicalUnitsX/YDirection (PS3.3 C.8.5.5.1.15): only cm is a length.

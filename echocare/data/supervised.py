@@ -33,6 +33,7 @@ __all__ = [
     "LoadLabelMapd",
     "ClassLabeld",
     "EvalSpacingd",
+    "check_task_item",
     "LoadFramed",
     "class_weights",
     "clip_frame_count",
@@ -231,17 +232,28 @@ def load_task_datalist(
     return kept
 
 
+def check_task_item(
+    item: dict[str, Any], task: str, num_classes: int, mask_values: Sequence[int] | None = None
+) -> str | None:
+    """None when one item (absolute paths) can be trained on, else the problem, naming the file.
+
+    Segmentation: the image decodes, its ``label`` mask reads, holds only known classes and has
+    the image's size (adds ``classes_present`` to the item). Classification: the image (or clip)
+    decodes; the class index itself is checked by :func:`load_task_datalist`.
+    """
+    if task == "segmentation":
+        return _check_segmentation_item(item, mask_values, num_classes)
+    try:
+        _first_frame_size(item["image"])
+    except UltrasoundReadError as error:
+        return str(error)
+    return None
+
+
 def _check_files(items, task, mask_values, num_classes, num_threads) -> list[str]:
     def check(position_item):
         position, item = position_item
-        if task == "segmentation":
-            problem = _check_segmentation_item(item, mask_values, num_classes)
-        else:
-            try:
-                _first_frame_size(item["image"])
-                problem = None
-            except UltrasoundReadError as error:
-                problem = str(error)
+        problem = check_task_item(item, task, num_classes, mask_values)
         return None if problem is None else f"item {position}: {problem}"
 
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:

@@ -29,6 +29,7 @@ __all__ = [
     "SegmentationOverlayWriter",
     "SegmentationPredictionWriter",
     "is_rank0",
+    "probabilities_to_mask",
 ]
 
 logger = logging.getLogger(__name__)
@@ -194,6 +195,19 @@ class _PredictionWriter:
         logger.info("%d predictions written to %s", len(self.records), self.output_dir)
 
 
+def probabilities_to_mask(probabilities: torch.Tensor, size: Sequence[int] | torch.Tensor | None = None) -> np.ndarray:
+    """(C, h, w) class probabilities -> (H, W) uint8 class indices at ``size`` = (H, W).
+
+    The probabilities are resampled bilinearly to ``size`` before the argmax, so masks follow
+    the prediction rather than a nearest-neighbour staircase; ``None`` keeps (h, w).
+    """
+    probs = torch.as_tensor(probabilities).detach().float().cpu()
+    if size is not None:
+        height, width = (int(s) for s in torch.as_tensor(size).reshape(-1)[:2])
+        probs = F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    return probs.argmax(0).numpy().astype(np.uint8)
+
+
 class SegmentationPredictionWriter(_PredictionWriter):
     """Inference output of segmentation, one result per input frame, named after the input:
     ``<stem>[_frameNNNN].png`` (8-bit class indices at the input's original size) and
@@ -209,12 +223,7 @@ class SegmentationPredictionWriter(_PredictionWriter):
         from PIL import Image
 
         path, name, frame = self._name(source)
-        probs = torch.as_tensor(output["pred"]).detach().float().cpu()
-        size = source.get("original_size")
-        if size is not None:
-            height, width = (int(s) for s in torch.as_tensor(size).reshape(-1)[:2])
-            probs = F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-        mask = probs.argmax(0).numpy().astype(np.uint8)
+        mask = probabilities_to_mask(output["pred"], source.get("original_size"))
         png = self.output_dir / f"{name}.png"
         Image.fromarray(mask).save(png)
         nifti = self.output_dir / f"{name}.nii.gz"

@@ -1,0 +1,384 @@
+"""The MONAI Label app (apps/monailabel): label conversion in this environment, and the real
+server in its own environment (created on first use by apps/monailabel/setup_env.sh), over
+HTTP on 127.0.0.1, offline: /info/, segmentation and classification inference checked against
+the bundles' own inference here, a train request on saved labels tracked in MLflow, and
+echocare's readers under pydicom 2.4 / numpy 1.26 checked against this environment's reads.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import find_real_data
+from dicom_helpers import write_dicom
+from echocare.data import read_ultrasound
+from echocare.data.phantom import make_phantom_image
+from echocare.networks import EchoCareClassifier, EchoCareSegNet
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "apps" / "monailabel"
+SERVER_ENV = REPO / ".monailabel_venv"
+sys.path.insert(0, str(APP))
+
+from lib.bundles import bundle_config, bundle_overrides, selected_models  # noqa: E402
+from lib.labels import LabelFileError, read_class_label, split_items, task_datalist  # noqa: E402
+
+SMALL = {"network_size": "tiny", "image_size": "64"}
+
+
+# ------------------------------------------------------------------ data and checkpoints
+
+
+def _phantom(rng: np.random.Generator, height: int = 72, width: int = 88) -> tuple[np.ndarray, np.ndarray]:
+    """A grey phantom image (height, width) of a thyroid and its mask (0 background, 1 anything drawn)."""
+    image, label = make_phantom_image(rng, size=96, organ="head & neck/thyroid")
+    return image[:height, :width].copy(), (label[:height, :width] > 0).astype(np.uint8)
+
+
+def _studies(root: Path, count: int = 4) -> tuple[Path, dict[str, np.ndarray]]:
+    """A studies folder: phantom PNGs, a single-frame and a 3-frame DICOM; returns the masks by image id."""
+    rng = np.random.default_rng(7)
+    root.mkdir(parents=True, exist_ok=True)
+    masks = {}
+    for i in range(count):
+        image, mask = _phantom(rng)
+        Image.fromarray(image).save(root / f"us{i}.png")
+        masks[f"us{i}"] = mask
+    frames = np.stack([_phantom(rng, 64, 80)[0] for _ in range(3)])
+    write_dicom(root / "cine.dcm", frames, "MONOCHROME2", FrameTime=33.0)
+    write_dicom(root / "still.dcm", _phantom(rng, 64, 72)[0], "MONOCHROME2")
+    return root, masks
+
+
+def _save_checkpoints(output_root: Path) -> None:
+    """Seeded tiny networks as ddti_seg's and busbra_cls's served checkpoints (``models/model.pt``)."""
+    torch.manual_seed(0)
+    networks = {
+        "ddti_seg": EchoCareSegNet(network_size="tiny", out_channels=2),
+        "busbra_cls": EchoCareClassifier(network_size="tiny", num_classes=4),
+    }
+    for name, network in networks.items():
+        (output_root / name / "models").mkdir(parents=True, exist_ok=True)
+        torch.save(network.state_dict(), output_root / name / "models" / "model.pt")
+
+
+def _bundle_predict(name: str, output_root: Path, image: Path, frame: int = 0) -> torch.Tensor:
+    """The bundle's own inference (config ids preprocessing, network, postprocessing) in this environment."""
+    config = bundle_config(name, "inference.yaml", bundle_overrides(name, {"output_root": str(output_root), **SMALL}))
+    config["device"] = torch.device("cpu")
+    item = config.get_parsed_content("preprocessing")({"image": str(image), "frame": frame})
+    network = config.get_parsed_content("network").eval()
+    with torch.no_grad():
+        pred = network(item["image"][None])[0]
+    out = config.get_parsed_content("postprocessing")({"pred": pred})
+    return out["pred"], item
+
+
+# ------------------------------------------------------------------ conversion (this environment)
+
+
+def test_selected_models_and_overrides(tmp_path):
+    assert selected_models("all") == ["ddti_seg", "musv_seg", "abdomen_seg", "busbra_cls", "thyroid_cls", "fll_cls"]
+    assert selected_models("ddti_seg, busbra_cls") == ["ddti_seg", "busbra_cls"]
+    with pytest.raises(ValueError, match=r"unknown bundle\(s\) \['ddti'\]"):
+        selected_models("ddti")
+    conf = {"output_root": str(tmp_path), "image_size": "64", "models": "all", "busbra_cls.image_size": "96",
+            "ddti_seg.checkpoint": "models:/ddti_seg@champion"}
+    overrides = bundle_overrides("ddti_seg", conf)
+    assert overrides == {"output_dir": str(tmp_path / "ddti_seg"), "image_size": 64, "checkpoint": "models:/ddti_seg@champion"}
+    assert bundle_overrides("busbra_cls", conf) == {"output_dir": str(tmp_path / "busbra_cls"), "image_size": 96}
+    overrides = {"output_dir": str(tmp_path / "ddti_seg"), "image_size": 64}
+    config = bundle_config("thyroid_cls", "inference.yaml", {**overrides, "clip_frames": 3, "unknown_id": 1})
+    assert config.get_parsed_content("checkpoint") == str(tmp_path / "ddti_seg" / "models" / "model.pt")
+    assert config.get_parsed_content("clip_frames") == 3 and "unknown_id" not in config
+
+
+def test_class_label_files(tmp_path):
+    names = ["BI-RADS 2", "BI-RADS 3", "BI-RADS 4", "BI-RADS 5"]
+    cases = {"a": {"label": "bi-rads 4"}, "b": {"label": 3, "probabilities": {}}}
+    for key, content in cases.items():
+        (tmp_path / f"{key}.json").write_text(json.dumps(content))
+    assert read_class_label(tmp_path / "a.json", names) == 2
+    assert read_class_label(tmp_path / "b.json", names) == 3
+    bad = {"c": '{"label": "BI-RADS 6"}', "d": '{"label": 4}', "e": "[1]", "f": "not json", "g": '{"label": true}'}
+    expected = {"c": "unknown class 'BI-RADS 6'", "d": "label 4 is outside", "e": "JSON object", "f": "not a readable JSON",
+                "g": "neither a class name"}
+    for key, text in bad.items():
+        (tmp_path / f"{key}.json").write_text(text)
+        with pytest.raises(LabelFileError, match=expected[key]) as error:
+            read_class_label(tmp_path / f"{key}.json", names)
+        assert str(error.value).startswith(str(tmp_path / f"{key}.json"))
+
+
+def test_split_items_is_seeded_and_keeps_both_lists():
+    items = [{"image": str(i)} for i in range(10)]
+    train, val = split_items(items, 0.2, seed=3)
+    assert len(train) == 8 and len(val) == 2 and sorted(x["image"] for x in train + val) == sorted(x["image"] for x in items)
+    assert split_items(items, 0.2, seed=3) == (train, val)
+    assert split_items(items[:2], 0.01)[1] == [items[0]] or split_items(items[:2], 0.01)[1] == [items[1]]
+    assert split_items(items[:3], 0) == (items[:3], items[:3])
+    with pytest.raises(ValueError, match="at least 2 labelled images"):
+        split_items(items[:1], 0.2)
+
+
+def test_task_datalist_checks_and_skips_bad_labels(tmp_path):
+    studies, masks = _studies(tmp_path / "studies", count=4)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    seg = []
+    for image_id, mask in masks.items():
+        Image.fromarray(mask).save(labels / f"{image_id}.png")
+        seg.append({"image": str(studies / f"{image_id}.png"), "label": str(labels / f"{image_id}.png")})
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(labels / "small.png")  # wrong size
+    Image.fromarray(np.full((72, 88), 7, np.uint8)).save(labels / "seven.png")  # class 7 of 2
+    seg += [{"image": str(studies / "us0.png"), "label": str(labels / "small.png")},
+            {"image": str(studies / "us1.png"), "label": str(labels / "seven.png")}]
+    datalist, skipped = task_datalist(seg, "segmentation", ["background", "nodule"], val_split=0.25, seed=0)
+    assert len(datalist["training"]) == 3 and len(datalist["validation"]) == 1
+    assert all(set(item) == {"image", "label"} for item in datalist["training"] + datalist["validation"])
+    assert len(skipped) == 2
+    assert "small.png: mask is 10x10" in skipped[0] or "small.png" in skipped[0] and "10x10" in skipped[0]
+    assert "seven.png" in skipped[1] and "[7]" in skipped[1]
+
+    (labels / "c0.json").write_text(json.dumps({"label": "BI-RADS 3"}))
+    (labels / "c1.json").write_text(json.dumps({"label": 0}))
+    (labels / "c2.json").write_text(json.dumps({"label": "no such class"}))
+    cls = [{"image": str(studies / "us0.png"), "label": str(labels / "c0.json")},
+           {"image": str(studies / "cine.dcm"), "label": str(labels / "c1.json")},
+           {"image": str(studies / "us2.png"), "label": str(labels / "c2.json")},
+           {"image": str(studies / "missing.png"), "label": str(labels / "c1.json")}]
+    names = ["BI-RADS 2", "BI-RADS 3", "BI-RADS 4", "BI-RADS 5"]
+    datalist, skipped = task_datalist(cls, "classification", names, val_split=0.5, seed=0)
+    assert sorted(item["label"] for item in datalist["training"] + datalist["validation"]) == [0, 1]
+    assert len(skipped) == 2 and "no such class" in skipped[0] and "missing.png" in skipped[1]
+    with pytest.raises(ValueError, match="at least 2 labelled images"):
+        task_datalist(cls[2:], "classification", names)
+
+
+# ------------------------------------------------------------------ the server environment
+
+
+def _env_python() -> Path:
+    return SERVER_ENV / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def server_env() -> Path:
+    """The server environment, created (or completed) by the one documented command."""
+    start = time.time()
+    result = subprocess.run(["bash", str(APP / "setup_env.sh"), str(SERVER_ENV)], capture_output=True, text=True,
+                            timeout=1500, cwd=REPO)
+    assert result.returncode == 0, f"setup_env.sh failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    print(f"server environment ready in {time.time() - start:.0f} s")
+    return SERVER_ENV
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _request(url: str, data: bytes | None = None, headers: dict | None = None, method: str | None = None,
+             timeout: float = 120) -> bytes:
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    with urllib.request.urlopen(req, timeout=timeout) as response:
+        return response.read()
+
+
+def _multipart(fields: dict[str, str], files: dict[str, Path]) -> tuple[bytes, dict]:
+    boundary = uuid.uuid4().hex
+    body = io.BytesIO()
+    for name, value in fields.items():
+        body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, path in files.items():
+        body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{path.name}"\r\n'
+                   "Content-Type: application/octet-stream\r\n\r\n".encode())
+        body.write(path.read_bytes())
+        body.write(b"\r\n")
+    body.write(f"--{boundary}--\r\n".encode())
+    return body.getvalue(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+class Server:
+    """``monailabel start_server`` in the server environment (activated: the launcher runs the
+    ``python`` found on PATH), on 127.0.0.1, stopped with its whole process group."""
+
+    def __init__(self, env: Path, studies: Path, output_root: Path, log: Path, models: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        environ.update(PATH=f"{env / 'bin'}:{environ.get('PATH', '')}", VIRTUAL_ENV=str(env), OMP_NUM_THREADS="1",
+                       MONAI_LABEL_AUTO_UPDATE_SCORING="false", MLFLOW_TRACKING_URI="")
+        environ.pop("MLFLOW_TRACKING_URI")
+        command = [str(env / "bin" / "monailabel"), "start_server", "--app", str(APP), "--studies", str(studies),
+                   "--host", "127.0.0.1", "--port", str(self.port), "--conf", "models", models,
+                   "--conf", "output_root", str(output_root), "--conf", "network_size", "tiny",
+                   "--conf", "image_size", "64", "--conf", "num_workers", "0", "--conf", "batch_size", "2"]
+        self.handle = log.open("w")
+        self.process = subprocess.Popen(command, cwd=REPO, env=environ, stdout=self.handle, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def tail(self) -> str:
+        return self.log.read_text()[-6000:]
+
+    def wait_ready(self, timeout: float = 240) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.tail()}")
+            try:
+                return json.loads(_request(f"{self.url}/info/", timeout=10))
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(1)
+        raise AssertionError(f"server not ready after {timeout} s:\n{self.tail()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
+        self.handle.close()
+
+
+@pytest.mark.timeout(1800)
+def test_server_serves_and_trains_bundles_offline(server_env, tmp_path):
+    """The real server: /info/, a mask and class probabilities equal to the bundles' own
+    inference here, a DICOM frame, labels saved and a 1-epoch train request in MLflow, then
+    the retrained checkpoint served; stopped at the end."""
+    studies, masks = _studies(tmp_path / "studies")
+    output_root = tmp_path / "outputs"
+    _save_checkpoints(output_root)
+    server = Server(server_env, studies, output_root, tmp_path / "server.log", "ddti_seg,busbra_cls,musv_seg")
+    try:
+        info = server.wait_ready()
+        # musv_seg has no checkpoint: listed as a train task only
+        assert set(info["models"]) == {"ddti_seg", "busbra_cls"}, server.tail()
+        assert set(info["trainers"]) == {"ddti_seg", "busbra_cls", "musv_seg"}
+        assert info["models"]["ddti_seg"]["labels"] == {"nodule": 1}
+        assert info["models"]["busbra_cls"]["type"] == "classification"
+
+        # segmentation: a PNG of class indices at the image's own size, as the bundle predicts here
+        mask = np.asarray(Image.open(io.BytesIO(_request(f"{server.url}/infer/ddti_seg?image=us1&output=image",
+                                                         method="POST"))))
+        assert mask.shape == (72, 88) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+        from echocare.engines.supervised import probabilities_to_mask
+
+        probs, item = _bundle_predict("ddti_seg", output_root, studies / "us1.png")
+        expected = probabilities_to_mask(probs, item["original_size"])
+        assert (mask == expected).mean() > 0.999, server.tail()
+
+        # an uploaded multi-frame DICOM, frame 2
+        body, headers = _multipart({"params": json.dumps({"frame": 2})}, {"file": studies / "cine.dcm"})
+        frame_mask = np.asarray(Image.open(io.BytesIO(_request(f"{server.url}/infer/ddti_seg?output=image", body, headers))))
+        probs, item = _bundle_predict("ddti_seg", output_root, studies / "cine.dcm", frame=2)
+        assert frame_mask.shape == (64, 80)
+        assert (frame_mask == probabilities_to_mask(probs, item["original_size"])).mean() > 0.999
+
+        # classification: probabilities as the bundle predicts here
+        result = json.loads(_request(f"{server.url}/infer/busbra_cls?image=still&output=json", method="POST"))
+        params = result.get("params", result)
+        probs, _ = _bundle_predict("busbra_cls", output_root, studies / "still.dcm")
+        np.testing.assert_allclose([params["probabilities"][n] for n in ("BI-RADS 2", "BI-RADS 3", "BI-RADS 4", "BI-RADS 5")],
+                                   probs.reshape(-1).numpy(), atol=1e-4)
+        assert params["label"] == ["BI-RADS 2", "BI-RADS 3", "BI-RADS 4", "BI-RADS 5"][int(probs.argmax())]
+
+        # annotators save final labels; a 1-epoch train request runs the bundle's train.yaml in MLflow
+        for image_id in ("us0", "us1", "us2"):
+            path = tmp_path / f"label_{image_id}.png"
+            Image.fromarray(masks[image_id]).save(path)
+            body, headers = _multipart({"params": "{}"}, {"label": path})
+            _request(f"{server.url}/datastore/label?image={image_id}&tag=final", body, headers, method="PUT")
+        checkpoint = output_root / "ddti_seg" / "models" / "model.pt"
+        before = checkpoint.stat().st_mtime
+        request = json.dumps({"max_epochs": 1, "val_split": 0.34, "run_name": "from_annotators"}).encode()
+        _request(f"{server.url}/train/ddti_seg", request, {"Content-Type": "application/json"}, method="POST")
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            status = json.loads(_request(f"{server.url}/train/"))
+            if status.get("status") in ("DONE", "ERROR"):
+                break
+            time.sleep(2)
+        assert status.get("status") == "DONE", f"{status}\n{server.tail()}"
+        stats = json.loads((output_root / "ddti_seg" / "monailabel" / "train_stats.json").read_text())
+        assert stats["training"] == 2 and stats["validation"] == 1 and stats["skipped"] == []
+        assert checkpoint.stat().st_mtime > before
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{output_root / 'ddti_seg' / 'mlruns.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("ddti_seg").experiment_id])
+        assert [r.info.run_name for r in runs] == ["from_annotators"]
+        assert "mean_dice" in runs[0].data.metrics and runs[0].info.status == "FINISHED"
+
+        # the retrained checkpoint is what the server now serves
+        mask = np.asarray(Image.open(io.BytesIO(_request(f"{server.url}/infer/ddti_seg?image=us3&output=image",
+                                                         method="POST"))))
+        probs, item = _bundle_predict("ddti_seg", output_root, studies / "us3.png")
+        assert (mask == probabilities_to_mask(probs, item["original_size"])).mean() > 0.999
+    finally:
+        server.stop()
+    assert server.process.returncode is not None
+
+
+def _probe(server_env: Path, tmp_path: Path, reads: list) -> tuple[dict, list[np.ndarray]]:
+    spec = tmp_path / "probe.json"
+    spec.write_text(json.dumps({"out": str(tmp_path / "probe"), "reads": reads}))
+    result = subprocess.run([str(_env_python()), str(Path(__file__).parent / "monailabel_env_probe.py"), str(spec)],
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-5000:]
+    report = json.loads((tmp_path / "probe" / "report.json").read_text())
+    return report, [np.load(tmp_path / "probe" / f"read_{i}.npy") for i in range(len(reads))]
+
+
+def test_server_env_versions_and_dicom_reads(server_env, tmp_path):
+    """In the server environment: pydicom 2.4, numpy 1.26, our CPU torch, every echocare
+    requirement satisfied (setup.cfg's ranges hold there), and DICOMs read as here: generated
+    ones (multi-frame selection, MONOCHROME1, 12 bit, RGB, YBR_FULL) and, when the real data is
+    present, every scanner DICOM (palette, YBR JPEG, JPEG 2000, JPEG lossless, RLE, big endian)."""
+    from pydicom.pixels import convert_color_space
+
+    rng = np.random.default_rng(3)
+    grey = rng.integers(0, 256, (3, 20, 24), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (18, 22, 3), dtype=np.uint8)
+    reads = [
+        (write_dicom(tmp_path / "cine.dcm", grey, "MONOCHROME2"), [2, 0]),
+        (write_dicom(tmp_path / "m1.dcm", grey[0], "MONOCHROME1"), None),
+        (write_dicom(tmp_path / "b12.dcm", grey[1].astype(np.uint16) * 16, "MONOCHROME2", bits_stored=12), None),
+        (write_dicom(tmp_path / "rgb.dcm", rgb, "RGB"), None),
+        (write_dicom(tmp_path / "ybr.dcm", convert_color_space(rgb, "RGB", "YBR_FULL"), "YBR_FULL"), None),
+    ]
+    real = find_real_data()
+    scanner = sorted((real / "dicom_us").glob("*.dcm")) if real is not None else []
+    reads += [(path, [0, -1]) for path in scanner]
+    report, arrays = _probe(server_env, tmp_path, [[str(path), frames] for path, frames in reads])
+    versions = report["versions"]
+    assert versions["pydicom"].startswith("2.4.") and versions["numpy"].startswith("1.26.")
+    assert versions["torch"] == torch.__version__ and versions["monailabel"] == "0.8.5"
+    assert report["unmet"] == []
+    assert Path(report["echocare_file"]).resolve().parent == (REPO / "echocare").resolve()
+    assert len(scanner) in (0, 21)
+    for (path, frames), array in zip(reads, arrays):
+        here = read_ultrasound(path, frames=frames)
+        assert array.shape == here.shape, path.name
+        # the same decoders (Pillow, pylibjpeg) under both: equal to within one 8-bit level
+        assert np.abs(array - here).max() <= 1 / 255 + 1e-6, path.name
