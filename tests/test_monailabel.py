@@ -37,7 +37,7 @@ SERVER_ENV = REPO / ".monailabel_venv"
 sys.path.insert(0, str(APP))
 
 from lib.bundles import bundle_config, bundle_overrides, selected_models  # noqa: E402
-from lib.labels import LabelFileError, read_class_label, split_items, task_datalist  # noqa: E402
+from lib.labels import LabelFileError, labelled_items, read_class_label, split_items, task_datalist  # noqa: E402
 
 SMALL = {"network_size": "tiny", "image_size": "64"}
 
@@ -137,6 +137,37 @@ def test_split_items_is_seeded_and_keeps_both_lists():
         split_items(items[:1], 0.2)
 
 
+class _Datastore:
+    """The part of MONAI Label's datastore interface the train task reads, laid out as
+    LocalDatastore keeps a studies folder (``labels/<tag>/<image id><ext>``)."""
+
+    def __init__(self, root: Path, labels: dict[str, dict[str, str]]) -> None:
+        self.root, self.labels = root, labels
+
+    def list_images(self) -> list[str]:
+        return sorted(self.labels)
+
+    def get_labels_by_image_id(self, image_id: str) -> dict[str, str]:
+        return {tag: image_id for tag in self.labels[image_id]}
+
+    def get_image_uri(self, image_id: str) -> str:
+        return str(self.root / f"{image_id}.png")
+
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        return str(self.root / "labels" / label_tag / f"{label_id}{self.labels[label_id][label_tag]}")
+
+
+def test_labelled_items_by_tag(tmp_path):
+    store = _Datastore(tmp_path, {"a": {"final": ".png", "busbra_cls": ".json"}, "b": {"final": ".png"}, "c": {}})
+    assert labelled_items(store) == [
+        {"image": str(tmp_path / "a.png"), "label": str(tmp_path / "labels" / "final" / "a.png")},
+        {"image": str(tmp_path / "b.png"), "label": str(tmp_path / "labels" / "final" / "b.png")},
+    ]
+    assert labelled_items(store, "busbra_cls") == [
+        {"image": str(tmp_path / "a.png"), "label": str(tmp_path / "labels" / "busbra_cls" / "a.json")}]
+    assert labelled_items(store, "original") == []
+
+
 def test_task_datalist_checks_and_skips_bad_labels(tmp_path):
     studies, masks = _studies(tmp_path / "studies", count=4)
     labels = tmp_path / "labels"
@@ -153,7 +184,7 @@ def test_task_datalist_checks_and_skips_bad_labels(tmp_path):
     assert len(datalist["training"]) == 3 and len(datalist["validation"]) == 1
     assert all(set(item) == {"image", "label"} for item in datalist["training"] + datalist["validation"])
     assert len(skipped) == 2
-    assert "small.png: mask is 10x10" in skipped[0] or "small.png" in skipped[0] and "10x10" in skipped[0]
+    assert "small.png is 10x10 pixels but its image" in skipped[0] and "us0.png is 72x88" in skipped[0]
     assert "seven.png" in skipped[1] and "[7]" in skipped[1]
 
     (labels / "c0.json").write_text(json.dumps({"label": "BI-RADS 3"}))
@@ -303,12 +334,17 @@ def test_server_serves_and_trains_bundles_offline(server_env, tmp_path):
                                    probs.reshape(-1).numpy(), atol=1e-4)
         assert params["label"] == ["BI-RADS 2", "BI-RADS 3", "BI-RADS 4", "BI-RADS 5"][int(probs.argmax())]
 
-        # annotators save final labels; a 1-epoch train request runs the bundle's train.yaml in MLflow
-        for image_id in ("us0", "us1", "us2"):
-            path = tmp_path / f"label_{image_id}.png"
-            Image.fromarray(masks[image_id]).save(path)
-            body, headers = _multipart({"params": "{}"}, {"label": path})
-            _request(f"{server.url}/datastore/label?image={image_id}&tag=final", body, headers, method="PUT")
+        # annotators save final labels (one of the wrong size, and a class label under its own
+        # tag); a 1-epoch train request runs the bundle's train.yaml in MLflow on the good masks
+        Image.fromarray(np.zeros((10, 12), np.uint8)).save(tmp_path / "label_us3.png")
+        (tmp_path / "label_us0.json").write_text(json.dumps({"label": "BI-RADS 3"}))
+        for image_id, name, tag in (("us0", "label_us0.png", "final"), ("us1", "label_us1.png", "final"),
+                                    ("us2", "label_us2.png", "final"), ("us3", "label_us3.png", "final"),
+                                    ("us0", "label_us0.json", "busbra_cls")):
+            if name.endswith(".png") and image_id in masks and image_id != "us3":
+                Image.fromarray(masks[image_id]).save(tmp_path / name)
+            body, headers = _multipart({"params": "{}"}, {"label": tmp_path / name})
+            _request(f"{server.url}/datastore/label?image={image_id}&tag={tag}", body, headers, method="PUT")
         checkpoint = output_root / "ddti_seg" / "models" / "model.pt"
         before = checkpoint.stat().st_mtime
         request = json.dumps({"max_epochs": 1, "val_split": 0.34, "run_name": "from_annotators"}).encode()
@@ -321,7 +357,11 @@ def test_server_serves_and_trains_bundles_offline(server_env, tmp_path):
             time.sleep(2)
         assert status.get("status") == "DONE", f"{status}\n{server.tail()}"
         stats = json.loads((output_root / "ddti_seg" / "monailabel" / "train_stats.json").read_text())
-        assert stats["training"] == 2 and stats["validation"] == 1 and stats["skipped"] == []
+        assert stats["training"] == 2 and stats["validation"] == 1
+        assert len(stats["skipped"]) == 1 and "us3.png is 10x12 pixels but its image" in stats["skipped"][0]
+        datalist = json.loads((output_root / "ddti_seg" / "monailabel" / "datalist.json").read_text())
+        used = sorted(Path(item["image"]).name for item in datalist["training"] + datalist["validation"])
+        assert used == ["us0.png", "us1.png", "us2.png"]
         assert checkpoint.stat().st_mtime > before
         from mlflow.tracking import MlflowClient
 
@@ -350,6 +390,7 @@ def _probe(server_env: Path, tmp_path: Path, reads: list) -> tuple[dict, list[np
     return report, [np.load(tmp_path / "probe" / f"read_{i}.npy") for i in range(len(reads))]
 
 
+@pytest.mark.timeout(1800)
 def test_server_env_versions_and_dicom_reads(server_env, tmp_path):
     """In the server environment: pydicom 2.4, numpy 1.26, our CPU torch, every echocare
     requirement satisfied (setup.cfg's ranges hold there), and DICOMs read as here: generated

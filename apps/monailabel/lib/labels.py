@@ -25,7 +25,7 @@ import numpy as np
 
 from echocare.data.supervised import check_task_item
 
-__all__ = ["LabelFileError", "read_class_label", "split_items", "task_datalist"]
+__all__ = ["LabelFileError", "labelled_items", "read_class_label", "split_items", "task_datalist"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,19 @@ def read_class_label(path: str | os.PathLike[str], class_names: Sequence[str]) -
             return lowered.index(value.strip().lower())
         raise LabelFileError(f"{path}: unknown class {value!r}; the model's classes are {list(class_names)}")
     raise LabelFileError(f"{path}: label {value!r} is neither a class name nor a class index")
+
+
+def labelled_items(datastore: Any, tag: str = "final") -> list[dict[str, str]]:
+    """``[{"image": path, "label": path}, ...]`` of the images of a MONAI Label datastore that
+    have a label with ``tag``. ``final`` (what annotators save) gives what ``datastore.datalist()``
+    lists; another tag keeps, e.g., class labels apart from masks saved for the same images.
+    (``LocalDatastore.get_labeled_images`` ignores its tag and lists final labels only.)"""
+    items = []
+    for image_id in datastore.list_images():
+        label_id = datastore.get_labels_by_image_id(image_id).get(tag)
+        if label_id:
+            items.append({"image": datastore.get_image_uri(image_id), "label": datastore.get_label_uri(label_id, tag)})
+    return items
 
 
 def split_items(items: Sequence[dict[str, Any]], val_split: float, seed: int = 0) -> tuple[list, list]:

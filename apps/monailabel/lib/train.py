@@ -16,7 +16,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from echocare.bundle import bundle_dir
 from lib.bundles import TASKS, bundle_config, bundle_metadata
-from lib.labels import task_datalist
+from lib.labels import labelled_items, task_datalist
 
 __all__ = ["EchoCareTrain"]
 
@@ -133,17 +133,6 @@ class EchoCareTrain(TrainTask):
         }
         (work / "train_stats.json").write_text(json.dumps(stats, indent=1))
         return stats
-
-
-def labelled_items(datastore: Datastore, tag: str = "final") -> list[dict[str, str]]:
-    """``[{"image": path, "label": path}, ...]`` of the images that have a label with ``tag``
-    (``final`` is what ``datastore.datalist()`` lists; another tag keeps, e.g., class labels
-    apart from masks saved for the same images)."""
-    items = []
-    for image_id in datastore.get_labeled_images(label_tag=tag):
-        label_id = datastore.get_label_by_image_id(image_id, tag)
-        items.append({"image": datastore.get_image_uri(image_id), "label": datastore.get_label_uri(label_id, tag)})
-    return items
 
 
 def _cuda() -> bool:
