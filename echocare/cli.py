@@ -7,6 +7,10 @@
     echocare experiment BUNDLE --name NAME --inits scratch,ENC.pt --seeds 5 --train-fractions 0.1,1.0 [--config OVERLAY]
         [--dataset_dir D --datalist L] [--output_dir experiments/NAME] [--override ID=VALUE ...]
     echocare compare --experiment NAME --metric mean_dice [--by init] [--tracking-uri URI] [--out DIR] [--lower-is-better]
+    echocare export BUNDLE --checkpoint PATH --format torchscript|onnx --out FILE [--config OVERLAY] [--network_size tiny ...]
+    echocare registry register --run RUN_ID --name NAME [--alias champion] [--tracking-uri URI | --output-dir OUT]
+    echocare registry list [--name NAME] [--tracking-uri URI | --output-dir OUT]
+    echocare registry promote NAME VERSION ALIAS [--tracking-uri URI | --output-dir OUT]
     echocare predict BUNDLE --input PATH [--input PATH ...] --out DIR [--checkpoint CKPT] [--config OVERLAY] [--max-frames N]
 """
 
@@ -30,8 +34,58 @@ def _run_bundle(run_id: str, config_files: list[str], **overrides: object) -> No
     run(run_id, config_file=config_files, **overrides)
 
 
+class RegistryCLI:
+    """The MLflow model registry: register a bundle training run's best checkpoint, list models, move aliases.
+
+    Store: --tracking-uri (sqlite:///OUT/mlruns.db or http://HOST:PORT), else MLFLOW_TRACKING_URI, else
+    --output-dir OUT (the bundle run's output_dir, holding mlruns.db). Bundles load a registered model with
+    --checkpoint models:/NAME@ALIAS or models:/NAME/VERSION. See echocare.registry.
+    """
+
+    def register(
+        self, run: str, name: str, alias: str | None = None, tracking_uri: str | None = None, output_dir: str | None = None
+    ) -> None:
+        """Register training run RUN's best checkpoint, with its bundle's configs, metadata and metrics, as a new
+        version of model NAME; --alias (e.g. champion) points at it."""
+        from echocare.registry import RegistryError, register_run
+
+        try:
+            result = register_run(str(run), str(name), alias=str(alias) if alias else None,
+                                  tracking_uri=tracking_uri, output_dir=output_dir)
+        except RegistryError as error:
+            raise SystemExit(f"echocare registry register: {error}") from None
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
+        target = f"models:/{result['name']}@{result['alias']}" if result["alias"] else f"models:/{result['name']}/{result['version']}"
+        print(f"registered {result['name']} version {result['version']}" + (f" (@{result['alias']})" if result["alias"] else "")
+              + f": {result['bundle']} run {result['run_id']}, best {result['key_metric']} at epoch {result['best_epoch']}"
+              + f" ({metrics})\nload it with --checkpoint {target}  [store {result['tracking_uri']}]")
+
+    def list(self, name: str | None = None, tracking_uri: str | None = None, output_dir: str | None = None) -> None:
+        """Every version of every registered model (or of --name NAME): aliases, bundle, key metric, run."""
+        from echocare.registry import RegistryError, format_registry_table, list_registered
+
+        try:
+            rows = list_registered(tracking_uri=tracking_uri, output_dir=output_dir, name=str(name) if name else None)
+        except RegistryError as error:
+            raise SystemExit(f"echocare registry list: {error}") from None
+        print(format_registry_table(rows) if rows else "no registered models")
+
+    def promote(self, name: str, version: int, alias: str, tracking_uri: str | None = None, output_dir: str | None = None) -> None:
+        """Point ALIAS (e.g. champion) of model NAME at VERSION."""
+        from echocare.registry import RegistryError, promote
+
+        try:
+            result = promote(str(name), version, str(alias), tracking_uri=tracking_uri, output_dir=output_dir)
+        except RegistryError as error:
+            raise SystemExit(f"echocare registry promote: {error}") from None
+        moved = f" (was version {result['previous']})" if result["previous"] is not None else ""
+        print(f"{result['name']}@{result['alias']} -> version {result['version']}{moved}")
+
+
 class EchoCareCLI:
     """EchoCare: ultrasound foundation model toolkit."""
+
+    registry = RegistryCLI()
 
     def demo_data(
         self, task: str = "pretrain", out: str = "echocare_demo_data", n: int = 64, seed: int = 0, image_size: int = 256
@@ -182,6 +236,41 @@ class EchoCareCLI:
         )
         if any(r.status == "failed" for r in rows):
             sys.exit(1)
+
+    def export(
+        self,
+        bundle: str,
+        checkpoint: str,
+        format: str = "torchscript",
+        out: str | None = None,
+        config: str | list[str] | None = None,
+        override: str | list[str] | None = None,
+        tracking_uri: str | None = None,
+        batch_size: int = 1,
+        **bundle_args: object,
+    ) -> None:
+        """Export BUNDLE's network with CHECKPOINT (a file or models:/NAME@ALIAS) to --out FILE, carrying the bundle metadata.
+
+        --format torchscript (traced at the bundle's image_size) or onnx (dynamic batch axis; run it with
+        `--onnx_model FILE` in the segmentation/classification inference.yaml, through ONNX Runtime).
+        --config OVERLAY (variants), --override ID=VALUE and any other --ID VALUE (e.g. --network_size tiny
+        --image_size 128) set the bundle config. The exported file is checked against PyTorch on random inputs
+        (largest absolute difference at most 1e-4). See echocare.networks.export.
+        """
+        from echocare.experiments import parse_overrides
+        from echocare.networks.export import export_bundle
+
+        out = out or f"{Path(bundle).name}.{'onnx' if format == 'onnx' else 'ts'}"
+        metadata = export_bundle(
+            bundle, str(checkpoint), str(format), out, config=config,
+            overrides={**parse_overrides(override or []), **bundle_args}, tracking_uri=tracking_uri,
+            batch_size=int(batch_size),
+        )
+        section = metadata["echocare_export"]
+        shapes = ", ".join(f"{k} {tuple(v)}" for k, v in section["inputs"].items())
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in metadata.get("max_abs_diff", {}).items())
+        print(f"{out}: {section['bundle']} ({section['network']}, {section['network_size']}) as {format}; inputs {shapes}; "
+              f"outputs {', '.join(section['outputs'])}; max |exported - PyTorch|: {diffs}")
 
     def demo(
         self,
@@ -345,6 +434,20 @@ def _list_flag(argv: list[str], flag: str) -> list[str]:
     return argv
 
 
+def _string_flag(argv: list[str], flag: str) -> list[str]:
+    """Every ``--FLAG V`` as ``--FLAG="V"``, which python-fire keeps as the string V."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == f"--{flag}" and i + 1 < len(argv):
+            out.append(f"--{flag}={json.dumps(argv[i + 1])}")
+            i += 2
+            continue
+        out.append(f"--{flag}={json.dumps(arg.split('=', 1)[1])}" if arg.startswith(f"--{flag}=") else arg)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     import sys
 
@@ -352,6 +455,9 @@ def main(argv: list[str] | None = None) -> None:
     args = merge_repeated_flag(args, "input")  # echocare predict --input A --input B
     for flag in ("override", "config"):  # echocare experiment: always a list, so fire keeps '#' in ids
         args = _list_flag(args, flag)
+    if args[:1] == ["registry"]:  # run ids and names stay strings (fire reads "1234e5..." as a number)
+        for flag in ("run", "name", "alias"):
+            args = _string_flag(args, flag)
     fire.Fire(EchoCareCLI, command=args, name="echocare")
 
 

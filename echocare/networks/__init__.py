@@ -37,3 +37,12 @@ from echocare.networks.finetune import (
 )
 from echocare.networks.tasks import CLIP_POOLINGS, EchoCareClassifier, EchoCareSegNet
 from echocare.networks.fast import optimize_for_inference, reference_paths, use_fast_paths
+from echocare.networks.export import (
+    EXPORT_FORMATS,
+    ExportError,
+    OnnxRuntimeNetwork,
+    build_bundle_network,
+    export_bundle,
+    load_exported,
+    read_export_metadata,
+)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -49,7 +50,16 @@ def merge_lora_state_dict(state: dict[str, torch.Tensor], network: nn.Module) ->
     return {k: v.detach() for k, v in scratch.state_dict().items()}
 
 
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
+def _read_state(path: str | Path, tracking_uri: str | None = None) -> dict[str, torch.Tensor]:
+    """The network state dict in ``path``: a file, or a registered model (``models:/NAME@ALIAS``,
+    ``models:/NAME/VERSION``) downloaded from the MLflow registry into a temporary folder that
+    is removed once the weights are in memory."""
+    from echocare.registry import fetch_checkpoint, is_registry_uri
+
+    if is_registry_uri(path):
+        with tempfile.TemporaryDirectory(prefix="echocare_checkpoint_") as tmp:
+            return _read_state(fetch_checkpoint(str(path), tmp, tracking_uri))
+    path = Path(path)
     checkpoint = read_checkpoint(path, "checkpoint (train the bundle first, or pass --checkpoint)")
     state = _unwrap(checkpoint)
     if state is None:
@@ -57,7 +67,9 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_network_checkpoint(network: nn.Module, path: str | Path, allow_head_mismatch: bool = False) -> nn.Module:
+def load_network_checkpoint(
+    network: nn.Module, path: str | Path, allow_head_mismatch: bool = False, tracking_uri: str | None = None
+) -> nn.Module:
     """Load a bundle checkpoint (``models/model.pt`` or an interval checkpoint) into ``network``.
 
     Accepts a flat state dict, ``{"model": ...}`` / ``{"state_dict": ...}`` wrappers, DDP's
@@ -66,19 +78,22 @@ def load_network_checkpoint(network: nn.Module, path: str | Path, allow_head_mis
 
     Args:
         network: the bundle's network.
-        path: the checkpoint.
+        path: the checkpoint: a file, or a model registered with ``echocare registry register``
+            given as ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
         allow_head_mismatch: when the encoder fits but head weights do not (another number
             of classes), load the encoder and every fitting head weight, leave the others
             as initialised and warn (:class:`HeadMismatchWarning`) naming them; for
             starting a fine-tuning from another task's network. Otherwise the load is strict.
+        tracking_uri: the MLflow store of a ``models:/`` checkpoint (default
+            ``MLFLOW_TRACKING_URI``; bundles pass their ``tracking_uri``).
 
     Raises:
         FileNotFoundError: missing file.
+        echocare.registry.RegistryError: unknown registered model, version or alias (named).
         EncoderWeightsError: a checkpoint of another architecture or size (naming the file
             and the missing, unexpected and wrongly shaped keys).
     """
-    path = Path(path)
-    state = merge_lora_state_dict(_read_state(path), network)
+    state = merge_lora_state_dict(_read_state(path, tracking_uri), network)
     expected = network.state_dict()
     problem = f"{path}: the checkpoint does not fit {type(network).__name__} (another architecture, network_size or class list?)"
     if not allow_head_mismatch:
@@ -106,10 +121,17 @@ def load_network_checkpoint(network: nn.Module, path: str | Path, allow_head_mis
     return network
 
 
-def initialise_network(network: nn.Module, pretrained_path: str | Path | None = None, checkpoint: str | Path | None = None) -> nn.Module:
+def initialise_network(
+    network: nn.Module,
+    pretrained_path: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    tracking_uri: str | None = None,
+) -> nn.Module:
     """Starting weights of a fine-tuning run: ``checkpoint`` (a whole network, e.g. an earlier
-    fine-tuning; head weights that do not fit are re-initialised with a warning), else the
-    encoder from ``pretrained_path`` (released layout or ours), else as initialised (scratch).
+    fine-tuning, as a file or ``models:/NAME@ALIAS``; head weights that do not fit are
+    re-initialised with a warning), else the encoder from ``pretrained_path`` (released layout
+    or ours), else as initialised (scratch). ``tracking_uri``: the MLflow store of a
+    ``models:/`` checkpoint (see :func:`load_network_checkpoint`).
 
     Raises:
         ValueError: both are given (which one should win is not obvious).
@@ -120,5 +142,5 @@ def initialise_network(network: nn.Module, pretrained_path: str | Path | None = 
             "pretrained_path sets the encoder, checkpoint the whole network"
         )
     if checkpoint:
-        return load_network_checkpoint(network, checkpoint, allow_head_mismatch=True)
+        return load_network_checkpoint(network, checkpoint, allow_head_mismatch=True, tracking_uri=tracking_uri)
     return load_pretrained(network, pretrained_path)

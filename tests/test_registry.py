@@ -1,0 +1,240 @@
+"""The MLflow model registry: register, list, promote and load by alias, on the bundles' default
+SQLite store and on a real ``mlflow server`` on 127.0.0.1.
+
+One tiny musv_seg training run per store (2 epochs on phantoms, trained side by side) is shared
+by the tests of that store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import redirect_stdout
+from io import StringIO
+from pathlib import Path
+
+import pytest
+import torch
+
+from monai.bundle import ConfigParser
+
+from bundle_helpers import REPO, mlflow_runs
+from echocare.cli import main
+from echocare.data import generate_demo_data
+from echocare.networks import EchoCareSegNet, load_network_checkpoint
+from echocare.registry import RegistryError, fetch_checkpoint, list_registered, promote, register_run
+
+SMALL = ["--network_size", "tiny", "--image_size", "64", "--batch_size", "4", "--num_workers", "0", "--progress_bar", "False"]
+TRAIN = str(REPO / "bundles" / "musv_seg" / "configs" / "train.yaml")
+EVALUATE = str(REPO / "bundles" / "musv_seg" / "configs" / "evaluate.yaml")
+
+
+def _cli(*args: str) -> str:
+    out = StringIO()
+    with redirect_stdout(out):
+        main(list(args))
+    return out.getvalue()
+
+
+def _start_training(data: Path, output_dir: Path, run_name: str, *extra: str) -> subprocess.Popen:
+    """A 2-epoch tiny musv_seg training run with --tracking mlflow, as ``bundle_helpers.bundle`` runs it, in the background."""
+    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN, *SMALL,
+               "--dataset_dir", str(data), "--datalist", str(data / "datalist.json"), "--output_dir", str(output_dir),
+               "--max_epochs", "2", "--tracking", "mlflow", "--run_name", run_name, *extra]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process: subprocess.Popen) -> None:
+    output, _ = process.communicate(timeout=600)
+    if process.returncode != 0:
+        raise AssertionError(f"bundle training failed ({process.returncode}):\n{output[-5000:]}")
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return load_network_checkpoint(EchoCareSegNet("tiny", 3), path).state_dict()
+
+
+def _assert_same_weights(network: torch.nn.Module, reference: dict[str, torch.Tensor]) -> None:
+    state = network.state_dict()
+    assert state.keys() == reference.keys()
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for_health(url: str, server: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            raise AssertionError(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def _stop_group(server: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group, then SIGKILL to whatever of it is left (uvicorn runs in a child)."""
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.wait()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One training run in the bundle's default store (<output_dir>/mlruns.db) and one on a real
+    ``mlflow server`` on 127.0.0.1 (SQLite backend, proxied artifacts), trained side by side.
+
+    Yields ``{"data": Path, "sqlite": (output_dir, run_id), "server": (output_dir, url)}``.
+    """
+    data = tmp_path_factory.mktemp("musv_data")
+    generate_demo_data("musv_seg", data, n=8, seed=0, image_size=64)
+    sqlite_out, server_out, root = (tmp_path_factory.mktemp(n) for n in ("musv_sqlite", "musv_server", "mlflow_server"))
+    sqlite_training = _start_training(data, sqlite_out, "to_register")
+    port = _free_port()
+    beside = Path(sys.executable).parent / "mlflow"
+    command = [str(beside) if beside.exists() else "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+               "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log = root / "server.log"
+    # No background job runner (its worker processes outlive the server); the server in its own
+    # process group, so that stopping the group stops every process it started.
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    with log.open("w") as handle:
+        server = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=root, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    server_training = None
+    try:
+        _wait_for_health(url, server, log)
+        server_training = _start_training(data, server_out, "server_run", "--tracking_uri", url)
+        _finish(sqlite_training)
+        _finish(server_training)
+        _, found = mlflow_runs(sqlite_out / "mlruns.db")
+        (run,) = [r for r in found if r.info.run_name == "to_register"]
+        yield {"data": data, "sqlite": (sqlite_out, run.info.run_id), "server": (server_out, url)}
+    finally:
+        for process in (sqlite_training, server_training):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+        _stop_group(server)
+
+
+def test_register_list_promote_and_load_by_alias_on_sqlite(runs, monkeypatch: pytest.MonkeyPatch) -> None:
+    out, run_id = runs["sqlite"]
+    data = runs["data"]
+    store = f"sqlite:///{out / 'mlruns.db'}"
+    client, _ = mlflow_runs(out / "mlruns.db")
+    best = max(m.value for m in client.get_metric_history(run_id, "mean_dice"))
+
+    printed = _cli("registry", "register", "--run", run_id, "--name", "musv", "--alias", "champion", "--output-dir", str(out))
+    assert "registered musv version 1 (@champion)" in printed and "models:/musv@champion" in printed
+    printed = _cli("registry", "register", "--run", run_id, "--name", "musv", "--output-dir", str(out))
+    assert "registered musv version 2:" in printed
+
+    # The version: the run's best mean_dice (the epoch model.pt was saved at), bundle, network size, source.
+    version = client.get_model_version("musv", "1")
+    assert float(version.tags["mean_dice"]) == pytest.approx(best, abs=1e-6)
+    assert version.tags["bundle"] == "musv_seg" and version.tags["key_metric"] == "mean_dice"
+    assert version.tags["network_size"] == "tiny" and version.run_id == run_id
+    assert {"mean_nsd", "dice_artery", "dice_vein"} <= set(version.tags)
+    # Its files: a MONAI bundle with the best checkpoint, configs and metadata holding the metrics.
+    local = Path(client.download_artifacts(run_id, "registered_model", str(out / "downloaded")))
+    assert {"train.yaml", "evaluate.yaml", "inference.yaml", "metadata.json", "run_config.json"} <= {
+        p.name for p in (local / "configs").iterdir()}
+    metadata = json.loads((local / "configs" / "metadata.json").read_text())
+    assert metadata["eval_metrics"]["mean_dice"] == pytest.approx(best, abs=1e-6)
+    assert metadata["name"].startswith("EchoCare")
+    assert json.loads((local / "configs" / "run_config.json").read_text())["network_size"] == "tiny"
+    reference = _state(out / "models" / "model.pt")
+    _assert_same_weights(load_network_checkpoint(EchoCareSegNet("tiny", 3), local / "models" / "model.pt"), reference)
+
+    printed = _cli("registry", "promote", "musv", "2", "champion", "--output-dir", str(out))
+    assert "musv@champion -> version 2 (was version 1)" in printed
+    rows = {r["version"]: r for r in list_registered(store)}
+    assert rows[2]["aliases"] == "champion" and rows[1]["aliases"] == ""
+    assert rows[2]["value"] == pytest.approx(best, abs=1e-6) and rows[2]["run_id"] == run_id
+    table = _cli("registry", "list", "--tracking-uri", store)
+    assert "| musv | 2 | champion | musv_seg | mean_dice |" in table
+
+    # Load by alias and by version, in Python and through the bundle's evaluation config (its default
+    # store <output_dir>/mlruns.db), in-process.
+    for uri in ("models:/musv@champion", "models:/musv/1"):
+        _assert_same_weights(load_network_checkpoint(EchoCareSegNet("tiny", 3), uri, tracking_uri=store), reference)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    parser = ConfigParser()
+    parser.read_config([TRAIN, EVALUATE])
+    parser.update({"network_size": "tiny", "image_size": 64, "num_workers": 0, "dataset_dir": str(data),
+                   "datalist": str(data / "datalist.json"), "output_dir": str(out), "device": "$torch.device('cpu')",
+                   "checkpoint": "models:/musv@champion"})
+    parser.get_parsed_content("validate#evaluator").run()
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert summary["mean_dice"] == pytest.approx(best, abs=1e-4)  # the same weights on the same validation list
+
+
+def test_unknown_names_versions_aliases_and_runs_are_named(runs) -> None:
+    out, run_id = runs["sqlite"]
+    store = f"sqlite:///{out / 'mlruns.db'}"
+    register_run(run_id, "musv_errors", tracking_uri=store)
+    network = EchoCareSegNet("tiny", 3)
+    with pytest.raises(RegistryError, match=r"no registered model 'nosuch' in sqlite:///.*\(registered: .*musv_errors"):
+        load_network_checkpoint(network, "models:/nosuch@champion", tracking_uri=store)
+    with pytest.raises(RegistryError, match=r"'musv_errors' has no alias 'staging' .*\(aliases: none\)"):
+        load_network_checkpoint(network, "models:/musv_errors@staging", tracking_uri=store)
+    with pytest.raises(RegistryError, match=r"'musv_errors' has no version 7 .*\(versions: 1\)"):
+        fetch_checkpoint("models:/musv_errors/7", out, tracking_uri=store)
+    with pytest.raises(RegistryError, match=r"models:/musv_errors/latest: not a registered model URI"):
+        fetch_checkpoint("models:/musv_errors/latest", out, tracking_uri=store)
+    with pytest.raises(RegistryError, match=r"no MLflow run '0123abcd'"):
+        register_run("0123abcd", "musv_errors", tracking_uri=store)
+    with pytest.raises(RegistryError, match=r"has no version 3"):
+        promote("musv_errors", 3, "champion", tracking_uri=store)
+    with pytest.raises(SystemExit, match=r"echocare registry promote: .*has no version 3"):
+        _cli("registry", "promote", "musv_errors", "3", "champion", "--tracking-uri", store)
+
+
+def test_register_promote_and_load_by_alias_on_a_tracking_server(runs, monkeypatch: pytest.MonkeyPatch) -> None:
+    out, mlflow_server = runs["server"]
+    assert not (out / "mlruns.db").exists()  # everything went to the server
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("musv_seg").experiment_id], "attributes.run_name = 'server_run'")
+    run_id = run.info.run_id
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # artifacts travel through the server
+
+    first = register_run(run_id, "musv_server", alias="champion", tracking_uri=mlflow_server)
+    second = register_run(run_id, "musv_server", tracking_uri=mlflow_server)
+    assert (first["version"], second["version"]) == (1, 2)
+    best = max(m.value for m in client.get_metric_history(run_id, "mean_dice"))
+    assert first["metrics"]["mean_dice"] == pytest.approx(best, abs=1e-6)
+    assert promote("musv_server", 2, "champion", tracking_uri=mlflow_server)["previous"] == 1
+    assert client.get_model_version_by_alias("musv_server", "champion").version == "2"
+    rows = list_registered(mlflow_server, name="musv_server")
+    assert [(r["version"], r["aliases"]) for r in rows] == [(2, "champion"), (1, "")]
+
+    reference = _state(out / "models" / "model.pt")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # the store load_network_checkpoint falls back to
+    _assert_same_weights(load_network_checkpoint(EchoCareSegNet("tiny", 3), "models:/musv_server@champion"), reference)
