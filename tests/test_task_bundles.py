@@ -17,7 +17,7 @@ import torch
 from monai.bundle import ConfigParser
 from PIL import Image
 
-from bundle_helpers import REPO, bundle, mlflow_runs
+from bundle_helpers import REPO, bundle, bundles_in_one_process, mlflow_runs
 from echocare.data import generate_demo_data
 from echocare.networks import (
     EchoCareClassifier,
@@ -314,13 +314,17 @@ def test_real_data_variant_runs(name, overlay, dataset, args, real_data_dir: Pat
     files = ["train.yaml", overlay] if overlay else ["train.yaml"]
     common = [*SMALL, "--dataset_dir", str(real_data_dir / dataset), "--datalist", str(tmp_path / "datalist.json"),
               "--output_dir", str(tmp_path)]
-    bundle("training", "--config_file", configs(name, *files), *common, "--max_epochs", "1",
-           "--tracking", "mlflow", "--run_name", "real_smoke")
-    bundle("evaluating", "--config_file", configs(name, *files, "evaluate.yaml"), *common)
+    inference = ["inference.yaml", overlay] if overlay else ["inference.yaml"]
+    bundles_in_one_process(
+        ["training", "--config_file", configs(name, *files), *common, "--max_epochs", "1",
+         "--tracking", "mlflow", "--run_name", "real_smoke"],
+        ["evaluating", "--config_file", configs(name, *files, "evaluate.yaml"), *common],
+        ["inferring", "--config_file", configs(name, *inference), "--input_dir", str(tmp_path / "datalist.json"),
+         "--dataset_dir", str(real_data_dir / dataset), "--output_dir", str(tmp_path), *SMALL[:4], "--num_workers", "0"],
+    )
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert KEY_METRIC[name] in summary or "auc" in summary
-    inference = ["inference.yaml", overlay] if overlay else ["inference.yaml"]
-    bundle("inferring", "--config_file", configs(name, *inference), "--input_dir", str(tmp_path / "datalist.json"),
-           "--dataset_dir", str(real_data_dir / dataset), "--output_dir", str(tmp_path), *SMALL[:4], "--num_workers", "0")
+    _, runs = mlflow_runs(tmp_path / "mlruns.db")
+    assert [r.info.run_name for r in runs] == ["real_smoke"] and runs[0].info.status == "FINISHED"
     predictions = json.loads((tmp_path / "predictions" / "predictions.json").read_text())
     assert len(predictions) == len(small["validation"])
