@@ -255,10 +255,10 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        # the project environment's PYTHONPATH and MLflow store must not leak into the server
+        environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "MLFLOW_TRACKING_URI")}
         environ.update(PATH=f"{env / 'bin'}:{environ.get('PATH', '')}", VIRTUAL_ENV=str(env), OMP_NUM_THREADS="1",
-                       MONAI_LABEL_AUTO_UPDATE_SCORING="false", MLFLOW_TRACKING_URI="")
-        environ.pop("MLFLOW_TRACKING_URI")
+                       MONAI_LABEL_AUTO_UPDATE_SCORING="false")
         command = [str(env / "bin" / "monailabel"), "start_server", "--app", str(APP), "--studies", str(studies),
                    "--host", "127.0.0.1", "--port", str(self.port), "--conf", "models", models,
                    "--conf", "output_root", str(output_root), "--conf", "network_size", "tiny",
@@ -325,6 +325,13 @@ def test_server_serves_and_trains_bundles_offline(server_env, tmp_path):
         probs, item = _bundle_predict("ddti_seg", output_root, studies / "cine.dcm", frame=2)
         assert frame_mask.shape == (64, 80)
         assert (frame_mask == probabilities_to_mask(probs, item["original_size"])).mean() > 0.999
+
+        # an unreadable upload: HTTP 422 naming the problem
+        (tmp_path / "broken.png").write_bytes(b"not an image at all")
+        body, headers = _multipart({}, {"file": tmp_path / "broken.png"})
+        with pytest.raises(urllib.error.HTTPError) as error:
+            _request(f"{server.url}/infer/ddti_seg?output=image", body, headers)
+        assert error.value.code == 422 and "cannot decode image" in error.value.read().decode()
 
         # classification: probabilities as the bundle predicts here
         result = json.loads(_request(f"{server.url}/infer/busbra_cls?image=still&output=json", method="POST"))

@@ -22,11 +22,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from fastapi import HTTPException
 from monai.inferers import Inferer
 from monai.transforms import Compose, MapTransform
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
+from echocare.data.readers import UltrasoundReadError
 from echocare.engines.supervised import probabilities_to_mask
 from lib.bundles import TASKS, bundle_config, bundle_metadata
 
@@ -104,6 +106,14 @@ class EchoCareInfer(BasicInferTask):
         info = super().info()
         info.update(bundle=self.name, weights=self.weights, class_names=self.class_names)
         return info
+
+    def __call__(self, request: Mapping[str, Any], callbacks: Any = None) -> tuple[str, dict]:
+        """MONAI Label's inference; an unreadable image answers HTTP 422 with the reader's
+        message (the file and the problem) instead of a bare server error."""
+        try:
+            return super().__call__(request, callbacks)
+        except UltrasoundReadError as error:
+            raise HTTPException(status_code=422, detail=str(error)) from None
 
     def _parsed(self, key: str, device: Any = None) -> Any:
         with self._lock:
