@@ -76,16 +76,24 @@ def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None, output_dir: str | Path | None = None) -> str:
-    """The MLflow store: ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else ``<output_dir>/mlruns.db``."""
+    """The MLflow store: ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else ``<output_dir>/mlruns.db``.
+
+    Raises:
+        RegistryError: none of them given, or a SQLite store whose file does not exist (MLflow
+            would create an empty one, hiding a wrong path).
+    """
     from echocare.experiments import _tracking_uri
 
     try:
-        return _tracking_uri(tracking_uri, Path(output_dir) if output_dir else None)
+        uri = _tracking_uri(tracking_uri, Path(output_dir) if output_dir else None)
     except ValueError:
         raise RegistryError(
             "no MLflow store: pass --tracking-uri (e.g. sqlite:///OUT/mlruns.db or http://HOST:PORT), "
             "set MLFLOW_TRACKING_URI, or pass the bundle's --output-dir holding mlruns.db"
         ) from None
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise RegistryError(f"{uri}: no MLflow store there (no such file; train with --tracking mlflow first?)")
+    return uri
 
 
 def _client(tracking_uri: str):

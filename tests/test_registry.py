@@ -213,6 +213,10 @@ def test_unknown_names_versions_aliases_and_runs_are_named(runs) -> None:
         promote("musv_errors", 3, "champion", tracking_uri=store)
     with pytest.raises(SystemExit, match=r"echocare registry promote: .*has no version 3"):
         _cli("registry", "promote", "musv_errors", "3", "champion", "--tracking-uri", store)
+    missing = out / "elsewhere"
+    with pytest.raises(SystemExit, match=rf"echocare registry list: sqlite:///{missing}/mlruns\.db: no MLflow store there"):
+        _cli("registry", "list", "--output-dir", str(missing))
+    assert not missing.exists()  # no empty store created
 
 
 def test_register_promote_and_load_by_alias_on_a_tracking_server(runs, monkeypatch: pytest.MonkeyPatch) -> None:
