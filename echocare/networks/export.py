@@ -104,7 +104,8 @@ def build_bundle_network(
         tracking_uri: the MLflow store of a ``models:/`` checkpoint.
 
     Returns:
-        ``(module, spec)``: ``module`` maps the input tensors to a tuple of output tensors;
+        ``(module, spec)``: ``module`` maps the input tensors to the output tensor (a tuple in
+        ``spec["outputs"]`` order for the pretraining network);
         ``spec`` = ``{"bundle", "network", "inputs": {name: shape with "batch" first},
         "outputs": [names], "class_names", "network_size", "image_size", "checkpoint"}``.
     """
