@@ -22,11 +22,30 @@ throughput is images per second at batch 8. The outputs of the two paths must ag
 with its deviation from the float32 reference and the agreement of its predictions
 (argmax class / argmax label per pixel).
 
-JSON (``--out``): ``speedup`` (the smallest fast/reference speedup over the networks and
-batch sizes), ``cases`` (one entry per network and batch size), ``encoder`` (the encoder
-alone, for reference), the settings, machine and commit.
+``--onnx`` adds an ONNX Runtime row per case (CPU execution provider, all graph
+optimisations, ``--threads`` intra-op threads), reported separately: the network exported
+by :func:`echocare.networks.export.export_bundle` (the bundle's ``network_def`` with the
+same weights; exporting the ``base`` segmentation network takes about a minute and 1 GB of
+disk under ``--onnx-dir``).
 
-Usage: ``python benchmarks/inference.py [--repeats 5] [--bf16] [--out results.json]``
+Every path of a case is timed in the same loop, one pass of each in turn, so that load
+from other jobs falls on all of them alike.
+
+**FP32 bound.** The floating-point operations of one image are counted on the reference
+(``torch.utils.flop_counter``: matrix products and convolutions, 2 per multiply-add), and a
+float32 ``2048^3`` matrix product is timed in the same process and threads (``sgemm``, the
+best of several runs). ``fp32_bound_speedup`` = reference time / (FLOPs / sgemm rate): the
+speedup that any float32 implementation of the same arithmetic would reach if every one of
+its operations ran at that matrix-product rate (in practice it cannot: convolutions and
+small matrices run below it). A speedup above it needs less arithmetic (e.g. Winograd
+convolutions) or lower precision (the bf16 row).
+
+JSON (``--out``): ``speedup`` (the smallest fast/reference speedup over the networks and
+batch sizes), ``cases`` (one entry per network and batch size, with ``gflop_per_image``,
+``fp32_bound_speedup`` and the optional ``bf16`` / ``onnxruntime`` entries), ``encoder``
+(the encoder alone, for reference), ``sgemm_gflops``, the settings, machine and commit.
+
+Usage: ``python benchmarks/inference.py [--repeats 5] [--bf16] [--onnx] [--out results.json]``
 """
 
 from __future__ import annotations
@@ -39,6 +58,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -73,32 +93,51 @@ def _first(output):
     return output[-1] if isinstance(output, (list, tuple)) else output
 
 
-def time_pair(reference, fast, x, repeats: int) -> tuple[float, float]:
-    """Best wall seconds of ``reference(x)`` and ``fast(x)`` over ``repeats`` alternating passes."""
-    best_ref = best_fast = float("inf")
+def time_alternating(paths: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best wall seconds of each callable over ``repeats`` rounds, after one warm-up round;
+    every round runs each path once, in turn."""
+    best = {name: float("inf") for name in paths}
     with torch.inference_mode():
-        reference(x)
-        fast(x)
+        for run in paths.values():
+            run()
         for _ in range(repeats):
-            start = time.perf_counter()
-            reference(x)
-            best_ref = min(best_ref, time.perf_counter() - start)
-            start = time.perf_counter()
-            fast(x)
-            best_fast = min(best_fast, time.perf_counter() - start)
-    return best_ref, best_fast
-
-
-def time_one(network, x, repeats: int) -> float:
-    """Best wall seconds of ``network(x)`` over ``repeats`` passes after a warm-up pass."""
-    best = float("inf")
-    with torch.inference_mode():
-        network(x)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            network(x)
-            best = min(best, time.perf_counter() - start)
+            for name, run in paths.items():
+                start = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - start)
     return best
+
+
+def sgemm_gflops(repeats: int = 5, side: int = 2048) -> float:
+    """Float32 matrix-product rate (GFLOP/s) of this process's threads: the best of ``repeats``
+    products of two ``side`` x ``side`` matrices."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(side, side, generator=generator)
+    b = torch.randn(side, side, generator=generator)
+    seconds = time_alternating({"sgemm": lambda: torch.mm(a, b)}, repeats)["sgemm"]
+    return 2 * side**3 / seconds / 1e9
+
+
+def count_gflop(network: torch.nn.Module, x: torch.Tensor) -> float:
+    """Floating-point operations (GFLOP, 2 per multiply-add) of ``network(x)`` per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        network(x)
+    return counter.get_total_flops() / 1e9 / x.shape[0]
+
+
+def onnx_runtime_network(name: str, network: torch.nn.Module, size: str, side: int, folder: Path, threads: int):
+    """``network`` exported by :func:`echocare.networks.export.export_bundle` (bundle ``name``,
+    its ``network_def`` with these weights) and loaded in ONNX Runtime on ``threads`` threads."""
+    from echocare.networks.export import OnnxRuntimeNetwork, export_bundle
+
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint, model = folder / f"{name}_{size}.pt", folder / f"{name}_{size}_{side}.onnx"
+    torch.save(network.state_dict(), checkpoint)
+    export_bundle(name, checkpoint, "onnx", model, overrides={"network_size": size, "image_size": side}, verify=False)
+    return OnnxRuntimeNetwork(model, num_threads=threads)
 
 
 def _commit() -> str:
@@ -131,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--networks", default="ddti_seg,busbra_cls")
     parser.add_argument("--atol", type=float, default=1e-4)
     parser.add_argument("--bf16", action="store_true", help="also time a bfloat16 fast path (reported separately)")
+    parser.add_argument("--onnx", action="store_true", help="also time ONNX Runtime on the exported network (separate row)")
+    parser.add_argument("--onnx-dir", default="/tmp/echocare_inference_onnx", help="where --onnx writes the exports")
     parser.add_argument("--no-encoder", action="store_true", help="skip the encoder-alone rows")
     parser.add_argument("--out", default="", help="write the results as JSON")
     args = parser.parse_args(argv)
@@ -141,21 +182,30 @@ def main(argv: list[str] | None = None) -> dict:
     generator = torch.Generator().manual_seed(1)
     inputs = {b: torch.rand(b, 3, side, side, generator=generator) for b in batch_sizes}
     cases, encoder_rows, failures = [], [], []
-    print(f"{'case':<22} {'batch':>5} {'reference':>12} {'fast':>12} {'speedup':>8} {'max |diff|':>11}")
+    gemm = sgemm_gflops()
+    print(f"sgemm {gemm:.0f} GFLOP/s on {args.threads} threads")
+    print(f"{'case':<22} {'batch':>5} {'reference':>12} {'fast':>12} {'speedup':>8} {'max |diff|':>11} {'fp32 bound':>10}")
     for name in args.networks.split(","):
         reference = build(name, args.size)
         fast = optimize_for_inference(copy.deepcopy(reference))
         if set(fast.state_dict()) != set(reference.state_dict()):
             raise RuntimeError("the fast path changed the state dict keys")
-        lowp = None
-        if args.bf16:
-            lowp = optimize_for_inference(copy.deepcopy(reference)).to(torch.bfloat16)
+        gflop = count_gflop(reference, inputs[1] if 1 in inputs else inputs[batch_sizes[0]][:1])
+        lowp = optimize_for_inference(copy.deepcopy(reference)).to(torch.bfloat16) if args.bf16 else None
+        ort = onnx_runtime_network(name, reference, args.size, side, Path(args.onnx_dir), args.threads) if args.onnx else None
         for b in batch_sizes:
             x = inputs[b]
             with torch.inference_mode():
                 ref_out, fast_out = _first(reference(x)), _first(fast(x))
             diff = (ref_out - fast_out).abs().max().item()
-            t_ref, t_fast = time_pair(reference, fast, x, args.repeats if b == 1 else max(2, args.repeats // 2))
+            paths = {"reference": lambda: reference(x), "fast": lambda: fast(x)}
+            if lowp is not None:
+                x_low = x.to(torch.bfloat16)
+                paths["bf16"] = lambda: lowp(x_low)
+            if ort is not None:
+                paths["onnxruntime"] = lambda: ort(x)
+            times = time_alternating(paths, args.repeats if b == 1 else max(2, args.repeats // 2))
+            t_ref, t_fast = times["reference"], times["fast"]
             case = {
                 "network": name,
                 "batch_size": b,
@@ -166,16 +216,18 @@ def main(argv: list[str] | None = None) -> dict:
                 "speedup": t_ref / t_fast,
                 "max_abs_diff": diff,
                 "output_max_abs": ref_out.abs().max().item(),
+                "gflop_per_image": gflop,
+                "fp32_bound_speedup": t_ref / b / (gflop / gemm),
             }
             label = "latency" if b == 1 else "throughput"
             print(f"{name + ' ' + label:<22} {b:>5} {case['reference_ms_per_image']:>9.0f} ms {case['fast_ms_per_image']:>9.0f} ms"
-                  f" {case['speedup']:>7.2f}x {diff:>11.1e}")
+                  f" {case['speedup']:>7.2f}x {diff:>11.1e} {case['fp32_bound_speedup']:>9.2f}x")
             if diff > args.atol:
                 failures.append(f"{name} batch {b}: max |diff| {diff:.2e} > {args.atol}")
             if lowp is not None:
-                t_low = time_one(lowp, x.to(torch.bfloat16), max(2, args.repeats // 2))
+                t_low = times["bf16"]
                 with torch.inference_mode():
-                    low_out = _first(lowp(x.to(torch.bfloat16))).float()
+                    low_out = _first(lowp(x_low)).float()
                 agree = (low_out.argmax(1) == ref_out.argmax(1)).float().mean().item()
                 case["bf16"] = {
                     "ms_per_image": 1e3 * t_low / b,
@@ -185,19 +237,33 @@ def main(argv: list[str] | None = None) -> dict:
                 }
                 print(f"{'  bf16 (separate)':<22} {b:>5} {'':>12} {1e3 * t_low / b:>9.0f} ms {t_ref / t_low:>7.2f}x"
                       f" {case['bf16']['max_abs_diff']:>11.1e}  argmax agreement {agree:.3f}")
+            if ort is not None:
+                t_ort = times["onnxruntime"]
+                with torch.inference_mode():
+                    ort_diff = (_first(ort(x)) - ref_out).abs().max().item()
+                case["onnxruntime"] = {"ms_per_image": 1e3 * t_ort / b, "speedup_over_reference": t_ref / t_ort,
+                                       "max_abs_diff": ort_diff}
+                print(f"{'  onnxruntime (sep.)':<22} {b:>5} {'':>12} {1e3 * t_ort / b:>9.0f} ms {t_ref / t_ort:>7.2f}x"
+                      f" {ort_diff:>11.1e}")
             cases.append(case)
         if not args.no_encoder and name == args.networks.split(",")[0]:
-            x = inputs[batch_sizes[0]]
-            t_ref, t_fast = time_pair(reference.encoder, fast.encoder, x, args.repeats)
             b = batch_sizes[0]
+            x = inputs[b]
+            times = time_alternating({"reference": lambda: reference.encoder(x), "fast": lambda: fast.encoder(x)}, args.repeats)
+            t_ref, t_fast = times["reference"], times["fast"]
+            enc_gflop = count_gflop(reference.encoder, x[:1])
             encoder_rows.append({"batch_size": b, "reference_ms_per_image": 1e3 * t_ref / b,
-                                 "fast_ms_per_image": 1e3 * t_fast / b, "speedup": t_ref / t_fast})
-            print(f"{'encoder alone':<22} {b:>5} {1e3 * t_ref / b:>9.0f} ms {1e3 * t_fast / b:>9.0f} ms {t_ref / t_fast:>7.2f}x")
-        del reference, fast, lowp
+                                 "fast_ms_per_image": 1e3 * t_fast / b, "speedup": t_ref / t_fast,
+                                 "gflop_per_image": enc_gflop, "fp32_bound_speedup": t_ref / b / (enc_gflop / gemm)})
+            print(f"{'encoder alone':<22} {b:>5} {1e3 * t_ref / b:>9.0f} ms {1e3 * t_fast / b:>9.0f} ms {t_ref / t_fast:>7.2f}x"
+                  f" {'':>11} {encoder_rows[-1]['fp32_bound_speedup']:>9.2f}x")
+        del reference, fast, lowp, ort
 
     result = {
         "benchmark": "inference",
         "speedup": min(c["speedup"] for c in cases),
+        "fp32_bound_speedup": min(c["fp32_bound_speedup"] for c in cases),
+        "sgemm_gflops": gemm,
         "cases": cases,
         "encoder": encoder_rows,
         "encoder_size": args.size,
@@ -211,7 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
     }
-    print(f"\nspeedup (smallest over networks and batch sizes): {result['speedup']:.2f}x")
+    print(f"\nspeedup (smallest over networks and batch sizes): {result['speedup']:.2f}x; "
+          f"FP32 bound of that case set: {result['fp32_bound_speedup']:.2f}x (at {gemm:.0f} GFLOP/s)")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")

@@ -12,6 +12,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import nn
 
@@ -23,11 +24,14 @@ from echocare.networks import (
     build_encoder,
 )
 from echocare.networks.fast import (
+    MICRO_BATCH_MIN_PIXELS,
     FastBasicLayer,
     FastConv2d,
     FastConvTranspose2d,
     FastEchoCareEncoder,
     FastUnetResBlock,
+    FastUnetrUpBlock,
+    _channels_last_instance_norm,
     fast_paths_enabled,
     optimize_for_inference,
     reference_paths,
@@ -75,6 +79,7 @@ def test_state_dict_unchanged_and_classes_swapped():
     assert isinstance(net.encoder, FastEchoCareEncoder)
     assert isinstance(net.encoder.layers3[0], FastBasicLayer)
     assert isinstance(net.decoder.up0.conv_block, FastUnetResBlock)
+    assert isinstance(net.decoder.up0, FastUnetrUpBlock)
     assert isinstance(net.decoder.up0.transp_conv.conv, FastConvTranspose2d)
     assert isinstance(net.decoder.skip1.layer.conv1.conv, FastConv2d)
     assert fast_paths_enabled(net) and not net.training
@@ -221,6 +226,72 @@ def test_fast_convolutions(channels_last):
             a, b = module(x), fast(x)
         assert (a - b).abs().max().item() <= 1e-5
         assert b.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_channels_last_instance_norm_matches_float64(affine):
+    """Two-pass statistics: exact to float32 rounding even where a channel's mean is 30x its
+    spread at 256x256 (PyTorch's channels-last group norm is off by ~1e-4 there)."""
+    torch.manual_seed(0)
+    norm = nn.InstanceNorm2d(6, affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.normal_(1, 0.5), norm.bias.normal_(0, 0.5)
+    x = torch.randn(2, 6, 256, 256) + torch.tensor([0.0, 3, -5, 30, 0.1, 1]).view(1, 6, 1, 1)
+    expected = F.instance_norm(x.double(), weight=norm.weight.double() if affine else None,
+                               bias=norm.bias.double() if affine else None, eps=norm.eps)
+    with torch.inference_mode():
+        out = _channels_last_instance_norm(norm, x.contiguous(memory_format=torch.channels_last))
+        assert _channels_last_instance_norm(norm, x) is None  # channels-first: the group-norm path
+    assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.double() - expected).abs().max().item() <= 5e-6
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_up_block_inference_matches_monai(channels_last):
+    """Transposed convolution, concatenation and residual block, channels-last, micro-batched
+    at high resolution; channels-first or channels-last inputs."""
+    from monai.networks.blocks import UnetrUpBlock
+
+    torch.manual_seed(0)
+    reference = _perturb(
+        UnetrUpBlock(2, 16, 8, kernel_size=3, upsample_kernel_size=2, norm_name="instance", res_block=True), 13
+    ).eval()
+    fast = optimize_for_inference(reference, inplace=False)
+    assert isinstance(fast, FastUnetrUpBlock) and fast.fast_micro_batch == 1
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    inp, skip = torch.rand(3, 16, 32, 32).contiguous(memory_format=fmt), torch.rand(3, 8, 64, 64).contiguous(memory_format=fmt)
+    with torch.inference_mode():
+        a, b = reference(inp, skip), fast(inp, skip)
+    assert b.shape == a.shape == (3, 8, 64, 64) and b.is_contiguous(memory_format=torch.channels_last)
+    assert (a - b).abs().max().item() <= ATOL
+
+
+def test_decoder_micro_batches_only_high_resolution_blocks():
+    """Deep, weight-bound blocks see the whole batch; blocks with maps of at least
+    MICRO_BATCH_MIN_PIXELS pixels see one image at a time; the output equals the reference's."""
+    torch.manual_seed(0)
+    reference = _perturb(EchoCareSegNet("tiny", out_channels=2), 14).eval()
+    fast = optimize_for_inference(reference, inplace=False)
+    seen: dict[str, list[int]] = {}
+    for name in ("bottleneck", "skip2", "skip_image", "up0"):
+        block = getattr(fast.decoder, name)
+        target = block.layer if hasattr(block, "layer") else block
+        target.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, []).append(args[0].shape[0]))
+    # 64 px: bottleneck at 2x2, skip2 at 16x16 (below the threshold), skip_image/up0 at 64x64
+    assert 16 * 16 < MICRO_BATCH_MIN_PIXELS <= 64 * 64
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        out, expected = fast(x), reference(x)
+    assert seen == {"bottleneck": [2], "skip2": [2], "skip_image": [2], "up0": [2]}  # the blocks' own calls
+    assert out.is_contiguous() and (out - expected).abs().max().item() <= ATOL
+    # inside, the deep residual block runs the batch once, the high-resolution one image by image
+    calls: dict[str, list[int]] = {"bottleneck": [], "up0": []}
+    for name, block in (("bottleneck", fast.decoder.bottleneck.layer), ("up0", fast.decoder.up0.conv_block)):
+        block._inference = (lambda run, log: lambda t: (log.append(t.shape[0]), run(t))[1])(block._inference, calls[name])
+    with torch.inference_mode():
+        assert (fast(x) - expected).abs().max().item() <= ATOL
+    assert calls == {"bottleneck": [2], "up0": [1, 1]}
 
 
 # ---------------------------------------------------------------------------- training

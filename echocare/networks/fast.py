@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from monai.networks.blocks.dynunet_block import UnetResBlock
+from monai.networks.blocks.unetr_block import UnetrUpBlock
 from monai.networks.nets.swin_unetr import (
     BasicLayer,
     PatchMergingV2,
@@ -63,6 +64,8 @@ __all__ = [
     "FastEchoCareEncoder",
     "FastUNETRDecoder",
     "FastUnetResBlock",
+    "FastUnetrUpBlock",
+    "MICRO_BATCH_MIN_PIXELS",
     "fast_paths_enabled",
     "optimize_for_inference",
     "reference_paths",
@@ -489,17 +492,92 @@ def _instance_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm(x)
 
 
-class FastUnetResBlock(_FastModule, UnetResBlock):
-    """MONAI's ``UnetResBlock`` with instance norms run as group norms; same parameters.
+#: Residual conv blocks whose maps have at least this many pixels run a batch in micro-batches
+#: (``fast_micro_batch``): their activations outweigh their weights, so one image at a time stays
+#: in the caches. Deeper, smaller blocks are weight-bound and run the whole batch, so that each
+#: weight is read once per batch rather than once per image.
+MICRO_BATCH_MIN_PIXELS = 64 * 64
 
-    With ``fast_checkpoint`` ``"block"`` or ``"mlp+conv"`` its activations are recomputed in
-    the backward pass.
+
+def _channels_last_instance_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """MONAI's ``InstanceNorm2d`` on a channels-last map (B, C, H, W), returned channels-last
+    (no copies to channels-first and back); None where this does not apply.
+
+    Two passes like the reference kernel: the mean, then the mean of the squared deviations,
+    both with PyTorch's cascaded float32 sums. (PyTorch's channels-last group- and batch-norm
+    kernels accumulate E[x^2] and E[x] in one running float32 sum each: off by up to 4e-5 at
+    256x256.) Whole-tensor operations, not slices: on a busy CPU every parallel operation
+    also waits for its threads.
+    """
+    if not (
+        isinstance(norm, nn.InstanceNorm2d)
+        and not norm.track_running_stats
+        and x.ndim == 4
+        and x.shape[1] == norm.num_features
+        and x.dtype in (torch.float32, torch.float64)
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return None
+    n, c, h, w = x.shape
+    tokens = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view: x is channels-last
+    out = tokens - tokens.mean(1, keepdim=True)
+    scale = out.square().mean(1, keepdim=True).add_(norm.eps).rsqrt_()
+    if norm.affine:
+        out.mul_(scale * norm.weight).add_(norm.bias)
+    else:
+        out.mul_(scale)
+    return out.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _inference_instance_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)``, channels-last where :func:`_channels_last_instance_norm` applies."""
+    out = _channels_last_instance_norm(norm, x)
+    return _instance_norm(norm, x) if out is None else out
+
+
+def _micro_batched(module: nn.Module, run, pixels: int, *inputs: torch.Tensor) -> torch.Tensor:
+    """``run(*inputs)``, in micro-batches of ``module.fast_micro_batch`` images where the maps
+    have at least :data:`MICRO_BATCH_MIN_PIXELS` pixels (no operation mixes images)."""
+    size = _micro_batches(module, inputs[0].shape[0]) if pixels >= MICRO_BATCH_MIN_PIXELS else None
+    if size is None:
+        return run(*inputs)
+    return torch.cat([run(*(t[i : i + size] for t in inputs)) for i in range(0, inputs[0].shape[0], size)])
+
+
+def _inference_format(x: torch.Tensor) -> bool:
+    """Whether ``x`` takes the channels-last inference path of the residual conv blocks."""
+    return not torch.is_grad_enabled() and x.ndim == 4 and x.device.type == "cpu"
+
+
+class FastUnetResBlock(_FastModule, UnetResBlock):
+    """MONAI's ``UnetResBlock``; same parameters. Training runs its instance norms as group
+    norms with one channel per group (the same statistics, a faster kernel).
+
+    Inference (no autograd, CPU) runs channels-last end to end, every convolution (oneDNN is
+    faster on channels-last maps, most of all for large maps and transposed convolutions) and
+    every instance norm (:func:`_channels_last_instance_norm`), with in-place residuals; at
+    high resolution in micro-batches (see :data:`MICRO_BATCH_MIN_PIXELS`). The output is then
+    channels-last. With ``fast_checkpoint`` ``"block"`` or ``"mlp+conv"`` the activations of
+    training are recomputed in the backward pass.
     """
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        if _inference_format(inp):
+            return _micro_batched(self, self._inference, inp.shape[2] * inp.shape[3], inp)
         if getattr(self, "fast_checkpoint", None) in ("block", "mlp+conv") and torch.is_grad_enabled():
             return checkpoint(self._forward, inp, use_reentrant=False)
         return self._forward(inp)
+
+    def _inference(self, inp: torch.Tensor) -> torch.Tensor:
+        inp = inp.contiguous(memory_format=torch.channels_last)
+        out = self.lrelu(_inference_instance_norm(self.norm1, self.conv1(inp)))
+        out = _inference_instance_norm(self.norm2, self.conv2(out))
+        residual = inp
+        if hasattr(self, "conv3"):
+            residual = self.conv3(residual)
+        if hasattr(self, "norm3"):
+            residual = _inference_instance_norm(self.norm3, residual)
+        return self.lrelu(out.add_(residual))
 
     def _forward(self, inp: torch.Tensor) -> torch.Tensor:
         inplace = not torch.is_grad_enabled()
@@ -515,6 +593,22 @@ class FastUnetResBlock(_FastModule, UnetResBlock):
             residual = _instance_norm(self.norm3, residual)
         out = out.add_(residual) if inplace else out + residual
         return self.lrelu(out)
+
+
+class FastUnetrUpBlock(_FastModule, UnetrUpBlock):
+    """MONAI's ``UnetrUpBlock`` (transposed convolution, concatenation with the skip, residual
+    block); inference runs channels-last, at high resolution in micro-batches, like
+    :class:`FastUnetResBlock`. Training runs MONAI's forward."""
+
+    def forward(self, inp: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        if _inference_format(inp) and skip.ndim == 4:
+            return _micro_batched(self, self._inference, skip.shape[2] * skip.shape[3], inp, skip)
+        return super().forward(inp, skip)
+
+    def _inference(self, inp: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        out = self.transp_conv(inp.contiguous(memory_format=torch.channels_last))
+        out = torch.cat((out, skip.contiguous(memory_format=torch.channels_last)), dim=1)
+        return self.conv_block(out)
 
 
 # --------------------------------------------------------------------------------------
@@ -566,24 +660,19 @@ class FastEchoCareEncoder(_FastModule, EchoCareEncoder):
         stages = (self.layers1, self.layers2, self.layers3, self.layers4)
         v2_blocks = (self.layers1c, self.layers2c, self.layers3c, self.layers4c)
         for stage, v2_block in zip(stages, v2_blocks):
-            x0 = stage[0](v2_block[0](x0.contiguous()))
+            # inference: the residual block takes the stage's channels-last map as it is
+            x0 = stage[0](v2_block[0](x0 if _inference_format(x0) else x0.contiguous()))
             outputs.append(norm(x0))
         return outputs
 
 
 class FastUNETRDecoder(_FastModule, UNETRDecoder):
-    """:class:`UNETRDecoder` that runs inference in micro-batches when ``fast_micro_batch`` is set."""
+    """:class:`UNETRDecoder` whose output is channels-first like the reference's; its blocks
+    (:class:`FastUnetResBlock`, :class:`FastUnetrUpBlock`) run channels-last and choose their
+    own micro-batches, so that the deep, weight-bound blocks see the whole batch."""
 
     def forward(self, image: torch.Tensor, features) -> torch.Tensor:  # type: ignore[override]
-        size = _micro_batches(self, image.shape[0])
-        if size is None:
-            return super().forward(image, features)
-        return torch.cat(
-            [
-                super(FastUNETRDecoder, self).forward(image[i : i + size], [f[i : i + size] for f in features])
-                for i in range(0, image.shape[0], size)
-            ]
-        )
+        return super().forward(image, features).contiguous()
 
 
 # --------------------------------------------------------------------------------------
@@ -597,6 +686,7 @@ _FAST_CLASSES: dict[type, type] = {
     UNETRDecoder: FastUNETRDecoder,
     BasicLayer: FastBasicLayer,
     UnetResBlock: FastUnetResBlock,
+    UnetrUpBlock: FastUnetrUpBlock,
 }
 _REFERENCE_CLASSES = {fast: ref for ref, fast in _FAST_CLASSES.items()}
 
@@ -657,15 +747,17 @@ def optimize_for_inference(network: nn.Module, inplace: bool = True, micro_batch
     Args:
         network: the network (modified in place unless ``inplace=False``, which works on a
             deep copy).
-        micro_batch: the encoder and the UNETR decoders run a batch this many images at a time
-            (1 by default: on a CPU one image's activations stay in the caches, so a batch of
-            8 runs faster image by image than at once); ``None`` runs whole batches.
+        micro_batch: the encoder, and the residual conv blocks with maps of at least
+            :data:`MICRO_BATCH_MIN_PIXELS` pixels, run a batch this many images at a time (1 by
+            default: on a CPU one image's activations stay in the caches); the deeper decoder
+            blocks, whose weights outweigh their activations, run the whole batch. ``None``
+            runs whole batches everywhere.
     """
     if not inplace:
         network = copy.deepcopy(network)
     network.eval()
     use_fast_paths(network)
     for module in network.modules():
-        if isinstance(module, (FastEchoCareEncoder, FastUNETRDecoder)):
+        if isinstance(module, (FastEchoCareEncoder, FastUnetResBlock, FastUnetrUpBlock)):
             module.fast_micro_batch = micro_batch
     return network
