@@ -19,9 +19,13 @@ faster, without touching a single parameter or buffer:
 * **Fused inference kernels** (no autograd): oneDNN linear layers with the GELU and the
   residual additions fused (``torch.ops.mkldnn._linear_pointwise``), in-place residuals,
   and LayerNorms on channel-last views instead of copies.
-* **Instance norm as group norm** with one channel per group (the same statistics, a
-  faster kernel) in the residual convolution blocks of the encoder (Swin v2) and the
-  UNETR decoders.
+* **Residual convolution blocks** of the encoder (Swin v2) and the UNETR decoders: in
+  training, instance norm as group norm with one channel per group (the same statistics, a
+  faster kernel); at inference on the CPU, channels-last end to end (oneDNN's convolutions,
+  transposed ones most of all, are faster on channels-last maps), with a two-pass
+  channels-last instance norm instead of copies between layouts, and micro-batches only in
+  the high-resolution blocks, so that the deep, weight-bound blocks read their weights once
+  per batch.
 
 Parameter names and shapes never change (the modules keep their classes' attributes; only
 their ``forward`` changes, by switching ``__class__`` to a subclass), so state dicts load
