@@ -25,6 +25,11 @@ throughput is images per second at batch 8. The outputs of the two paths must ag
 with its deviation from the float32 reference and the agreement of its predictions
 (argmax class / argmax label per pixel).
 
+``--whole-batch`` adds a row per batch size above 1, reported separately: the fast path
+without micro-batches (``optimize_for_inference(..., micro_batch=None)``), to check the
+default (one image at a time in the encoder and the high-resolution decoder blocks) on the
+machine at hand.
+
 ``--onnx`` adds an ONNX Runtime row per case (CPU execution provider, all graph
 optimisations, ``--threads`` intra-op threads), reported separately: the network exported
 by :func:`echocare.networks.export.export_bundle` (the bundle's ``network_def`` with the
@@ -178,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--networks", default="ddti_seg,busbra_cls")
     parser.add_argument("--atol", type=float, default=1e-4)
     parser.add_argument("--bf16", action="store_true", help="also time a bfloat16 fast path (reported separately)")
+    parser.add_argument("--whole-batch", action="store_true",
+                        help="also time the fast path without micro-batches (micro_batch=None) at batch > 1 (separate row)")
     parser.add_argument("--onnx", action="store_true", help="also time ONNX Runtime on the exported network (separate row)")
     parser.add_argument("--onnx-dir", default="/tmp/echocare_inference_onnx", help="where --onnx writes the exports")
     parser.add_argument("--no-encoder", action="store_true", help="skip the encoder-alone rows")
@@ -207,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise RuntimeError("the fast path changed the state dict keys")
         gflop = count_gflop(reference, inputs[1] if 1 in inputs else inputs[batch_sizes[0]][:1])
         lowp = optimize_for_inference(copy.deepcopy(reference)).to(torch.bfloat16) if args.bf16 else None
+        whole = optimize_for_inference(copy.deepcopy(reference), micro_batch=None) if args.whole_batch else None
         ort = onnx_runtime_network(name, reference, args.size, side, Path(args.onnx_dir), args.threads) if args.onnx else None
         for b in batch_sizes:
             x = inputs[b]
@@ -219,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
                 paths["bf16"] = lambda: lowp(x_low)
             if ort is not None:
                 paths["onnxruntime"] = lambda: ort(x)
+            if whole is not None and b > 1:
+                paths["whole_batch"] = lambda: whole(x)
             times = time_alternating(paths, args.repeats if b == 1 else max(2, args.repeats // 2))
             t_ref, t_fast = times["reference"], times["fast"]
             case = {
@@ -260,6 +270,14 @@ def main(argv: list[str] | None = None) -> dict:
                                        "max_abs_diff": ort_diff}
                 print(f"{'  onnxruntime (sep.)':<22} {b:>5} {'':>12} {1e3 * t_ort / b:>9.0f} ms {t_ref / t_ort:>7.2f}x"
                       f" {ort_diff:>11.1e}")
+            if "whole_batch" in times:
+                t_whole = times["whole_batch"]
+                with torch.inference_mode():
+                    whole_diff = (_first(whole(x)) - ref_out).abs().max().item()
+                case["fast_whole_batch"] = {"ms_per_image": 1e3 * t_whole / b, "speedup_over_reference": t_ref / t_whole,
+                                            "max_abs_diff": whole_diff}
+                print(f"{'  fast, whole batch':<22} {b:>5} {'':>12} {1e3 * t_whole / b:>9.0f} ms {t_ref / t_whole:>7.2f}x"
+                      f" {whole_diff:>11.1e}")
             cases.append(case)
         if not args.no_encoder and name == args.networks.split(",")[0]:
             b = batch_sizes[0]
@@ -272,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  "gflop_per_image": enc_gflop, "fp32_bound_speedup": t_ref / b / (enc_gflop / gemm)})
             print(f"{'encoder alone':<22} {b:>5} {1e3 * t_ref / b:>9.0f} ms {1e3 * t_fast / b:>9.0f} ms {t_ref / t_fast:>7.2f}x"
                   f" {'':>11} {encoder_rows[-1]['fp32_bound_speedup']:>9.2f}x")
-        del reference, fast, lowp, ort
+        del reference, fast, lowp, ort, whole
 
     result = {
         "benchmark": "inference",
