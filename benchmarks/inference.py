@@ -262,22 +262,15 @@ def main(argv: list[str] | None = None) -> dict:
                 }
                 print(f"{'  bf16 (separate)':<22} {b:>5} {'':>12} {1e3 * t_low / b:>9.0f} ms {t_ref / t_low:>7.2f}x"
                       f" {case['bf16']['max_abs_diff']:>11.1e}  argmax agreement {agree:.3f}")
-            if ort is not None:
-                t_ort = times["onnxruntime"]
+            for key, label, network in (("onnxruntime", "onnxruntime (sep.)", ort), ("fast_whole_batch", "fast, whole batch", whole)):
+                timing = "whole_batch" if key == "fast_whole_batch" else key
+                if network is None or timing not in times:
+                    continue
+                t_row = times[timing]
                 with torch.inference_mode():
-                    ort_diff = (_first(ort(x)) - ref_out).abs().max().item()
-                case["onnxruntime"] = {"ms_per_image": 1e3 * t_ort / b, "speedup_over_reference": t_ref / t_ort,
-                                       "max_abs_diff": ort_diff}
-                print(f"{'  onnxruntime (sep.)':<22} {b:>5} {'':>12} {1e3 * t_ort / b:>9.0f} ms {t_ref / t_ort:>7.2f}x"
-                      f" {ort_diff:>11.1e}")
-            if "whole_batch" in times:
-                t_whole = times["whole_batch"]
-                with torch.inference_mode():
-                    whole_diff = (_first(whole(x)) - ref_out).abs().max().item()
-                case["fast_whole_batch"] = {"ms_per_image": 1e3 * t_whole / b, "speedup_over_reference": t_ref / t_whole,
-                                            "max_abs_diff": whole_diff}
-                print(f"{'  fast, whole batch':<22} {b:>5} {'':>12} {1e3 * t_whole / b:>9.0f} ms {t_ref / t_whole:>7.2f}x"
-                      f" {whole_diff:>11.1e}")
+                    row_diff = (_first(network(x)) - ref_out).abs().max().item()
+                case[key] = {"ms_per_image": 1e3 * t_row / b, "speedup_over_reference": t_ref / t_row, "max_abs_diff": row_diff}
+                print(f"{'  ' + label:<22} {b:>5} {'':>12} {1e3 * t_row / b:>9.0f} ms {t_ref / t_row:>7.2f}x {row_diff:>11.1e}")
             cases.append(case)
         if not args.no_encoder and name == args.networks.split(",")[0]:
             b = batch_sizes[0]
