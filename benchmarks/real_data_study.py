@@ -25,7 +25,7 @@ Pipeline (every step through the package's own commands and bundles):
 Everything goes into one MLflow store, ``OUT/mlruns.db``. Rerunning the same command skips
 finished pretraining and finished grid runs (resumable).
 
-Profiles: ``--profile cpu`` (default: tiny encoder, 64x64, sized for about 40 minutes of 2 CPU
+Profiles: ``--profile cpu`` (default: tiny encoder, 64x64, sized for about an hour of 2 CPU
 cores on a quiet machine) and ``--profile gpu`` (tiny encoder at 128x128, longer pretraining, more seeds and
 fractions, for a lent GPU). Any size can be changed by its option.
 
@@ -71,8 +71,8 @@ TASKS: dict[str, dict[str, Any]] = {
 }
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "cpu": {"network_size": "tiny", "image_size": 64, "pretrain_epochs": 6, "pretrain_batch": 32, "pretrain_lr": 2e-3,
-            "finetune_epochs": 3, "finetune_batch": 16, "seeds": 3, "fractions": "0.25,1.0",
+    "cpu": {"network_size": "tiny", "image_size": 64, "pretrain_epochs": 20, "pretrain_batch": 32, "pretrain_lr": 2e-3,
+            "finetune_epochs": 5, "finetune_batch": 16, "seeds": 3, "fractions": "0.25,1.0",
             "carotid_epochs": 10},
     "gpu": {"network_size": "tiny", "image_size": 128, "pretrain_epochs": 300, "pretrain_batch": 64, "pretrain_lr": 2e-3,
             "finetune_epochs": 30, "finetune_batch": 16, "seeds": 10, "fractions": "0.1,0.25,0.5,1.0",
