@@ -13,6 +13,12 @@ from echocare.metrics.classification import (
 )
 from echocare.metrics.pretrain import AnatomyLevelAccuracy, MeanOfOutput
 from echocare.metrics.segmentation import SegmentationScored, class_key, segmentation_scores
+from echocare.metrics.regression import (
+    REGRESSION_SCORE_NAMES,
+    RegressionScore,
+    regression_metrics,
+    regression_scores,
+)
 from echocare.metrics.sets import classification_metrics, segmentation_metrics
 
 __all__ = [
@@ -20,6 +26,8 @@ __all__ = [
     "AnatomyLevelAccuracy",
     "ClassificationScore",
     "MeanOfOutput",
+    "REGRESSION_SCORE_NAMES",
+    "RegressionScore",
     "SegmentationScored",
     "binary_classification_scores",
     "class_key",
@@ -27,6 +35,8 @@ __all__ = [
     "classification_scores",
     "confusion_matrix",
     "multiclass_classification_scores",
+    "regression_metrics",
+    "regression_scores",
     "roc_auc",
     "roc_curve",
     "segmentation_metrics",
