@@ -11,6 +11,21 @@ from echocare.metrics.classification import (
     roc_curve,
     youden_threshold,
 )
+from echocare.metrics.image_quality import (
+    BrisqueModel,
+    NiqeModel,
+    brisque,
+    fid,
+    fit_brisque_model,
+    fit_niqe_model,
+    frechet_distance,
+    load_brisque_model,
+    load_niqe_model,
+    niqe,
+    piqe,
+    psnr,
+    ssim,
+)
 from echocare.metrics.pretrain import AnatomyLevelAccuracy, MeanOfOutput
 from echocare.metrics.segmentation import SegmentationScored, class_key, segmentation_scores
 from echocare.metrics.regression import (
@@ -22,6 +37,19 @@ from echocare.metrics.regression import (
 from echocare.metrics.sets import classification_metrics, segmentation_metrics
 
 __all__ = [
+    "BrisqueModel",
+    "NiqeModel",
+    "brisque",
+    "fid",
+    "fit_brisque_model",
+    "fit_niqe_model",
+    "frechet_distance",
+    "load_brisque_model",
+    "load_niqe_model",
+    "niqe",
+    "piqe",
+    "psnr",
+    "ssim",
     "CLASSIFICATION_SCORE_NAMES",
     "AnatomyLevelAccuracy",
     "ClassificationScore",
