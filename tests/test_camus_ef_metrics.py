@@ -54,10 +54,10 @@ def test_degenerate_inputs() -> None:
 
 def test_ignite_metric_over_decollated_batches() -> None:
     batches = [
-        [{"pred_value": torch.tensor([48.0]), "label_value": torch.tensor(50.0)},
-         {"pred_value": torch.tensor([60.0]), "label_value": 60.0}],
-        [{"pred_value": 31.0, "label_value": torch.tensor([30.0])},
-         {"pred_value": torch.tensor(75.0), "label_value": torch.tensor([70.0])}],
+        [{"predicted": torch.tensor([48.0]), "true": torch.tensor(50.0)},
+         {"predicted": torch.tensor([60.0]), "true": 60.0}],
+        [{"predicted": 31.0, "true": torch.tensor([30.0])},
+         {"predicted": torch.tensor(75.0), "true": torch.tensor([70.0])}],
     ]
     engine = Engine(lambda e, batch: batch)
     metrics = {**regression_metrics(key_metric=True), **regression_metrics(key_metric=False)}

@@ -461,16 +461,44 @@ def read_clip(path: str | os.PathLike[str], indices: Sequence[int]) -> np.ndarra
     return np.stack(frames)
 
 
-def clip_indices(count: int, num_frames: int, random: bool = False, rng: np.random.RandomState | None = None) -> list[int]:
-    """``num_frames`` indices spread over ``count`` frames: the centres of equal segments,
-    or (``random``) one random frame per segment; frames repeat when the clip is shorter."""
-    edges = np.linspace(0, count, num_frames + 1)
+def clip_indices(
+    count: int,
+    num_frames: int,
+    random: bool = False,
+    rng: np.random.RandomState | None = None,
+    first: int = 0,
+    last: int | None = None,
+    include_ends: bool = False,
+) -> list[int]:
+    """``num_frames`` indices spread over frames ``first`` .. ``last`` (inclusive; default the
+    whole clip of ``count`` frames): the centres of equal segments, or (``random``) one random
+    frame per segment; frames repeat when the span is shorter.
+
+    ``include_ends``: evenly spaced from ``first`` to ``last`` both included (for a sequence
+    whose end frames matter, e.g. end-diastole to end-systole); ``random`` then moves each
+    inner index by up to half the spacing. ``first > last`` gives indices in decreasing order
+    (time runs from ``first`` to ``last``).
+    """
+    last = count - 1 if last is None else int(last)
+    first = int(first)
+    if not (0 <= first < count and 0 <= last < count):
+        raise ValueError(f"frame span {first}..{last} is outside the clip's {count} frames")
+    if first > last:
+        return clip_indices(count, num_frames, random, rng, last, first, include_ends)[::-1]
+    if random and rng is None:
+        rng = np.random.RandomState()
+    if include_ends:
+        picks = np.linspace(first, last, num_frames)
+        if random and num_frames > 2:
+            half = (last - first) / (num_frames - 1) / 2
+            picks[1:-1] += np.asarray([rng.uniform(-half, half) for _ in range(num_frames - 2)])
+        return [int(min(last, max(first, round(p)))) for p in picks]
+    edges = np.linspace(first, last + 1, num_frames + 1)
     if random:
-        rng = rng or np.random.RandomState()
         picks = [rng.uniform(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
     else:
         picks = (edges[:-1] + edges[1:]) / 2
-    return [min(count - 1, int(p)) for p in picks]
+    return [min(last, int(p)) for p in picks]
 
 
 class LoadClipd(Randomizable, MapTransform):
@@ -479,18 +507,30 @@ class LoadClipd(Randomizable, MapTransform):
     ``num_frames`` frames are taken evenly over the clip (``random=True``: one random frame
     from each of ``num_frames`` equal segments, a standard clip augmentation). A still
     image gives its one frame repeated. Randomizable, so caching datasets stop before it
-    and MONAI's ``set_determinism`` seeds it.
+    and MONAI's ``set_determinism`` seeds it. The meta keeps ``frame_indices``.
 
     Args:
-        keys: keys holding clip paths (files or frame folders).
+        keys: keys holding clip paths (files or frame folders, cine DICOMs, videos, NIfTI 2D+t).
         num_frames: frames per clip F.
         spatial_size: output (H, W).
         random: random frame per segment (training) instead of the segment centre.
         seed: seed of the frame sampling.
+        include_ends: frames evenly spaced with the span's first and last frames included
+            (see :func:`clip_indices`).
+        span_keys: item keys of the first and last frame to sample between (e.g.
+            ``("ed_frame", "es_frame")``: end-diastole to end-systole); an item whose keys are
+            missing, empty or negative uses the whole clip.
     """
 
     def __init__(
-        self, keys: KeysCollection, num_frames: int, spatial_size: Sequence[int], random: bool = False, seed: int = 0
+        self,
+        keys: KeysCollection,
+        num_frames: int,
+        spatial_size: Sequence[int],
+        random: bool = False,
+        seed: int = 0,
+        include_ends: bool = False,
+        span_keys: Sequence[str] | None = None,
     ) -> None:
         MapTransform.__init__(self, keys)
         if int(num_frames) < 1:
@@ -498,14 +538,28 @@ class LoadClipd(Randomizable, MapTransform):
         self.num_frames = int(num_frames)
         self.spatial_size = tuple(int(s) for s in spatial_size)
         self.random = random
+        self.include_ends = bool(include_ends)
+        self.span_keys = tuple(span_keys) if span_keys else None
         self.set_random_state(seed=seed)
+
+    def _span(self, d: Mapping[Hashable, Any], count: int) -> tuple[int, int | None]:
+        if not self.span_keys:
+            return 0, None
+        values = [d.get(k) for k in self.span_keys]
+        if any(v is None or v == "" or int(v) < 0 for v in values):
+            return 0, None
+        first, last = (int(v) for v in values)
+        if first >= count or last >= count:
+            raise UltrasoundReadError(d.get("image", "?"), f"{self.span_keys} = ({first}, {last}) but the clip has {count} frames")
+        return first, last
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             path = d[key]
             count = clip_frame_count(path)
-            indices = clip_indices(count, self.num_frames, self.random, self.R)
+            first, last = self._span(d, count)
+            indices = clip_indices(count, self.num_frames, self.random, self.R, first, last, self.include_ends)
             frames = torch.from_numpy(np.ascontiguousarray(read_clip(path, indices).transpose(0, 3, 1, 2)))
             frames = F.interpolate(frames, size=self.spatial_size, mode="area")
             d[key] = MetaTensor(frames, meta={"filename_or_obj": str(path), "frame_indices": indices})

@@ -20,3 +20,4 @@ from echocare.engines.supervised import (
     SegmentationPredictionWriter,
     is_rank0,
 )
+from echocare.engines.regression import RegressionFigureWriter, RegressionPredictionWriter

@@ -107,8 +107,8 @@ class RegressionScore(Metric):
     def __init__(
         self,
         name: str,
-        pred_key: str = "pred_value",
-        label_key: str = "label_value",
+        pred_key: str = "predicted",
+        label_key: str = "true",
         output_transform: Callable = _identity,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -140,7 +140,7 @@ class RegressionScore(Metric):
         return float(regression_scores(self.pred, self.true)[self.name])
 
 
-def regression_metrics(key_metric: bool, pred_key: str = "pred_value", label_key: str = "label_value") -> dict[str, Metric]:
+def regression_metrics(key_metric: bool, pred_key: str = "predicted", label_key: str = "true") -> dict[str, Metric]:
     """The regression bundles' metric set for MONAI's ``SupervisedEvaluator``: ``{"mae"}``
     (the key metric; lower is better, so checkpoint savers need ``key_metric_negative_sign``)
     or the others, ``mae_se``, ``rmse``, ``bias``, ``loa_low``, ``loa_high``, ``pearson_r``."""

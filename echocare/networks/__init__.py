@@ -36,6 +36,7 @@ from echocare.networks.finetune import (
     merge_lora,
 )
 from echocare.networks.tasks import CLIP_POOLINGS, EchoCareClassifier, EchoCareSegNet
+from echocare.networks.regression import TEMPORAL_MODELS, EchoCareRegressor
 from echocare.networks.fast import optimize_for_inference, reference_paths, use_fast_paths
 from echocare.networks.export import (
     EXPORT_FORMATS,
