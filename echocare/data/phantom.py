@@ -933,17 +933,18 @@ def _generate_pretrain(
     return lists
 
 
-def _task_in_phantom_tasks(name: str) -> Callable[..., dict[str, list[dict]]]:
-    """A :data:`TASKS` entry that calls ``echocare.data.phantom_tasks.<name>``, imported
-    on first use (that module builds on this one)."""
+def _task_in_phantom_tasks(name: str, module: str = "phantom_tasks") -> Callable[..., dict[str, list[dict]]]:
+    """A :data:`TASKS` entry that calls ``echocare.data.<module>.<name>``, imported on
+    first use (those modules build on this one)."""
 
     def generate(out, n, seed, image_size, val_fraction, **options):
-        from echocare.data import phantom_tasks
+        import importlib
 
-        return getattr(phantom_tasks, name)(out, n, seed, image_size, val_fraction, **options)
+        generator = getattr(importlib.import_module(f"echocare.data.{module}"), name)
+        return generator(out, n, seed, image_size, val_fraction, **options)
 
     generate.__name__ = generate.__qualname__ = name
-    generate.__doc__ = f"See :func:`echocare.data.phantom_tasks.{name}`."
+    generate.__doc__ = f"See :func:`echocare.data.{module}.{name}`."
     return generate
 
 
@@ -959,6 +960,7 @@ TASKS: dict[str, Callable[..., dict[str, list[dict]]]] = {
     "musv_seg": _task_in_phantom_tasks("generate_musv_seg"),
     "thyroid_cls": _task_in_phantom_tasks("generate_thyroid_cls"),
     "fll_cls": _task_in_phantom_tasks("generate_fll_cls"),
+    "usenhance": _task_in_phantom_tasks("generate_usenhance", "phantom_usenhance"),
 }
 
 

@@ -58,11 +58,14 @@ from scipy import linalg, ndimage, optimize, special
 __all__ = [
     "BrisqueModel",
     "EncoderFeatures",
+    "EnhancementScored",
+    "PAIRED_SCORES",
     "NiqeModel",
     "TorchScriptFeatures",
     "aggd_fit",
     "brisque",
     "brisque_features",
+    "enhancement_metrics",
     "fit_brisque_model",
     "fit_niqe_model",
     "frechet_distance",
@@ -445,14 +448,28 @@ def load_niqe_model(path: str | os.PathLike[str]) -> NiqeModel:
     return NiqeModel(data["mean"], data["cov"], int(data["patch_size"]))
 
 
-def niqe(image: ArrayLike, model: NiqeModel, data_range: float = 1.0) -> float:
+def niqe(
+    image: ArrayLike, model: NiqeModel, data_range: float = 1.0, diagonal_loading: float = 0.01, min_sharpness: float = 0.5
+) -> float:
     """NIQE score of one image against ``model`` (lower = closer to the pristine images):
-    sqrt((mu_m - mu_i)ᵀ ((S_m + S_i) / 2)⁺ (mu_m - mu_i)) over all of the image's patches."""
-    feats, _ = _patch_features(grey_image(image, data_range), model.patch_size)
-    feats = feats[np.all(np.isfinite(feats), axis=1)]
+    sqrt((mu_m - mu_i)ᵀ S⁺ (mu_m - mu_i)) over all of the image's patches, where
+    S = (S_m + S_i) / 2 + ``diagonal_loading`` * diag(S_m + S_i) / 2.
+
+    The diagonal loading (not in the paper; 0 gives its formula) keeps the score finite when an
+    image or the pristine set has fewer patches than the 36 features (small images): the
+    pseudo-inverse would otherwise divide by near-zero variances of a rank-deficient fit.
+    Patches without texture (mean local standard deviation <= ``min_sharpness`` grey levels:
+    the black surround of an ultrasound sector) are left out; NaN when no patch is left.
+    """
+    feats, sharpness = _patch_features(grey_image(image, data_range), model.patch_size)
+    feats = feats[np.all(np.isfinite(feats), axis=1) & (sharpness > min_sharpness)]
+    if len(feats) == 0:
+        return float("nan")
     mean, cov = gaussian_fit(feats)
     diff = model.mean - mean
-    return float(np.sqrt(max(diff @ np.linalg.pinv((model.cov + cov) / 2.0) @ diff, 0.0)))
+    pooled = (model.cov + cov) / 2.0
+    pooled = pooled + float(diagonal_loading) * np.diag(np.diag(pooled))
+    return float(np.sqrt(max(diff @ np.linalg.pinv(pooled) @ diff, 0.0)))
 
 
 def _load_npz(path: str | os.PathLike[str], keys: Sequence[str], dim: int, what: str) -> dict[str, np.ndarray]:
@@ -618,3 +635,44 @@ class TorchScriptFeatures:
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out.reshape(out.shape[0], -1).double().cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- in evaluators
+
+
+class EnhancementScored:
+    """Postprocessing of the enhancement evaluators: per-item PSNR and SSIM of the prediction
+    and of the identity baseline (the low-quality input itself) against the target.
+
+    Reads each decollated item's ``pred`` (1, H, W), ``label`` (the target, (C, H, W)) and
+    ``image`` (the input, (C, H, W)); clips ``pred`` to [0, 1] (the network's output is not
+    clipped) and writes ``psnr``, ``ssim``, ``identity_psnr``, ``identity_ssim``. Items
+    without a target (inference) are returned unchanged.
+    """
+
+    def __call__(self, item: dict) -> dict:
+        if item.get("label") is None:
+            return item
+        d = dict(item)
+        pred = torch.as_tensor(d["pred"]).detach().float().clamp(0, 1)
+        d["pred"] = pred
+        target = torch.as_tensor(d["label"]).detach().float().mean(0, keepdim=True)
+        low = torch.as_tensor(d["image"]).detach().float().mean(0, keepdim=True)
+        for prefix, candidate in (("", pred), ("identity_", low)):
+            d[f"{prefix}psnr"] = float(min(psnr(candidate, target)[0], 100.0))  # identical images: capped, not inf
+            d[f"{prefix}ssim"] = float(ssim(candidate, target)[0])
+        return d
+
+
+#: Per-item scores of :class:`EnhancementScored`, averaged by the validation evaluator.
+PAIRED_SCORES = ("psnr", "ssim", "identity_psnr", "identity_ssim")
+
+
+def enhancement_metrics(key_metric: bool) -> dict:
+    """``{"psnr"}`` (the key metric, which picks the best checkpoint) or the others:
+    ``ssim``, ``identity_psnr``, ``identity_ssim`` (the trivial baseline), as Ignite metrics
+    averaging the per-item values of :class:`EnhancementScored`."""
+    from echocare.metrics.pretrain import MeanOfOutput
+
+    names = PAIRED_SCORES[:1] if key_metric else PAIRED_SCORES[1:]
+    return {name: MeanOfOutput(key=name) for name in names}
