@@ -264,7 +264,7 @@ class RandEllipseAffined(Randomizable, MapTransform):
 class DecodeEllipsesd(MapTransform):
     """Network output -> ellipses in original-image pixels (postprocessing of evaluation and inference).
 
-    Reads ``pred`` (C + 5, h, w) and ``original_size`` (H, W; the network grid itself when
+    Reads ``pred`` (6 C, h, w) and ``original_size`` (H, W; the network grid itself when
     absent) and writes ``pred_ellipses`` (K, 5), ``pred_classes`` (K,), ``pred_scores`` (K,)
     (float64/int64 tensors, decreasing score; see
     :func:`~echocare.networks.detection.decode_ellipses`). Copies ``gt_ellipses`` and

@@ -49,9 +49,22 @@ def _ellipse(c: Canvas, e: list[float], scale: float = 1.0) -> np.ndarray:
 
 
 def make_focus_image(
-    rng: np.random.Generator, size: int = 256, ctr_range: tuple[float, float] = (0.38, 0.62)
+    rng: np.random.Generator,
+    size: int = 256,
+    ctr_range: tuple[float, float] = (0.38, 0.62),
+    thorax_size: tuple[float, float] = (0.22, 0.3),
+    depth_range: tuple[float, float] = (0.5, 0.6),
+    lateral_range: tuple[float, float] = (-0.15, 0.15),
 ) -> tuple[np.ndarray, list[float], list[float]]:
     """One four-chamber-like phantom.
+
+    Args:
+        rng: random generator.
+        size: side in pixels.
+        ctr_range: the cardiothoracic ratio is uniform in it.
+        thorax_size: the thorax's semi-major axis is uniform in it (fractions of the side).
+        depth_range, lateral_range: the thorax centre, as fractions of the imaging depth and
+            of the fan's half-width (-1 left edge, 1 right edge), uniform in them.
 
     Returns:
         ``(image (size, size) uint8, thorax [cx, cy, a, b, angle], heart [cx, cy, a, b, angle])``,
@@ -68,8 +81,8 @@ def make_focus_image(
         _paint(c, band & (c.xx < size * rng.uniform(0.3, 0.9)), "gland", 0.9)
 
     # Thorax: centre inside the fan, semi-axes 22-30 % of the side, any orientation.
-    y, x = c.at(rng.uniform(0.5, 0.6), rng.uniform(-0.15, 0.15))
-    a_t = size * rng.uniform(0.22, 0.3)
+    y, x = c.at(rng.uniform(*depth_range), rng.uniform(*lateral_range))
+    a_t = size * rng.uniform(*thorax_size)
     b_t = a_t * rng.uniform(0.78, 0.95)
     angle_t = rng.uniform(-90, 90)
     thorax = [x, y, a_t, b_t, angle_t]
@@ -120,8 +133,15 @@ def generate_focus_det(
     val_fraction: float,
     images_per_case: int = 2,
     ctr_range: tuple[float, float] = (0.38, 0.62),
+    thorax_size: tuple[float, float] = (0.22, 0.3),
+    depth_range: tuple[float, float] = (0.5, 0.6),
+    lateral_range: tuple[float, float] = (-0.15, 0.15),
 ) -> dict:
     """Write ``n`` four-chamber phantoms in the FOCUS layout under ``out/focus`` and convert them.
+
+    ``ctr_range``, ``thorax_size``, ``depth_range``, ``lateral_range``: see
+    :func:`make_focus_image` (a wider spread of positions makes the mean-ellipse baseline
+    weak, as in the bundle's tests).
 
     Cases hold ``images_per_case`` images (lowered so there are at least 4 cases); a
     ``val_fraction`` of the cases (at least one) go to ``val/``, the rest to ``train/``.
@@ -140,7 +160,9 @@ def generate_focus_det(
         k = case_of[i]
         j = image_no[k] = image_no.get(k, -1) + 1
         rng = np.random.default_rng([seed, FOCUS_PHANTOM_TAG, 1, k, j])
-        image, thorax, heart = make_focus_image(rng, image_size, tuple(ctr_range))
+        image, thorax, heart = make_focus_image(
+            rng, image_size, tuple(ctr_range), tuple(thorax_size), tuple(depth_range), tuple(lateral_range)
+        )
         split = "val" if k in val_cases else "train"
         stem = f"case{k:03d}_{j:02d}"
         _save_png(image, root / split / "images" / f"{stem}.png")

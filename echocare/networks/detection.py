@@ -7,7 +7,8 @@ per output cell,
 
 - a centre heatmap per class (logits; the target is a Gaussian peak of 1 at the cell holding
   the ellipse's centre, trained with CenterNet's penalty-reduced focal loss);
-- five ellipse channels, read at the centre cell: the sub-cell offset of the centre
+- five ellipse channels per class, read at the centre cell (per class, because the heart's
+  centre often falls in the thorax's cell): the sub-cell offset of the centre
   (x, y, in cells), the log size ``s = log(sqrt(a b) / stride)``, and the elongation vector
   ``e (cos 2 theta, sin 2 theta)`` with ``e = log(a / b) >= 0``. The doubled angle makes the
   code symmetric under 180 degrees (as an ellipse is), and scaling it by the elongation makes
@@ -38,7 +39,7 @@ from echocare.networks.encoder import build_encoder
 
 __all__ = ["ELLIPSE_CHANNELS", "EchoCareEllipseDetector", "EllipseDetectionLoss", "decode_ellipses", "encode_ellipses"]
 
-#: Ellipse channels after the class heatmaps: offset x, offset y, log size, elongation vector (2).
+#: Ellipse channels per class after the class heatmaps: offset x, offset y, log size, elongation vector (2).
 ELLIPSE_CHANNELS = 5
 _STRIDE_LEVEL = {4: 1, 8: 2, 16: 3, 32: 4}  # output stride -> index of the encoder map
 _MAX_LOG = 8.0  # exp(8) cells: far beyond any image, keeps exp() finite for untrained heads
@@ -63,8 +64,9 @@ class EchoCareEllipseDetector(nn.Module):
         drop_path_rate: stochastic depth rate of the encoder.
 
     Forward:
-        ``x`` (B, in_channels, H, W), H and W divisible by 32 -> (B, C + 5, H / s, W / s):
-        C heatmap logits, then the five ellipse channels (``s`` = ``output_stride``).
+        ``x`` (B, in_channels, H, W), H and W divisible by 32 -> (B, 6 C, H / s, W / s):
+        C heatmap logits, then five ellipse channels per class (class ``k`` at
+        ``C + 5 k .. C + 5 k + 4``; ``s`` = ``output_stride``).
     """
 
     def __init__(
@@ -87,7 +89,7 @@ class EchoCareEllipseDetector(nn.Module):
         self.lateral = nn.ModuleList(nn.Conv2d(channels[level], head_channels, 1) for level in self.levels)
         self.fuse = nn.Sequential(_conv_block(head_channels), _conv_block(head_channels))
         self.heatmap = nn.Sequential(_conv_block(head_channels), nn.Conv2d(head_channels, self.num_classes, 1))
-        self.ellipse = nn.Sequential(_conv_block(head_channels), nn.Conv2d(head_channels, ELLIPSE_CHANNELS, 1))
+        self.ellipse = nn.Sequential(_conv_block(head_channels), nn.Conv2d(head_channels, ELLIPSE_CHANNELS * self.num_classes, 1))
         # CenterNet's prior: every cell starts at probability 0.1 of holding a centre.
         nn.init.constant_(self.heatmap[-1].bias, -math.log((1 - 0.1) / 0.1))
 
@@ -136,7 +138,7 @@ class EllipseDetectionLoss(nn.Module):
         ellipse_weight: weight of the L1 term.
 
     Forward:
-        ``pred`` (B, C + 5, h, w) network output; ``target`` (B, M, 6) rows
+        ``pred`` (B, 6 C, h, w) network output; ``target`` (B, M, 6) rows
         ``[cx, cy, a, b, angle, class]`` in network pixels, class < 0 for padding rows ->
         scalar loss.
     """
@@ -194,10 +196,12 @@ class EllipseDetectionLoss(nn.Module):
         if not valid.any():
             return focal
         batch_index = torch.nonzero(valid)[:, 0]
-        cell, _, code = encode_ellipses(target[valid][:, :5], self.stride)
+        objects = target[valid]
+        cell, _, code = encode_ellipses(objects[:, :5], self.stride)
         cols = cell[:, 0].clamp(0, width - 1)
         rows = cell[:, 1].clamp(0, height - 1)
-        predicted = pred[batch_index, c:, rows, cols]  # (K, 5)
+        channels = c + ELLIPSE_CHANNELS * objects[:, 5].long()[:, None] + torch.arange(ELLIPSE_CHANNELS, device=pred.device)
+        predicted = pred[batch_index[:, None], channels, rows[:, None], cols[:, None]]  # (K, 5)
         l1 = F.l1_loss(predicted, code, reduction="mean")
         return focal + self.ellipse_weight * l1
 
@@ -221,7 +225,7 @@ def decode_ellipses(
     dropped).
 
     Args:
-        pred: (C + 5, h, w) output of :class:`EchoCareEllipseDetector` for one image.
+        pred: (6 C, h, w) output of :class:`EchoCareEllipseDetector` for one image.
         num_classes: C.
         stride: the network's output stride.
 
@@ -243,7 +247,8 @@ def decode_ellipses(
             if score < score_threshold or score <= 0:
                 continue
             i, j = divmod(index, width)
-            off_x, off_y, log_size, ex, ey = pred[num_classes:, i, j].tolist()
+            first = num_classes + ELLIPSE_CHANNELS * k
+            off_x, off_y, log_size, ex, ey = pred[first : first + ELLIPSE_CHANNELS, i, j].tolist()
             log_size = min(max(log_size, -_MAX_LOG), _MAX_LOG)
             elongation = min(math.hypot(ex, ey), _MAX_LOG)
             angle = 0.5 * math.degrees(math.atan2(ey, ex))
