@@ -142,6 +142,25 @@ def test_niqe_of_an_image_from_the_pristine_model_is_zero() -> None:
     assert iq.niqe(image, iq.NiqeModel(mean, cov, 32)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_niqe_formula_and_untextured_patches(phantoms) -> None:
+    model = iq.fit_niqe_model(phantoms[:4], patch_size=32)
+    image = phantoms[5].copy()
+    image[:, :64] = 0.0  # the black surround of a sector: its patches carry no texture
+    feats, sharpness = iq._patch_features(image * 255.0, 32)
+    textured = feats[sharpness > 0.5]
+    # patches are row-major, 4 x 4: the first column (all black) is left out; the second sees
+    # the edge through the 7x7 window and the right half is textured
+    assert (sharpness > 0.5).tolist() == [False, True, True, True] * 4
+    mean, cov = textured.mean(0), np.cov(textured, rowvar=False)
+    diff = model.mean - mean
+    paper = math.sqrt(diff @ np.linalg.pinv((model.cov + cov) / 2) @ diff)  # Mittal et al. 2013, eq. 10
+    assert iq.niqe(image, model, diagonal_loading=0.0) == pytest.approx(paper, rel=1e-9)
+    pooled = (model.cov + cov) / 2
+    loaded = pooled + 0.01 * np.diag(np.diag(pooled))
+    assert iq.niqe(image, model) == pytest.approx(math.sqrt(diff @ np.linalg.pinv(loaded) @ diff), rel=1e-9)
+    assert math.isnan(iq.niqe(np.zeros((64, 64)), model))
+
+
 def test_quality_model_files_are_checked(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="missing.npz: NIQE model not found"):
         iq.load_niqe_model(tmp_path / "missing.npz")
