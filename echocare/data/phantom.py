@@ -723,9 +723,12 @@ def _breast(c: Canvas, rng: np.random.Generator) -> None:
         c.paint(c.ellipse(y, x, r * tall * 0.8, r, rng.uniform(-30, 30), irr), "fluid", LABEL_FLUID)
 
 
-def _fetal_head(c: Canvas, rng: np.random.Generator) -> None:
+def _fetal_head(c: Canvas, rng: np.random.Generator) -> dict[str, float]:
     """Maternal wall, amniotic fluid, and an elliptic skull ring (bone) with the brain,
-    the midline echo and the thalami inside."""
+    the midline echo and the thalami inside. Returns the head's geometry (pixels,
+    degrees): ``y``, ``x`` (centre), ``ry``, ``rx`` (outer semi-axes, ``rx`` the
+    fronto-occipital one), ``thickness`` (skull), ``angle`` (Canvas.ellipse angle) and
+    ``brain_gain`` (echo gain of the brain tissue)."""
     c.texture = 0.15
     top = _skin_layers(c, rng, muscle=True)
     d_ut = top + rng.uniform(0.06, 0.1)
@@ -743,7 +746,8 @@ def _fetal_head(c: Canvas, rng: np.random.Generator) -> None:
         band = c.layer(d_ut, d_ut + rng.uniform(0.08, 0.15), rng, 0.03)
         c.paint(band & (c.xx < c.size * rng.uniform(0.3, 0.9)), "gland", None, 0.9)
     th = c.px(rng.uniform(0.018, 0.028))
-    c.paint(c.ellipse(y, x, ry, rx, ang), "hypo", LABEL_ORGAN, rng.uniform(1.5, 2.5))  # brain
+    brain_gain = rng.uniform(1.5, 2.5)
+    c.paint(c.ellipse(y, x, ry, rx, ang), "hypo", LABEL_ORGAN, brain_gain)  # brain
     # Skull: bone, but thin, so the shadow it casts is partial (unlike adult bone).
     c.paint(c.ring(y, x, ry, rx, th, ang), "bone", LABEL_BRIGHT, atten=rng.uniform(3, 6))
     # Midline echo (falx) along the major axis and the thalami beside it.
@@ -752,6 +756,7 @@ def _fetal_head(c: Canvas, rng: np.random.Generator) -> None:
     for s in (-1, 1):
         ty, tx = y + s * 0.18 * ry * math.cos(a), x + s * 0.18 * ry * math.sin(a)
         c.paint(c.ellipse(ty, tx, ry * 0.15, rx * 0.2, ang), "hypo", LABEL_ORGAN, 0.5)
+    return {"y": y, "x": x, "ry": ry, "rx": rx, "thickness": th, "angle": ang, "brain_gain": brain_gain}
 
 
 def _bladder(c: Canvas, rng: np.random.Generator) -> None:
@@ -960,6 +965,7 @@ TASKS: dict[str, Callable[..., dict[str, list[dict]]]] = {
     "musv_seg": _task_in_phantom_tasks("generate_musv_seg"),
     "thyroid_cls": _task_in_phantom_tasks("generate_thyroid_cls"),
     "fll_cls": _task_in_phantom_tasks("generate_fll_cls"),
+    "brain_landmark": _task_in_phantom_tasks("generate_brain_landmark", "phantom_brain_landmark"),
     "focus_det": _task_in_phantom_tasks("generate_focus_det", "phantom_focus_det"),
     "usenhance": _task_in_phantom_tasks("generate_usenhance", "phantom_usenhance"),
 }
