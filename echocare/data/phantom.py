@@ -965,6 +965,7 @@ TASKS: dict[str, Callable[..., dict[str, list[dict]]]] = {
     "musv_seg": _task_in_phantom_tasks("generate_musv_seg"),
     "thyroid_cls": _task_in_phantom_tasks("generate_thyroid_cls"),
     "fll_cls": _task_in_phantom_tasks("generate_fll_cls"),
+    "camus_ef": _task_in_phantom_tasks("generate_camus_ef", "phantom_camus_ef"),
     "brain_landmark": _task_in_phantom_tasks("generate_brain_landmark", "phantom_brain_landmark"),
     "focus_det": _task_in_phantom_tasks("generate_focus_det", "phantom_focus_det"),
     "usenhance": _task_in_phantom_tasks("generate_usenhance", "phantom_usenhance"),
