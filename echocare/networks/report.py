@@ -20,7 +20,7 @@ from torch import nn
 
 from echocare.networks.encoder import build_encoder
 
-__all__ = ["EchoCareReportNet", "beam_search", "greedy_search"]
+__all__ = ["EchoCareReportNet", "ReportLoss", "beam_search", "greedy_search"]
 
 #: log-probabilities of the next token: (N, T) prefixes and (N,) the sequence (batch row)
 #: each prefix belongs to -> (N, V).
@@ -193,6 +193,9 @@ class EchoCareReportNet(nn.Module):
         )
         self.decoder = nn.TransformerDecoder(layer, num_layers, norm=nn.LayerNorm(d_model))
         self.output = nn.Linear(d_model, vocab_size)
+        # The case's mean memory added to every token embedding: a direct path from the
+        # images to each prediction besides cross-attention (small data learns it sooner).
+        self.context_proj = nn.Linear(d_model, d_model)
         nn.init.normal_(self.memory_pos, std=0.02)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
 
@@ -215,7 +218,7 @@ class EchoCareReportNet(nn.Module):
         if t > self.max_length:
             raise ValueError(f"{t} tokens exceed the network's max_length {self.max_length}")
         positions = torch.arange(t, device=tokens.device)
-        x = self.token_embedding(tokens) + self.position_embedding(positions)[None]
+        x = self.token_embedding(tokens) + self.position_embedding(positions)[None] + self.context_proj(memory.mean(dim=1))[:, None]
         causal = torch.triu(torch.full((t, t), float("-inf"), device=tokens.device), diagonal=1)
         x = self.decoder(x, memory, tgt_mask=causal, tgt_key_padding_mask=tokens == self.pad_id, tgt_is_causal=True)
         return self.output(x)
@@ -248,3 +251,27 @@ class EchoCareReportNet(nn.Module):
             sequences, log_probs = greedy_search(step, b, self.bos_id, self.eos_id, steps, memory.device)
             return sequences, [_normalised(s, len(q), length_penalty) for s, q in zip(log_probs, sequences)]
         return beam_search(step, b, self.bos_id, self.eos_id, steps, int(beam_size), length_penalty, memory.device)
+
+
+class ReportLoss(nn.Module):
+    """Teacher-forcing cross-entropy of next-token logits, padding ignored.
+
+    Args:
+        pad_id: the padding id (targets equal to it do not count).
+        label_smoothing: mass spread uniformly over the vocabulary (0.1 is usual).
+
+    Forward:
+        ``logits`` (B, T, V) and ``targets`` (B, T) -> scalar mean over non-pad targets.
+    """
+
+    def __init__(self, pad_id: int = 0, label_smoothing: float = 0.1) -> None:
+        super().__init__()
+        self.pad_id, self.label_smoothing = int(pad_id), float(label_smoothing)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            targets.reshape(-1),
+            ignore_index=self.pad_id,
+            label_smoothing=self.label_smoothing,
+        )
