@@ -88,12 +88,14 @@ class EchoCareCLI:
     registry = RegistryCLI()
 
     def demo_data(
-        self, task: str = "pretrain", out: str = "echocare_demo_data", n: int = 64, seed: int = 0, image_size: int = 256
+        self, task: str = "pretrain", out: str = "echocare_demo_data", n: int = 64, seed: int = 0, image_size: int = 256,
+        **options,
     ) -> str:
-        """Write phantom ultrasound data for TASK to OUT (images and datalist.json); prints the datalist path."""
+        """Write phantom ultrasound data for TASK to OUT (images and datalist.json); prints the datalist path.
+        Further ``--name value`` options go to the task's generator (e.g. ``--language zh`` for usreport)."""
         from echocare.data.phantom import generate_demo_data
 
-        return str(generate_demo_data(task, out, n=n, seed=seed, image_size=image_size))
+        return str(generate_demo_data(task, out, n=n, seed=seed, image_size=image_size, **options))
 
     def datalist(self, name: str, root: str, out: str, fold: int | None = None, seed: int = 0) -> str:
         """Convert a benchmark's download layout under ROOT into a MONAI datalist JSON at OUT."""

@@ -967,6 +967,7 @@ TASKS: dict[str, Callable[..., dict[str, list[dict]]]] = {
     "fll_cls": _task_in_phantom_tasks("generate_fll_cls"),
     "camus_ef": _task_in_phantom_tasks("generate_camus_ef", "phantom_camus_ef"),
     "brain_landmark": _task_in_phantom_tasks("generate_brain_landmark", "phantom_brain_landmark"),
+    "usreport": _task_in_phantom_tasks("generate_usreport", "phantom_usreport"),
     "focus_det": _task_in_phantom_tasks("generate_focus_det", "phantom_focus_det"),
     "usenhance": _task_in_phantom_tasks("generate_usenhance", "phantom_usenhance"),
 }

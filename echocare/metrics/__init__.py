@@ -34,6 +34,7 @@ from echocare.metrics.regression import (
     regression_metrics,
     regression_scores,
 )
+from echocare.metrics.text import FindingsVocabulary, ReportScore, report_metrics, report_scores
 from echocare.metrics.sets import classification_metrics, segmentation_metrics
 
 __all__ = [
@@ -53,7 +54,9 @@ __all__ = [
     "CLASSIFICATION_SCORE_NAMES",
     "AnatomyLevelAccuracy",
     "ClassificationScore",
+    "FindingsVocabulary",
     "MeanOfOutput",
+    "ReportScore",
     "REGRESSION_SCORE_NAMES",
     "RegressionScore",
     "SegmentationScored",
@@ -63,6 +66,8 @@ __all__ = [
     "classification_scores",
     "confusion_matrix",
     "multiclass_classification_scores",
+    "report_metrics",
+    "report_scores",
     "regression_metrics",
     "regression_scores",
     "roc_auc",

@@ -35,6 +35,7 @@ from echocare.networks.finetune import (
     lora_parameters,
     merge_lora,
 )
+from echocare.networks.report import EchoCareReportNet, ReportLoss, beam_search, greedy_search
 from echocare.networks.tasks import CLIP_POOLINGS, EchoCareClassifier, EchoCareSegNet
 from echocare.networks.regression import TEMPORAL_MODELS, EchoCareRegressor
 from echocare.networks.fast import optimize_for_inference, reference_paths, use_fast_paths
