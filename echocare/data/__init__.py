@@ -30,4 +30,4 @@ from echocare.data.supervised import (
     read_label_map,
     subsample_training,
 )
-from echocare.data.regression import RegressionOutputd, RegressionTargetd, load_regression_datalist
+from echocare.data.regression import RegressionOutputd, RegressionTargetd, load_regression_datalist, regression_inputs

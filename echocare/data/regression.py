@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -29,11 +30,11 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from echocare.data.checks import load_datalist, raise_problems
+from echocare.data.checks import list_inputs, load_datalist, raise_problems
 from echocare.data.readers import UltrasoundReadError
 from echocare.data.supervised import check_task_item, clip_frame_count, subsample_training
 
-__all__ = ["TARGET_UNITS", "RegressionOutputd", "RegressionTargetd", "load_regression_datalist"]
+__all__ = ["TARGET_UNITS", "RegressionOutputd", "RegressionTargetd", "load_regression_datalist", "regression_inputs"]
 
 #: How :class:`RegressionTargetd` normalises a target (see the module docstring).
 TARGET_UNITS = ("value", "extent")
@@ -139,6 +140,36 @@ def load_regression_datalist(
                 problems.append(f"item {position}: {problem}")
     raise_problems(datalist, key, problems)
     return subsample_training(items, train_fraction, seed, stratify_key=None)
+
+
+def regression_inputs(
+    source: str | os.PathLike[str],
+    key: str = "validation",
+    base_dir: str | os.PathLike[str] | None = None,
+    frame_keys: Sequence[str] = ("ed_frame", "es_frame"),
+) -> list[dict[str, Any]]:
+    """Inference inputs of the regression bundles: :func:`~echocare.data.checks.list_inputs`
+    (a folder, one file, or a datalist JSON) plus, for every item, ``spacing`` (the datalist's
+    pixel size in mm, else NaN: the image's own metadata is used) and the frame indices
+    ``frame_keys`` (the datalist's, else -1: the whole sequence), the same keys in every item
+    so that batches collate."""
+    items = list_inputs(source, key, base_dir=base_dir)
+    raw: list[dict[str, Any]] = [{}] * len(items)
+    if Path(source).is_file() and str(source).lower().endswith(".json"):
+        raw = load_datalist(source, key, base_dir=base_dir, check_images=False)
+    out = []
+    for item, extra in zip(items, raw):
+        spacing = extra.get("spacing")
+        numbers = [_number(v) for v in spacing] if isinstance(spacing, (list, tuple)) else []
+        item = {**item, "spacing": [float(v) for v in numbers[:2]] if len(numbers) >= 2 and None not in numbers[:2] else [float("nan")] * 2}
+        for name in frame_keys:
+            try:
+                index = _frame_index(extra.get(name))
+            except ValueError:
+                index = None
+            item[name] = -1 if index is None else index
+        out.append(item)
+    return out
 
 
 class RegressionTargetd(MapTransform):
