@@ -62,7 +62,9 @@ class ReportTrainIteration:
         if self.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(network.parameters(), self.grad_clip_norm)
         optimizer.step()
-        engine.state.output = {"loss": loss.detach()}
+        # A per-case field makes MONAI's decollation give one dict per case with the batch
+        # loss replicated, the shape its tracking handlers read (from_engine(['loss'], first=True)).
+        engine.state.output = {"loss": loss.detach(), "num_tokens": (tokens[:, 1:] != pad_id).sum(dim=1)}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 
