@@ -111,7 +111,8 @@ def test_phantom_writes_the_usenhance_layout(phantom) -> None:
     assert low.shape == high.shape == (64, 64)
     assert 5 < iq.psnr(low, high)[0] < 30  # degraded, but the same scene
     # the official converter reads what the phantom wrote
-    assert len(convert_datalist("usenhance", phantom / "usenhance")["training"]) + 4 >= 16 - 4
+    converted = convert_datalist("usenhance", phantom / "usenhance")
+    assert len(converted["training"]) + len(converted["validation"]) == 16
 
 
 def test_datalist_checks_name_the_files(tmp_path) -> None:
@@ -173,6 +174,8 @@ def test_bundle_trains_evaluates_infers_and_beats_identity(phantom, tmp_path) ->
     client, runs = mlflow_runs(tmp_path / "mlruns.db")
     by_name = {r.info.run_name: r for r in runs}
     assert len(client.get_metric_history(by_name["enh_train"].info.run_id, "psnr")) == 3
+    eval_metrics = by_name["enh_eval"].data.metrics
+    assert eval_metrics["niqe"] == pytest.approx(summary["niqe"]) and "identity_fid_echocare" in eval_metrics
     artifacts = {a.path for a in client.list_artifacts(by_name["enh_eval"].info.run_id, "eval")}
     assert {"eval/summary.json", "eval/per_case.csv", "eval/pictures"} <= artifacts
 

@@ -188,7 +188,7 @@ class EnhancementEvaluation:
 
     Per item (written into the output items, so ``per_case.csv`` lists them): ``niqe``,
     ``brisque``, ``piqe`` of the enhanced image and ``identity_niqe`` ... of the input. At the
-    end, into ``engine.state.metrics`` (so :class:`~echocare.engines.EvaluationReport`
+    end of the run's epoch, into ``engine.state.metrics`` (so :class:`~echocare.engines.EvaluationReport`
     attached after this handler writes them to ``summary.json``): their means, the same of
     the high-quality targets (``target_niqe`` ..., the level to reach), and the FID between
     enhanced and target images (``fid`` or ``fid_echocare``, see
@@ -214,7 +214,9 @@ class EnhancementEvaluation:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._complete)
+        # EPOCH_COMPLETED (an evaluation is one epoch): after Ignite's metrics, before the
+        # MLflow handler of --tracking mlflow (attached last) logs engine.state.metrics
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._complete)
 
     def _reset(self, engine: Engine | None) -> None:
         self.scores: dict[str, list[float]] = {}
