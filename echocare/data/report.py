@@ -23,7 +23,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from echocare.data.checks import DatalistError, _check_file, load_datalist, raise_problems
+from echocare.data.checks import _check_file, load_datalist, raise_problems
 from echocare.data.supervised import subsample_training
 from echocare.data.text import ReportTokenizer
 
