@@ -16,6 +16,7 @@ from echocare.engines.handlers import UniqueNames, item_source
 from echocare.engines.supervised import (
     ClassificationFigureWriter,
     ClassificationPredictionWriter,
+    RunFileWriter,
     SegmentationOverlayWriter,
     SegmentationPredictionWriter,
     is_rank0,

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ignite.engine import Engine, Events
 
 from echocare.data.detection import ellipse_rows
-from echocare.engines.handlers import UniqueNames, item_source
-from echocare.engines.supervised import _PredictionWriter, _pairs, is_rank0
+from echocare.engines.handlers import item_source
+from echocare.engines.supervised import RunFileWriter, _PredictionWriter
 from echocare.metrics.detection import cardiothoracic_ratio, ellipse_polygon
 
 __all__ = ["EllipseOverlayWriter", "EllipsePredictionWriter", "draw_ellipses"]
@@ -88,7 +87,7 @@ def _best_per_class(classes: np.ndarray, scores: np.ndarray, min_score: float) -
     return np.asarray(sorted(keep), dtype=np.int64)
 
 
-class EllipseOverlayWriter:
+class EllipseOverlayWriter(RunFileWriter):
     """Evaluation pictures: the original image with true (green) and predicted ellipses.
 
     Writes ``<output_dir>/<stem>.png`` for the first ``max_images`` items of a run; drawn are
@@ -98,35 +97,21 @@ class EllipseOverlayWriter:
     def __init__(
         self, output_dir: str | os.PathLike[str], class_names: Sequence[str], max_images: int = 16, min_score: float = 0.3
     ) -> None:
-        self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
-        self.max_images = int(max_images)
         self.min_score = float(min_score)
-        self.count = 0
-        self.names = UniqueNames()
+        super().__init__(output_dir, max_images)
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._write)
-
-    def _reset(self, engine: Engine) -> None:
-        self.count, self.names = 0, UniqueNames()
-
-    def _write(self, engine: Engine) -> None:
-        if not is_rank0():
+    def write_pair(self, source: dict[str, Any], output: dict[str, Any]) -> None:
+        name = self.picture_name(source, output)
+        if name is None:
             return
-        for source, output in _pairs(engine):
-            if self.count >= self.max_images:
-                return
-            ellipses, classes, scores = _detections(output)
-            shown = _best_per_class(classes, scores, self.min_score)
-            rows = ellipse_rows(ellipses[shown], classes[shown], scores[shown], self.class_names)
-            true_e = np.asarray(output.get("true_ellipses", np.zeros((0, 5))), dtype=np.float64).reshape(-1, 5)
-            true_c = np.asarray(output.get("true_classes", np.zeros(0)), dtype=np.int64).reshape(-1)
-            true = [(e, int(c)) for e, c in zip(true_e, true_c) if c >= 0]
-            name = self.names(item_source({**source, **output}, default=f"case{self.count:03d}"))
-            draw_ellipses(_original_image(source, output), rows, true, self.class_names, self.output_dir / f"{name}.png")
-            self.count += 1
+        ellipses, classes, scores = _detections(output)
+        shown = _best_per_class(classes, scores, self.min_score)
+        rows = ellipse_rows(ellipses[shown], classes[shown], scores[shown], self.class_names)
+        true_e = np.asarray(output.get("true_ellipses", np.zeros((0, 5))), dtype=np.float64).reshape(-1, 5)
+        true_c = np.asarray(output.get("true_classes", np.zeros(0)), dtype=np.int64).reshape(-1)
+        true = [(e, int(c)) for e, c in zip(true_e, true_c) if c >= 0]
+        draw_ellipses(_original_image(source, output), rows, true, self.class_names, self.output_dir / f"{name}.png")
 
 
 class EllipsePredictionWriter(_PredictionWriter):

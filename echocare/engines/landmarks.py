@@ -15,11 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
 from matplotlib.figure import Figure
 
-from echocare.engines.handlers import UniqueNames, item_source
-from echocare.engines.supervised import _pairs, _PredictionWriter, is_rank0
+from echocare.engines.handlers import item_source
+from echocare.engines.supervised import RunFileWriter, _PredictionWriter
 from echocare.metrics.segmentation import class_key
 
 __all__ = [
@@ -106,7 +105,7 @@ def landmark_error_boxplot_figure(errors: dict[str, Sequence[float]], unit: str 
     return fig
 
 
-class LandmarkOverlayWriter:
+class LandmarkOverlayWriter(RunFileWriter):
     """Evaluation pictures of landmarks: per image (the first ``max_images``) the ORIGINAL
     image with true and predicted points and error lines (``<output_dir>/<stem>.png``), and
     when the run completes a box plot of the radial errors per landmark over all evaluated
@@ -123,47 +122,34 @@ class LandmarkOverlayWriter:
         boxplot_path: str | os.PathLike[str] | None = None,
         max_images: int = 16,
     ) -> None:
-        self.output_dir = Path(output_dir)
         self.landmark_names = list(landmark_names)
         self.boxplot_path = Path(boxplot_path) if boxplot_path else None
-        self.max_images = int(max_images)
-        self._reset(None)
+        super().__init__(output_dir, max_images)
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._write)
-        engine.add_event_handler(Events.COMPLETED, self._write_boxplot)
-
-    def _reset(self, engine: Engine | None) -> None:
-        self.count, self.names = 0, UniqueNames()
+    def reset(self) -> None:
         self.errors: dict[str, list[float]] = {n: [] for n in self.landmark_names}
 
-    def _write(self, engine: Engine) -> None:
+    def write_pair(self, source: dict[str, Any], output: dict[str, Any]) -> None:
         from echocare.data.supervised import read_clip
         from echocare.visualize import _save
 
-        if not is_rank0():
+        merged = {**source, **output}
+        for n in self.landmark_names:
+            self.errors[n].append(float(merged[f"error_px_{class_key(n)}"]))
+        name = self.picture_name(source, output)
+        if name is None:
             return
-        for source, output in _pairs(engine):
-            merged = {**source, **output}
-            for n in self.landmark_names:
-                self.errors[n].append(float(merged[f"error_px_{class_key(n)}"]))
-            if self.count >= self.max_images:
-                continue
-            path = item_source(merged, default=f"case{self.count:03d}")
-            name = self.names(path)
-            image = read_clip(path, [0])[0]
-            fig = landmark_overlay_figure(
-                image, merged["pred_landmarks"], merged.get("landmarks"), self.landmark_names,
-                title=f"{name}: MRE {float(merged['mre_px']):.2f} px",
-            )
-            _save(fig, self.output_dir / f"{name}.png")
-            self.count += 1
+        image = read_clip(item_source(merged, default=name), [0])[0]
+        fig = landmark_overlay_figure(
+            image, merged["pred_landmarks"], merged.get("landmarks"), self.landmark_names,
+            title=f"{name}: MRE {float(merged['mre_px']):.2f} px",
+        )
+        _save(fig, self.output_dir / f"{name}.png")
 
-    def _write_boxplot(self, engine: Engine) -> None:
+    def finish(self) -> None:
         from echocare.visualize import _save
 
-        if not is_rank0() or self.boxplot_path is None or not any(self.errors.values()):
+        if self.boxplot_path is None or not any(self.errors.values()):
             return
         _save(landmark_error_boxplot_figure(self.errors), self.boxplot_path)
 

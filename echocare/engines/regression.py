@@ -11,14 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from ignite.engine import Engine, Events
 
-from echocare.engines.supervised import _PredictionWriter, _pairs, is_rank0
+from echocare.engines.supervised import RunFileWriter, _PredictionWriter
 
 __all__ = ["RegressionFigureWriter", "RegressionPredictionWriter"]
 
@@ -38,7 +35,7 @@ def _frames_used(source: dict[str, Any]) -> list[int] | None:
     return [int(torch.as_tensor(i).reshape(-1)[0]) for i in indices]
 
 
-class RegressionFigureWriter:
+class RegressionFigureWriter(RunFileWriter):
     """Evaluation pictures of regression: ``scatter.png`` (predicted against true, identity
     line, MAE ± SE and Pearson r) and ``bland_altman.png`` (difference against mean, bias and
     95 % limits of agreement) in ``output_dir``, over the whole run.
@@ -50,28 +47,21 @@ class RegressionFigureWriter:
     """
 
     def __init__(self, output_dir: str | os.PathLike[str], name: str = "value", unit: str = "") -> None:
-        self.output_dir = Path(output_dir)
         self.name, self.unit = name, unit
+        super().__init__(output_dir)
+
+    def reset(self) -> None:
         self.pred: list[float] = []
         self.true: list[float] = []
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._write)
+    def write_pair(self, source: dict[str, Any], output: dict[str, Any]) -> None:
+        self.pred.append(_value(output["predicted"]))
+        self.true.append(_value(output["true"]))
 
-    def _reset(self, engine: Engine) -> None:
-        self.pred, self.true = [], []
-
-    def _collect(self, engine: Engine) -> None:
-        for _, output in _pairs(engine):
-            self.pred.append(_value(output["predicted"]))
-            self.true.append(_value(output["true"]))
-
-    def _write(self, engine: Engine) -> None:
+    def finish(self) -> None:
         from echocare.visualize import save_bland_altman, save_regression_scatter
 
-        if not is_rank0() or not self.pred:
+        if not self.pred:
             return
         save_regression_scatter(self.pred, self.true, self.output_dir / "scatter.png", unit=self.unit, name=self.name)
         save_bland_altman(self.pred, self.true, self.output_dir / "bland_altman.png", unit=self.unit, name=self.name)

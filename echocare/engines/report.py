@@ -7,21 +7,18 @@ padded), ``report`` (reference text), ``case`` and ``image_files`` (JSON list of
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.engines.utils import IterationEvents
 
 from echocare.data.text import ReportTokenizer
-from echocare.engines.handlers import UniqueNames
 from echocare.engines.pretrain import _autocast, _plain, _unwrap
-from echocare.engines.supervised import is_rank0
+from echocare.engines.supervised import _PredictionWriter
 
 __all__ = ["ReportEvalIteration", "ReportTrainIteration", "ReportWriter"]
 
@@ -114,50 +111,27 @@ class ReportEvalIteration:
         return engine.state.output
 
 
-class ReportWriter:
+class ReportWriter(_PredictionWriter):
     """Inference output, one pair of files per case named after it: ``<case>.txt`` (the
     report) and ``<case>.json`` (``case``, ``report``, ``tokens`` (list of text tokens),
     ``token_ids``, ``score``, ``images``), plus ``predictions.json`` / ``.csv`` for all.
     Writes on rank 0 only."""
 
     def __init__(self, output_dir: str | os.PathLike[str]) -> None:
-        self.output_dir = Path(output_dir)
-        self.records: list[dict[str, Any]] = []
-        self.names = UniqueNames()
+        super().__init__(output_dir, class_names=[])
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._write_batch)
-        engine.add_event_handler(Events.COMPLETED, self._write_index)
-
-    def _reset(self, engine: Engine) -> None:
-        self.records, self.names = [], UniqueNames()
-
-    def _write_batch(self, engine: Engine) -> None:
-        if not is_rank0():
-            return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        for item in engine.state.output:
-            name = self.names(str(item.get("case") or item.get("filename") or f"case{len(self.records):05d}").replace("/", "_"))
-            record = {
-                "case": str(item.get("case", "")),
-                "report": str(item["generated"]),
-                "tokens": str(item["tokens"]).split(),
-                "token_ids": [int(i) for i in str(item["token_ids"]).split()],
-                "score": round(float(item["score"]), 6),
-                "images": json.loads(item.get("image_files") or "[]"),
-            }
-            (self.output_dir / f"{name}.txt").write_text(record["report"] + "\n", encoding="utf-8")
-            (self.output_dir / f"{name}.json").write_text(json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8")
-            self.records.append({**record, "text_file": str(self.output_dir / f"{name}.txt"), "json_file": str(self.output_dir / f"{name}.json")})
-
-    def _write_index(self, engine: Engine) -> None:
-        if not is_rank0():
-            return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "predictions.json").write_text(json.dumps(self.records, ensure_ascii=False, indent=1), encoding="utf-8")
-        with (self.output_dir / "predictions.csv").open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["case", "report", "score", "text_file", "json_file"], extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(self.records)
-        logger.info("%d reports written to %s", len(self.records), self.output_dir)
+    def write_item(self, source: dict[str, Any], output: dict[str, Any]) -> dict[str, Any]:
+        case = output.get("case") or output.get("filename") or f"case{len(self.records):05d}"
+        name = self.names(str(case).replace("/", "_"))
+        record = {
+            "case": str(output.get("case", "")),
+            "report": str(output["generated"]),
+            "tokens": str(output["tokens"]).split(),
+            "token_ids": [int(i) for i in str(output["token_ids"]).split()],
+            "score": round(float(output["score"]), 6),
+            "images": json.loads(output.get("image_files") or "[]"),
+        }
+        text_file, json_file = self.output_dir / f"{name}.txt", self.output_dir / f"{name}.json"
+        text_file.write_text(record["report"] + "\n", encoding="utf-8")
+        json_file.write_text(json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8")
+        return {**record, "text_file": str(text_file), "json_file": str(json_file)}

@@ -25,6 +25,7 @@ from echocare.engines.handlers import UniqueNames, item_source
 
 __all__ = [
     "ClassificationFigureWriter",
+    "RunFileWriter",
     "ClassificationPredictionWriter",
     "SegmentationOverlayWriter",
     "SegmentationPredictionWriter",
@@ -56,7 +57,61 @@ def _labels_of(pred: torch.Tensor) -> np.ndarray:
     return pred.reshape(pred.shape[-2:]).round().numpy().astype(np.int64)
 
 
-class SegmentationOverlayWriter:
+class RunFileWriter:
+    """Shared part of the handlers that write files over one engine run (evaluation pictures,
+    inference outputs): a fresh state at every run (``reset``), each decollated (input item,
+    output item) pair of every iteration (``write_pair``), a last step when the run completes
+    (``finish``); files are written on rank 0 only.
+
+    Subclasses set ``self.output_dir`` (a ``Path``) and override the three hooks. ``count`` and
+    ``names`` (:class:`~echocare.engines.handlers.UniqueNames`) are reset with each run; pictures
+    take their names from :meth:`picture_name`.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike[str], max_images: int = 16) -> None:
+        self.output_dir = Path(output_dir)
+        self.max_images = int(max_images)
+        self._start(None)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        engine.add_event_handler(Events.COMPLETED, self._finish)
+
+    def _start(self, engine: Engine | None) -> None:
+        self.count, self.names = 0, UniqueNames()
+        self.reset()
+
+    def _iteration(self, engine: Engine) -> None:
+        if not is_rank0():
+            return
+        for source, output in _pairs(engine):
+            self.write_pair(source, output)
+
+    def _finish(self, engine: Engine) -> None:
+        if is_rank0():
+            self.finish()
+
+    def picture_name(self, source: dict[str, Any], output: dict[str, Any]) -> str | None:
+        """A unique file stem named after the item's input for the next of the first
+        ``max_images`` pictures of the run, or ``None`` once they are drawn."""
+        if self.count >= self.max_images:
+            return None
+        self.count += 1
+        return self.names(item_source({**source, **output}, default=f"case{self.count - 1:03d}"))
+
+    def reset(self) -> None:
+        """Start of a run: drop what the last run collected."""
+
+    def write_pair(self, source: dict[str, Any], output: dict[str, Any]) -> None:
+        """One item: ``source`` is the batch item (input and its meta), ``output`` the
+        postprocessed output item."""
+
+    def finish(self) -> None:
+        """End of the run (rank 0): pictures or files over the whole run."""
+
+
+class SegmentationOverlayWriter(RunFileWriter):
     """Evaluation pictures of segmentation: image, ground truth and prediction side by side.
 
     Writes ``<output_dir>/<stem>.png`` for the first ``max_images`` items of a run (the
@@ -69,71 +124,49 @@ class SegmentationOverlayWriter:
     """
 
     def __init__(self, output_dir: str | os.PathLike[str], class_names: Sequence[str], max_images: int = 16) -> None:
-        self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
-        self.max_images = int(max_images)
-        self.count = 0
-        self.names = UniqueNames()
+        super().__init__(output_dir, max_images)
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._write)
-
-    def _reset(self, engine: Engine) -> None:
-        self.count, self.names = 0, UniqueNames()
-
-    def _write(self, engine: Engine) -> None:
+    def write_pair(self, source: dict[str, Any], output: dict[str, Any]) -> None:
         from echocare.visualize import save_segmentation_overlay
 
-        if not is_rank0():
+        name = self.picture_name(source, output)
+        if name is None:
             return
-        for source, output in _pairs(engine):
-            if self.count >= self.max_images:
-                return
-            merged = {**source, **output}
-            image = torch.as_tensor(merged["image"]).detach().float().cpu()
-            label = merged.get("label")
-            name = self.names(item_source(merged, default=f"case{self.count:03d}"))
-            save_segmentation_overlay(
-                image,
-                _labels_of(output["pred"]),
-                _labels_of(label) if label is not None else None,
-                self.output_dir / f"{name}.png",
-                class_names=self.class_names,
-                title=name,
-            )
-            self.count += 1
+        merged = {**source, **output}
+        label = merged.get("label")
+        save_segmentation_overlay(
+            torch.as_tensor(merged["image"]).detach().float().cpu(),
+            _labels_of(output["pred"]),
+            _labels_of(label) if label is not None else None,
+            self.output_dir / f"{name}.png",
+            class_names=self.class_names,
+            title=name,
+        )
 
 
-class ClassificationFigureWriter:
+class ClassificationFigureWriter(RunFileWriter):
     """Evaluation pictures of classification: the confusion matrix and, for two classes, the
     ROC curve with the Youden cut-off marked (``confusion_matrix.png``, ``roc_curve.png`` in
     ``output_dir``). Collects ``pred`` (probabilities) and ``label`` over the run."""
 
     def __init__(self, output_dir: str | os.PathLike[str], class_names: Sequence[str]) -> None:
-        self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
+        super().__init__(output_dir)
+
+    def reset(self) -> None:
         self.probs: list[np.ndarray] = []
         self.labels: list[int] = []
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._write)
+    def write_pair(self, source: dict[str, Any], output: dict[str, Any]) -> None:
+        self.probs.append(torch.as_tensor(output["pred"]).detach().float().cpu().reshape(-1).numpy())
+        self.labels.append(int(torch.as_tensor(output["label"]).reshape(-1)[0]))
 
-    def _reset(self, engine: Engine) -> None:
-        self.probs, self.labels = [], []
-
-    def _collect(self, engine: Engine) -> None:
-        for _, output in _pairs(engine):
-            self.probs.append(torch.as_tensor(output["pred"]).detach().float().cpu().reshape(-1).numpy())
-            self.labels.append(int(torch.as_tensor(output["label"]).reshape(-1)[0]))
-
-    def _write(self, engine: Engine) -> None:
+    def finish(self) -> None:
         from echocare.metrics.classification import confusion_matrix, youden_threshold
         from echocare.visualize import save_confusion_matrix, save_roc_curve
 
-        if not is_rank0() or not self.probs:
+        if not self.probs:
             return
         probs, labels = np.stack(self.probs), np.asarray(self.labels)
         num_classes = probs.shape[1]
@@ -148,22 +181,18 @@ class ClassificationFigureWriter:
         save_confusion_matrix(cm, self.class_names, self.output_dir / "confusion_matrix.png")
 
 
-class _PredictionWriter:
-    """Shared part of the inference writers: naming, the index file, rank 0 only."""
+class _PredictionWriter(RunFileWriter):
+    """Shared part of the inference writers: naming after the input (and frame), the index
+    files ``predictions.json`` / ``predictions.csv`` (one row per result: the record's plain
+    fields) when the run completes. Subclasses write one input's files in ``write_item``
+    and return its record."""
 
     def __init__(self, output_dir: str | os.PathLike[str], class_names: Sequence[str]) -> None:
-        self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
+        super().__init__(output_dir)
+
+    def reset(self) -> None:
         self.records: list[dict[str, Any]] = []
-        self.names = UniqueNames()
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._write_batch)
-        engine.add_event_handler(Events.COMPLETED, self._write_index)
-
-    def _reset(self, engine: Engine) -> None:
-        self.records, self.names = [], UniqueNames()
 
     def _name(self, source: dict[str, Any]) -> tuple[str, str, int | None]:
         path = item_source(source, default=f"input{len(self.records):05d}")
@@ -171,25 +200,21 @@ class _PredictionWriter:
         frame = int(source.get("frame", 0)) if frames > 1 else None
         return path, self.names(path, frame), frame
 
-    def _write_batch(self, engine: Engine) -> None:
-        if not is_rank0():
-            return
+    def write_pair(self, source: dict[str, Any], output: dict[str, Any]) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        for source, output in _pairs(engine):
-            self.records.append(self.write_item(source, output))
+        self.records.append(self.write_item(source, output))
 
     def write_item(self, source: dict[str, Any], output: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _write_index(self, engine: Engine) -> None:
-        if not is_rank0():
-            return
+    def finish(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "predictions.json").write_text(json.dumps(self.records, indent=1))
+        (self.output_dir / "predictions.json").write_text(json.dumps(self.records, ensure_ascii=False, indent=1), encoding="utf-8")
         flat = [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in self.records]
         if flat:
-            with (self.output_dir / "predictions.csv").open("w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(flat[0]))
+            fields = list(dict.fromkeys(k for row in flat for k in row))  # every column, first-seen order
+            with (self.output_dir / "predictions.csv").open("w", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=fields)
                 writer.writeheader()
                 writer.writerows(flat)
         logger.info("%d predictions written to %s", len(self.records), self.output_dir)
