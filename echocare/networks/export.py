@@ -8,6 +8,11 @@ are oneDNN-only ops):
 * segmentation (``EchoCareSegNet``): ``image`` (B, 3, S, S) -> ``pred`` logits (B, C, S, S);
 * classification (``EchoCareClassifier``): ``image`` (B, 3, S, S), or (B, F, 3, S, S) for clip
   bundles (``clip_frames`` F in the config) -> ``pred`` logits (B, C);
+* detection (``focus_det``), landmarks (``brain_landmark``), enhancement (``usenhance``):
+  ``image`` (B, 3, S, S) -> ``pred``, the network's raw output (ellipse maps, heatmaps, the
+  enhanced image; the bundles' postprocessing decodes it);
+* regression (``camus_ef``): ``image`` (B, T, 3, S, S) with T the config's ``num_frames``
+  ((B, 3, S, S) for still images, ``num_frames: 1``) -> ``pred`` (B, 1), the normalised value;
 * pretraining (``EchoCarePretrainNet``): ``image`` (B, 3, S, S) and ``unit_mask``
   (B, S/mask_unit, S/mask_unit) bool -> ``reconstruction`` (B, 3, S, S), ``anatomy_logits``
   (B, N), ``pixel_mask`` (B, 1, S, S). Drawing the random mask and turning anatomy scores
@@ -115,6 +120,11 @@ def build_bundle_network(
 
     name, configs, parser = _bundle_parser(bundle, config, overrides)
     height, width = parser.get_parsed_content("spatial_size")
+    if str(parser.get("network_def", {}).get("_target_", "")).endswith("EchoCareReportNet"):
+        raise ExportError(
+            f"{name}: report generation (a text decoder run by beam search, with its tokenizer) is not exported as one "
+            "traced network; run the bundle's inference.yaml"
+        )
     network = parser.get_parsed_content("network_def", instantiate=True)
     network = load_network_checkpoint(network, str(checkpoint), tracking_uri=tracking_uri)
     network = reference_paths(network.cpu().eval())
@@ -125,11 +135,15 @@ def build_bundle_network(
         outputs = ["reconstruction", "anatomy_logits", "pixel_mask"]
         module: nn.Module = _TupleOutputs(network, outputs)
     else:
-        if "clip_frames" in parser:
-            inputs["image"] = ["batch", int(parser.get_parsed_content("clip_frames")), 3, height, width]
+        # Clip classifiers (clip_frames) and sequence regressors (num_frames > 1) take (B, T, 3, H, W).
+        frames = next((int(parser.get_parsed_content(k)) for k in ("clip_frames", "num_frames") if k in parser), 1)
+        if "clip_frames" in parser or frames > 1:
+            inputs["image"] = ["batch", frames, 3, height, width]
         outputs = ["pred"]
         module = network
-    class_names = parser.get_parsed_content("class_names") if "class_names" in parser else None
+    # What the output channels are: classes, or landmarks (brain_landmark); None for images and values.
+    names_key = next((k for k in ("class_names", "landmark_names") if k in parser), None)
+    class_names = parser.get_parsed_content(names_key) if names_key else None
     spec = {
         "bundle": name,
         "network": type(network).__name__,
@@ -228,6 +242,9 @@ def export_bundle(
     module, spec = build_bundle_network(bundle, checkpoint, config=config, overrides=overrides, tracking_uri=tracking_uri)
     inputs = example_inputs(spec, batch_size=batch_size, seed=0)
     metadata = _metadata(spec, format)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # nn.TransformerEncoder's eval fast path is one fused op that ONNX has no export for (camus_ef).
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         if format == "torchscript":
             _export_torchscript(module, inputs, out, metadata)
@@ -235,6 +252,8 @@ def export_bundle(
             _export_onnx(module, inputs, out, metadata, list(spec["inputs"]), list(spec["outputs"]))
     except Exception as error:  # noqa: BLE001 - tracer and exporter raise many types
         raise ExportError(f"{out}: exporting {spec['bundle']} to {format} failed ({type(error).__name__}: {error})") from error
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     if verify:
         # ONNX: another batch size than the traced one also checks the dynamic batch axis.
         check = example_inputs(spec, batch_size=batch_size if format == "torchscript" else batch_size + 1, seed=1)
