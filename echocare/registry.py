@@ -4,6 +4,9 @@ A registered version is a MONAI bundle folder, logged to its training run under
 ``registered_model/`` and used as the version's source::
 
     models/model.pt           the run's best checkpoint (saved at the key metric's best epoch)
+    models/<file>             every other file the run logged in models/ that is not a checkpoint
+                              (*.pt), e.g. usreport's tokenizer.json: what the network needs beside
+                              its weights (:func:`checkpoint_sidecar` finds it)
     configs/*                 the bundle's configs (train/evaluate/inference, overlays, logging.conf)
     configs/metadata.json     the bundle's metadata with ``eval_metrics`` set to the run's validation
                               metrics at the best epoch
@@ -36,8 +39,10 @@ __all__ = [
     "REGISTERED_MODEL_PATH",
     "RegistryError",
     "RunRecord",
+    "checkpoint_sidecar",
     "describe_run",
     "fetch_checkpoint",
+    "fetch_registered_file",
     "format_registry_table",
     "is_registry_uri",
     "list_registered",
@@ -142,19 +147,22 @@ def _version_of(client, name: str, version: str | int | None, alias: str | None,
     )
 
 
-def fetch_checkpoint(uri: str, dst_dir: str | Path, tracking_uri: str | None = None) -> Path:
-    """Download the checkpoint of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` into ``dst_dir``.
+def fetch_registered_file(uri: str, relative_path: str, dst_dir: str | Path, tracking_uri: str | None = None) -> Path:
+    """Download one file of the registered bundle ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``.
 
     Args:
         uri: the registered model URI.
-        dst_dir: an existing folder; the file lands at ``dst_dir/model.pt``.
+        relative_path: the file inside the registered bundle (e.g. ``models/model.pt``,
+            ``models/tokenizer.json``; layout in the module docstring).
+        dst_dir: an existing folder; the file lands at ``dst_dir/<its name>``.
         tracking_uri: the MLflow store (default ``MLFLOW_TRACKING_URI``).
 
     Returns:
-        The local checkpoint path.
+        The local path.
 
     Raises:
-        RegistryError: malformed URI, no store, unknown name, version or alias (named).
+        RegistryError: malformed URI, no store, unknown name, version or alias, or a version
+            without that file (all named).
     """
     import mlflow.artifacts
 
@@ -163,10 +171,45 @@ def fetch_checkpoint(uri: str, dst_dir: str | Path, tracking_uri: str | None = N
     client = _client(store)
     found = _version_of(client, name, version, alias, store)
     source = client.get_model_version_download_uri(name, found.version)
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"{source.rstrip('/')}/{CHECKPOINT_PATH}", dst_path=str(dst_dir), tracking_uri=store
-    )
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{source.rstrip('/')}/{relative_path}", dst_path=str(dst_dir), tracking_uri=store
+        )
+    except Exception as error:  # noqa: BLE001 - MLflow raises per-store exception types for a missing artifact
+        if relative_path == CHECKPOINT_PATH:
+            raise
+        raise RegistryError(
+            f"{uri} (version {found.version} of {name!r}) holds no {relative_path}: register the run again "
+            f"(runs registered before their models/ side files were kept lack it), or pass the file's path"
+        ) from error
     return Path(local)
+
+
+def fetch_checkpoint(uri: str, dst_dir: str | Path, tracking_uri: str | None = None) -> Path:
+    """Download the checkpoint of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` into ``dst_dir``
+    (``dst_dir/model.pt``); see :func:`fetch_registered_file`."""
+    return fetch_registered_file(uri, CHECKPOINT_PATH, dst_dir, tracking_uri)
+
+
+def checkpoint_sidecar(
+    checkpoint: str | Path, filename: str, default: str | Path, download_dir: str | Path, tracking_uri: str | None = None
+) -> str:
+    """The file ``filename`` that belongs with a checkpoint (e.g. usreport's ``tokenizer.json``).
+
+    For a registered model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``): the version's
+    ``models/<filename>``, downloaded to ``download_dir/NAME/<version or alias>/``. For a
+    checkpoint file: ``<filename>`` beside it when it exists there, else ``default``.
+
+    Raises:
+        RegistryError: a registered version without the file (see :func:`fetch_registered_file`).
+    """
+    if is_registry_uri(checkpoint):
+        name, version, alias = parse_registry_uri(str(checkpoint))
+        folder = Path(download_dir) / name / (alias or str(version))
+        folder.mkdir(parents=True, exist_ok=True)
+        return str(fetch_registered_file(str(checkpoint), f"models/{filename}", folder, tracking_uri))
+    beside = Path(checkpoint).parent / filename
+    return str(beside) if str(checkpoint) and beside.is_file() else str(default)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -297,11 +340,27 @@ def _bundle_folder(client, record: RunRecord, folder: Path, tracking_uri: str) -
     (folder / CHECKPOINT_PATH).parent.mkdir(parents=True)
     shutil.move(local, folder / CHECKPOINT_PATH)
     shutil.rmtree(folder / "download")
+    _copy_side_files(client, record.run_id, _side_files(client, record.run_id), folder / "models", tracking_uri)
     metadata_path = folder / "configs" / "metadata.json"
     metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
     metadata["eval_metrics"] = dict(record.metrics)
     metadata_path.write_text(json.dumps(metadata, indent=2))
     (folder / "configs" / "run_config.json").write_text(json.dumps(record.config, indent=1))
+
+
+def _side_files(client, run_id: str) -> list[str]:
+    """What the run's network needs beside its weights (e.g. a tokenizer): the artifact paths of
+    every file in ``models/`` that is not a checkpoint (``*.pt``)."""
+    return [a.path for a in client.list_artifacts(run_id, "models") if not a.is_dir and Path(a.path).suffix != ".pt"]
+
+
+def _copy_side_files(client, run_id: str, paths: Sequence[str], folder: Path, tracking_uri: str) -> None:
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory(prefix="echocare_side_") as tmp:
+        for path in paths:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp, tracking_uri=tracking_uri)
+            shutil.move(local, folder / Path(path).name)
 
 
 def _version_tags(record: RunRecord) -> dict[str, str]:
@@ -338,6 +397,12 @@ def register_run(
         with tempfile.TemporaryDirectory(prefix="echocare_registry_") as tmp:
             _bundle_folder(client, record, Path(tmp) / "bundle", store)
             client.log_artifacts(run_id, str(Path(tmp) / "bundle"), artifact_path=REGISTERED_MODEL_PATH)
+    else:  # reused: add side files the run logged after it was first registered
+        missing = [p for p in _side_files(client, run_id) if f"{REGISTERED_MODEL_PATH}/models/{Path(p).name}" not in logged]
+        if missing:
+            with tempfile.TemporaryDirectory(prefix="echocare_registry_") as tmp:
+                _copy_side_files(client, run_id, missing, Path(tmp), store)
+                client.log_artifacts(run_id, tmp, artifact_path=f"{REGISTERED_MODEL_PATH}/models")
     try:
         client.get_registered_model(name)
     except MlflowException as error:

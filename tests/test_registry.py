@@ -28,7 +28,7 @@ from bundle_helpers import REPO, mlflow_runs
 from echocare.cli import main
 from echocare.data import generate_demo_data
 from echocare.networks import EchoCareSegNet, load_network_checkpoint
-from echocare.registry import RegistryError, fetch_checkpoint, list_registered, promote, register_run
+from echocare.registry import RegistryError, checkpoint_sidecar, fetch_checkpoint, list_registered, promote, register_run
 
 SMALL = ["--network_size", "tiny", "--image_size", "64", "--batch_size", "4", "--num_workers", "0", "--progress_bar", "False"]
 TRAIN = str(REPO / "bundles" / "musv_seg" / "configs" / "train.yaml")
@@ -217,6 +217,36 @@ def test_unknown_names_versions_aliases_and_runs_are_named(runs) -> None:
     with pytest.raises(SystemExit, match=rf"echocare registry list: sqlite:///{missing}/mlruns\.db: no MLflow store there"):
         _cli("registry", "list", "--output-dir", str(missing))
     assert not missing.exists()  # no empty store created
+
+
+def test_side_files_travel_with_the_registered_checkpoint(runs, tmp_path: Path) -> None:
+    """A file the run logged in models/ beside its checkpoints (usreport's tokenizer.json) becomes
+    part of the registered version, also when the run was registered before it was logged."""
+    out, run_id = runs["sqlite"]
+    store = f"sqlite:///{out / 'mlruns.db'}"
+    register_run(run_id, "musv_side_before", tracking_uri=store)
+    with pytest.raises(RegistryError, match=r"models:/musv_side_before/1 \(version 1 of 'musv_side_before'\) holds no models/tokenizer\.json"):
+        checkpoint_sidecar("models:/musv_side_before/1", "tokenizer.json", "unused", tmp_path / "dl", tracking_uri=store)
+
+    client, _ = mlflow_runs(out / "mlruns.db")
+    side = tmp_path / "tokenizer.json"
+    side.write_text('{"tokens": ["<pad>", "甲状腺"]}', encoding="utf-8")
+    client.log_artifact(run_id, str(side), "models")
+    register_run(run_id, "musv_side", alias="champion", tracking_uri=store)
+    for uri, folder in (("models:/musv_side@champion", "champion"), ("models:/musv_side/1", "1")):
+        fetched = checkpoint_sidecar(uri, "tokenizer.json", "unused", tmp_path / "dl", tracking_uri=store)
+        assert Path(fetched) == tmp_path / "dl" / "musv_side" / folder / "tokenizer.json"
+        assert Path(fetched).read_text(encoding="utf-8") == side.read_text(encoding="utf-8")
+    # the earlier version shares the run's registered bundle, which now holds the file too
+    fetched = checkpoint_sidecar("models:/musv_side_before/1", "tokenizer.json", "unused", tmp_path / "dl", tracking_uri=store)
+    assert Path(fetched).read_text(encoding="utf-8") == side.read_text(encoding="utf-8")
+    # checkpoint files: the file beside the checkpoint when it is there, else the default
+    beside = tmp_path / "run" / "models"
+    beside.mkdir(parents=True)
+    (beside / "model.pt").write_bytes(b"")
+    assert checkpoint_sidecar(beside / "model.pt", "tokenizer.json", "fallback.json", tmp_path / "dl") == "fallback.json"
+    (beside / "tokenizer.json").write_text("{}")
+    assert checkpoint_sidecar(beside / "model.pt", "tokenizer.json", "fallback.json", tmp_path / "dl") == str(beside / "tokenizer.json")
 
 
 def test_register_promote_and_load_by_alias_on_a_tracking_server(runs, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -94,6 +94,21 @@ def test_bundle_beats_constant_report(tmp_path):
     assert train_run.data.params["network_size"] == "tiny" and train_run.data.params["num_training_items"] == str(len(content["training"]))
     assert by_name["usreport_eval"].data.metrics["findings_f1"] == pytest.approx(summary["findings_f1"])
 
+    # registered: the version carries the tokenizer, so inference from models:/ needs no --tokenizer_path
+    from echocare.registry import register_run
+
+    store = f"sqlite:///{out / 'mlruns.db'}"
+    register_run(train_run.info.run_id, "usreport_phantom", alias="champion", tracking_uri=store)
+    registered_out = tmp_path / "registered"
+    bundles_in_one_process(
+        ["inferring", "--config_file", INFER, *NETWORK, "--input_dir", str(datalist), "--output_dir", str(registered_out),
+         "--checkpoint", "models:/usreport_phantom@champion", "--tracking_uri", store],
+    )
+    assert (registered_out / "registry" / "usreport_phantom" / "champion" / "tokenizer.json").read_text(encoding="utf-8") == (
+        models / "tokenizer.json").read_text(encoding="utf-8")
+    again = json.loads((registered_out / "predictions" / f"{record['case']}.json").read_text())
+    assert again["report"] == record["report"] and again["token_ids"] == record["token_ids"]
+
     # Chinese: the tokenizer holds single characters; reports are scored and written as characters
     tokens = json.loads((zh_out / "models" / "tokenizer.json").read_text(encoding="utf-8"))["tokens"]
     assert "肝" in tokens and all(len(t) == 1 for t in tokens[4:] if "\u4e00" <= t[0] <= "\u9fff")
