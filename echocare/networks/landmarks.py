@@ -9,13 +9,71 @@ and export work unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks import UnetrBasicBlock
 from torch import nn
 
 from echocare.networks.tasks import EchoCareSegNet
 
-__all__ = ["EchoCareLandmarkNet", "LandmarkHeatmapLoss", "decode_heatmaps", "soft_argmax"]
+__all__ = [
+    "EchoCareLandmarkNet",
+    "LandmarkHeatmapLoss",
+    "coordinate_channels",
+    "decode_heatmaps",
+    "order_symmetric_pairs",
+    "soft_argmax",
+]
+
+
+def _check_pairs(pairs: Sequence[Sequence[Any]] | None, num_landmarks: int | None = None) -> list[tuple[int, int, int]]:
+    """``[[a, b, axis], ...]`` -> ``[(a, b, 0 for x | 1 for y), ...]``, checked: distinct indices
+    below ``num_landmarks``, each landmark in one pair at most, axis ``x`` or ``y``."""
+    checked: list[tuple[int, int, int]] = []
+    seen: set[int] = set()
+    for pair in pairs or []:
+        if len(pair) != 3 or str(pair[2]).lower() not in ("x", "y"):
+            raise ValueError(f"symmetric pair must be [index, index, 'x' or 'y'], got {pair}")
+        a, b, axis = int(pair[0]), int(pair[1]), "xy".index(str(pair[2]).lower())
+        if a == b or {a, b} & seen or min(a, b) < 0 or (num_landmarks is not None and max(a, b) >= num_landmarks):
+            raise ValueError(f"symmetric pairs must join distinct landmarks once each (of {num_landmarks}), got {pairs}")
+        seen |= {a, b}
+        checked.append((a, b, axis))
+    return checked
+
+
+def order_symmetric_pairs(heatmaps: torch.Tensor, pairs: Sequence[Sequence[Any]]) -> torch.Tensor:
+    """Swap the two maps of each symmetric pair where needed so that, in every image, the
+    first map's peak (integer argmax) has the larger x (axis ``x``) or y (axis ``y``).
+
+    Args:
+        heatmaps: (B, K, h, w).
+        pairs: ``[[a, b, "x" | "y"], ...]``, landmark indices.
+
+    Returns:
+        (B, K, h, w), a new tensor (the input is not changed).
+    """
+    b, k, h, w = heatmaps.shape
+    flat = heatmaps.detach().reshape(b, k, -1).argmax(-1)
+    peaks = torch.stack([flat % w, torch.div(flat, w, rounding_mode="floor")], -1)  # (B, K, 2) x, y
+    out = heatmaps.clone()
+    for first, second, axis in _check_pairs(pairs, k):
+        swap = peaks[:, second, axis] > peaks[:, first, axis]
+        out[swap, first], out[swap, second] = heatmaps[swap, second], heatmaps[swap, first]
+    return out
+
+
+def coordinate_channels(x: torch.Tensor) -> torch.Tensor:
+    """CoordConv channels for a batch ``x`` (B, C, H, W): (B, 2, H, W), x then y of each pixel
+    centre scaled to [-1, 1] across the image (-1 at the left/top pixel, 1 at the right/bottom
+    one; 0 when that side is a single pixel), in ``x``'s dtype and device."""
+    b, _, h, w = x.shape
+    xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype) if w > 1 else x.new_zeros(1)
+    ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype) if h > 1 else x.new_zeros(1)
+    return torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)])[None].expand(b, 2, h, w)
 
 
 class EchoCareLandmarkNet(EchoCareSegNet):
@@ -27,6 +85,13 @@ class EchoCareLandmarkNet(EchoCareSegNet):
         in_channels, decoder_feature_size, drop_path_rate: as :class:`EchoCareSegNet`.
         init_scale: factor on the default initial weights of the output convolution (its
             bias starts at 0); only the initialisation, the modules are the seg net's.
+        coord_channels: give the decoder's full-resolution image skip two more input
+            channels, the pixel's x and y in [-1, 1] (CoordConv, :func:`coordinate_channels`),
+            so the heatmaps can depend on absolute position: the Swin encoder has no absolute
+            position embedding and the decoder only convolutions, which hardly tell two
+            look-alike points apart by where they are (e.g. the left and right ends of a head
+            axis). Changes the shape of ``decoder.skip_image``'s first convolutions, nothing
+            else (same state-dict keys; the encoder is unchanged, so ``pretrained_path`` works).
 
     Forward:
         ``x`` (B, in_channels, H, W), H and W divisible by 32 -> heatmaps (B, K, H, W)
@@ -41,17 +106,36 @@ class EchoCareLandmarkNet(EchoCareSegNet):
         decoder_feature_size: int | None = None,
         drop_path_rate: float = 0.0,
         init_scale: float = 0.01,
+        coord_channels: bool = False,
+        symmetric_pairs: Sequence[Sequence[Any]] | None = None,
     ) -> None:
         if int(num_landmarks) < 1:
             raise ValueError(f"num_landmarks must be >= 1, got {num_landmarks}")
         super().__init__(network_size, int(num_landmarks), in_channels, decoder_feature_size, drop_path_rate)
         self.num_landmarks = int(num_landmarks)
+        self.coord_channels = bool(coord_channels)
+        _check_pairs(symmetric_pairs, self.num_landmarks)
+        self.symmetric_pairs = [list(p) for p in symmetric_pairs or []]
+        if self.coord_channels:
+            # The decoder's own image skip (a residual basic block, instance norm), on 2 more channels.
+            fs = self.decoder.out.conv.conv.in_channels
+            self.decoder.skip_image = UnetrBasicBlock(
+                2, in_channels + 2, fs, kernel_size=3, stride=1, norm_name="instance", res_block=True
+            )
         # Start from near-zero heatmaps: with the default init the maps start at hundreds,
         # far above the targets' peak of 1, and the first hundreds of steps only shrink them.
         out = self.decoder.out.conv.conv
         with torch.no_grad():
             out.weight.mul_(init_scale)
             out.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(x)
+        image = torch.cat([x, coordinate_channels(x)], dim=1) if self.coord_channels else x
+        heatmaps = self.decoder(image, features)
+        if self.symmetric_pairs and not self.training:
+            heatmaps = order_symmetric_pairs(heatmaps, self.symmetric_pairs)
+        return heatmaps
 
 
 def decode_heatmaps(heatmaps: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -112,27 +196,56 @@ class LandmarkHeatmapLoss(nn.Module):
     target peak is inside the grid (``target.amax > 0.5``; a point moved out of view by an
     augmentation has no target).
 
+    With ``symmetric_pairs`` (``[[a, b, axis], ...]``, as :class:`EchoCareLandmarkNet`) the
+    loss is order-free within each pair: per image, the targets of ``a`` and ``b`` are
+    swapped when that gives the lower loss of the two maps, so the network may put either
+    end in either map; the network orders them at evaluation.
+
     Args:
         heatmap_weight, coord_weight: weights of the two terms.
         beta: soft-argmax sharpness (on maps of peak 1).
+        symmetric_pairs: landmark pairs matched per image before the loss (default none).
     """
 
-    def __init__(self, heatmap_weight: float = 1.0, coord_weight: float = 0.0, beta: float = 20.0) -> None:
+    def __init__(
+        self,
+        heatmap_weight: float = 1.0,
+        coord_weight: float = 0.0,
+        beta: float = 20.0,
+        symmetric_pairs: Sequence[Sequence[Any]] | None = None,
+    ) -> None:
         super().__init__()
         self.heatmap_weight, self.coord_weight, self.beta = float(heatmap_weight), float(coord_weight), float(beta)
+        self.pairs = [(a, b) for a, b, _ in _check_pairs(symmetric_pairs)]
+
+    def per_map(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(B, K) loss of each map: weighted squared error summed over pixels plus the
+        weighted soft-argmax L1 (0 for maps whose target peak is out of the grid)."""
+        loss = self.heatmap_weight * F.mse_loss(pred, target, reduction="none").sum((-2, -1))
+        if self.coord_weight:
+            valid = target.amax((-2, -1)) > 0.5
+            weights = target.clamp_min(0)
+            total = weights.sum((-2, -1)).clamp_min(1e-6)
+            h, w = target.shape[-2:]
+            xs = torch.arange(w, device=target.device, dtype=target.dtype)
+            ys = torch.arange(h, device=target.device, dtype=target.dtype)
+            true = torch.stack([(weights.sum(-2) * xs).sum(-1) / total, (weights.sum(-1) * ys).sum(-1) / total], -1)
+            err = (soft_argmax(pred, self.beta) - true).abs().sum(-1)
+            # mean over the valid maps of the batch, spread over (B, K) so that .mean() gives it
+            loss = loss + self.coord_weight * torch.where(valid, err, 0.0) * valid.numel() / valid.sum().clamp_min(1)
+        return loss
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         pred, target = pred.float(), target.float()
-        loss = self.heatmap_weight * F.mse_loss(pred, target, reduction="none").sum((-2, -1)).mean()
-        if self.coord_weight:
-            valid = target.amax((-2, -1)) > 0.5
-            if valid.any():
-                weights = target.clamp_min(0)
-                total = weights.sum((-2, -1)).clamp_min(1e-6)
-                h, w = target.shape[-2:]
-                xs = torch.arange(w, device=target.device, dtype=target.dtype)
-                ys = torch.arange(h, device=target.device, dtype=target.dtype)
-                true = torch.stack([(weights.sum(-2) * xs).sum(-1) / total, (weights.sum(-1) * ys).sum(-1) / total], -1)
-                err = (soft_argmax(pred, self.beta) - true).abs().sum(-1)
-                loss = loss + self.coord_weight * err[valid].mean()
-        return loss
+        if self.pairs:
+            swapped = target.clone()
+            for a, b in self.pairs:
+                swapped[:, [a, b]] = target[:, [b, a]]
+            straight, crossed = self.per_map(pred, target), self.per_map(pred, swapped)
+            losses = straight.clone()
+            for a, b in self.pairs:
+                cross = (crossed[:, a] + crossed[:, b]) < (straight[:, a] + straight[:, b])
+                losses[:, a] = torch.where(cross, crossed[:, a], straight[:, a])
+                losses[:, b] = torch.where(cross, crossed[:, b], straight[:, b])
+            return losses.mean()
+        return self.per_map(pred, target).mean()
