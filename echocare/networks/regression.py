@@ -41,9 +41,9 @@ class EchoCareRegressor(nn.Module):
         max_frames: longest sequence the position embeddings cover (transformer).
         hidden: width of the head's hidden layer.
         dropout: dropout in the temporal model and the head.
-        initial_output: the (normalised) value the untrained head predicts: its last layer
-            starts with this bias and small weights, so training starts near a typical target
-            (e.g. 0.5 for EF / 100) instead of wherever a random layer lands.
+        initial_output: the (normalised) value the untrained head predicts on average: its
+            last layer starts with this bias, so training starts around a typical target
+            (e.g. 0.55 for EF / 100).
 
     Forward:
         ``x`` (B, T, in_channels, H, W), T frames per case in time order, or (B, in_channels,
@@ -74,7 +74,6 @@ class EchoCareRegressor(nn.Module):
         self.temporal = temporal
         self.max_frames = int(max_frames)
         self.feature_dim = int(self.encoder.feature_channels[-1])
-        self.frame_norm = nn.LayerNorm(self.feature_dim)
         self.project = nn.Linear(self.feature_dim, temporal_dim)
         # Only the chosen temporal model's weights exist, so state dicts hold no unused keys.
         self.position = None
@@ -94,16 +93,20 @@ class EchoCareRegressor(nn.Module):
             )
         self.norm = nn.LayerNorm(temporal_dim)
         self.head = nn.Sequential(nn.Linear(temporal_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_outputs))
+        # The last layer keeps its default weights (not shrunk to 0.1x: with those, phantom EF
+        # runs settled on the mean target and stayed there); the bias starts at initial_output.
         with torch.no_grad():
-            self.head[-1].weight.mul_(0.1)
             self.head[-1].bias.fill_(float(initial_output))
 
     def frame_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, C, H, W) -> (B, T, temporal_dim): each frame's deepest map averaged over space,
-        normalised and projected (the frames run through the encoder as one batch of B*T)."""
+        """(B, T, C, H, W) -> (B, T, temporal_dim): each frame's deepest map averaged over space
+        and projected (the frames run through the encoder as one batch of B*T).
+
+        No LayerNorm on the pooled vector: the encoder already layer-normalises every position
+        of its maps, and a second one would also remove how far the positions agree (its scale)."""
         b, t = x.shape[:2]
         pooled = self.encoder(x.reshape(b * t, *x.shape[2:]))[-1].mean(dim=(-2, -1))
-        return self.project(self.frame_norm(pooled)).reshape(b, t, -1)
+        return self.project(pooled).reshape(b, t, -1)
 
     def sequence_features(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, T, D) frame features -> (B, D) case features with the temporal model."""
