@@ -38,8 +38,11 @@ def _check_pairs(pairs: Sequence[Sequence[Any]] | None, num_landmarks: int | Non
         if len(pair) != 3 or str(pair[2]).lower() not in ("x", "y"):
             raise ValueError(f"symmetric pair must be [index, index, 'x' or 'y'], got {pair}")
         a, b, axis = int(pair[0]), int(pair[1]), "xy".index(str(pair[2]).lower())
-        if a == b or {a, b} & seen or min(a, b) < 0 or (num_landmarks is not None and max(a, b) >= num_landmarks):
-            raise ValueError(f"symmetric pairs must join distinct landmarks once each (of {num_landmarks}), got {pairs}")
+        out_of_range = min(a, b) < 0 or (num_landmarks is not None and max(a, b) >= num_landmarks)
+        if a == b or {a, b} & seen or out_of_range:
+            raise ValueError(
+                f"symmetric pairs must join distinct landmarks once each (of {num_landmarks}), got {pairs}"
+            )
         seen |= {a, b}
         checked.append((a, b, axis))
     return checked
