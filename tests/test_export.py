@@ -188,3 +188,17 @@ def test_onnx_runtime_network_refuses_another_input_size(exported, tmp_path: Pat
         network(torch.rand(1, 3, 128, 128))
     with pytest.raises(FileNotFoundError, match=r"missing\.onnx: ONNX model not found"):
         OnnxRuntimeNetwork(tmp_path / "missing.onnx")
+
+
+def test_landmark_options_export_with_a_dynamic_batch(tmp_path: Path) -> None:
+    """brain_landmark's coordinate channels and symmetric-pair ordering (a data-dependent swap in
+    the eval forward) trace and export: export_bundle's own check runs ONNX at another batch size."""
+    overrides = {**SMALL, "coord_channels": True, "landmark_names": ["a", "b", "c", "d"],
+                 "symmetric_pairs": [[0, 1, "x"], [2, 3, "y"]]}
+    torch.manual_seed(0)
+    network = _parser("brain_landmark", **overrides).get_parsed_content("network_def")
+    torch.save(network.state_dict(), tmp_path / "landmarks.pt")
+    for fmt in ("torchscript", "onnx"):
+        metadata = export_bundle("brain_landmark", tmp_path / "landmarks.pt", fmt, tmp_path / f"landmarks.{fmt}", overrides=overrides)
+        assert metadata["echocare_export"]["class_names"] == ["a", "b", "c", "d"]
+        assert metadata["max_abs_diff"]["pred"] <= 1e-4

@@ -59,14 +59,19 @@ def order_symmetric_pairs(heatmaps: torch.Tensor, pairs: Sequence[Sequence[Any]]
     Returns:
         (B, K, h, w), a new tensor (the input is not changed).
     """
-    b, k, h, w = heatmaps.shape
-    flat = heatmaps.detach().reshape(b, k, -1).argmax(-1)
+    k, w = heatmaps.shape[1], heatmaps.shape[-1]
+    # Shape-free tensor ops (no boolean indexing, no batch size in a reshape) so that the
+    # network traces and exports to ONNX with a dynamic batch.
+    flat = heatmaps.detach().flatten(2).argmax(-1)
     peaks = torch.stack([flat % w, torch.div(flat, w, rounding_mode="floor")], -1)  # (B, K, 2) x, y
-    out = heatmaps.clone()
+    maps = list(heatmaps.unbind(1))
     for first, second, axis in _check_pairs(pairs, k):
-        swap = peaks[:, second, axis] > peaks[:, first, axis]
-        out[swap, first], out[swap, second] = heatmaps[swap, second], heatmaps[swap, first]
-    return out
+        swap = (peaks[:, second, axis] > peaks[:, first, axis])[:, None, None]
+        maps[first], maps[second] = (
+            torch.where(swap, heatmaps[:, second], heatmaps[:, first]),
+            torch.where(swap, heatmaps[:, first], heatmaps[:, second]),
+        )
+    return torch.stack(maps, 1)
 
 
 def coordinate_channels(x: torch.Tensor) -> torch.Tensor:
