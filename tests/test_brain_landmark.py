@@ -342,8 +342,17 @@ def test_hc18_variant_on_real_data(real_data_dir: Path, tmp_path: Path):
     bundles_in_one_process(
         ["training", "--config_file", repr(files), *common, "--max_epochs", "1", "--train_fraction", "0.1"],
         ["evaluating", "--config_file", repr([*files, str(CONFIGS / "evaluate.yaml")]), *common, "--num_overlays", "2"],
+        ["inferring", "--config_file", repr([str(CONFIGS / "inference.yaml"), str(CONFIGS / "hc18.yaml")]), *SMALL[:8],
+         "--input_dir", str(tmp_path / "hc18.json"), "--dataset_dir", str(root), "--output_dir", str(out)],
     )
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert {"mre_px", "mre_mm", "mre_px_major_axis_end_1", "sdr_10px"} <= set(summary)
+    # inference: the four axis ends of every validation image, inside its original pixels
+    predictions = json.loads((out / "predictions" / "predictions.json").read_text())
+    assert len(predictions) == len(dl["validation"])
+    for record in predictions:
+        height, width = record["image_size"]
+        assert list(record["landmarks"]) == ["major_axis_end_1", "major_axis_end_2", "minor_axis_end_1", "minor_axis_end_2"]
+        assert all(0 <= x <= width and 0 <= y <= height for x, y in record["landmarks"].values())
     # mm and px agree through the pixel sizes (0.05 to 0.3 mm in HC18)
     assert 0.04 * summary["mre_px"] < summary["mre_mm"] < 0.35 * summary["mre_px"]
