@@ -116,3 +116,41 @@ def test_bundle_beats_constant_report(tmp_path):
     assert 0.0 <= zh_summary["rouge_l"] <= 1.0 and "findings_f1" in zh_summary
     with (zh_out / "eval" / "per_case.csv").open(encoding="utf-8") as handle:
         assert all("。" in r["report"] for r in csv.DictReader(handle))
+
+
+def test_multi_process_training_gathers_the_report_metrics(tmp_path):
+    """torchrun, 2 CPU processes on gloo: rank 0 alone reports and writes the tokenizer; the
+    validation metrics of the DDP run (each process generated half of the reports) equal a
+    single-process evaluation of the same checkpoint, so every process's reports were gathered."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    data = tmp_path / "data"
+    datalist = generate_demo_data("usreport", data, n=16, seed=0, image_size=32)
+    out = tmp_path / "out"
+    common = [*SMALL, "--batch_size", "2", "--dataset_dir", str(data), "--datalist", str(datalist), "--output_dir", str(out)]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle", "run", "training",
+        "--config_file", repr([TRAIN, str(CONFIGS / "multi_gpu_train.yaml")]), *common, "--max_epochs", "1",
+        "--tracking", "mlflow", "--run_name", "usreport_ddp",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert (result.stdout + result.stderr).count("Epoch[1] Metrics") == 1  # only rank 0 reports
+    content = json.loads(datalist.read_text())
+    final = torch.load(out / "models" / "checkpoint_final.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == len(content["training"]) // 4  # items / (2 processes x 2)
+    assert (out / "models" / "tokenizer.json").is_file()
+
+    client, runs = mlflow_runs(out / "mlruns.db")
+    (run,) = [r for r in runs if r.info.run_name == "usreport_ddp"]
+    # the same decoding as the run's validation (greedy: val_beam_size 1)
+    bundles_in_one_process(["evaluating", "--config_file", repr([TRAIN, EVALUATE]), *common, "--beam_size", "1"])
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert len(content["validation"]) >= 3  # split over the two processes
+    for name in ("bleu1", "meteor", "rouge_l", "findings_accuracy"):
+        assert run.data.metrics[name] == pytest.approx(summary[name], abs=1e-6), name

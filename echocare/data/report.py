@@ -156,8 +156,11 @@ def train_report_tokenizer(
         logger.info("resume: reusing the tokenizer %s", path)
         return ReportTokenizer.load(path)
     tokenizer = ReportTokenizer.train(reports, min_count=min_count)
-    tokenizer.save(path)
-    logger.info("tokenizer of %d tokens trained on %d reports -> %s", len(tokenizer), len(reports), path)
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_rank() > 0):
+        # Under DDP every process trains the same tokenizer from the same reports; rank 0 writes it.
+        tokenizer.save(path)
+        logger.info("tokenizer of %d tokens trained on %d reports -> %s", len(tokenizer), len(reports), path)
     return tokenizer
 
 

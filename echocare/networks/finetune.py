@@ -215,7 +215,8 @@ def configure_finetuning(
     outside the encoder is "head".
 
     Modes:
-        ``full``: everything trainable; encoder at ``encoder_lr``, head at ``head_lr``.
+        ``full``: everything trainable (but the encoder's ``mask_token``, which only masked
+            pretraining uses); encoder at ``encoder_lr``, head at ``head_lr``.
         ``frozen``: encoder frozen (``requires_grad=False``), head trainable at ``head_lr``.
         ``lora``: :func:`apply_lora` with ``lora_rank`` (unless adapters are already there);
             the encoder is frozen except the adapters. The adapters are trained at
@@ -247,10 +248,14 @@ def configure_finetuning(
     for p in head:
         p.requires_grad_(True)
 
+    # Task forwards never mask patches, so the pretraining mask token gets no gradient; DDP
+    # refuses a trainable parameter that takes no part in the loss. It stays frozen (and saved).
+    mask_token = getattr(encoder, "mask_token", None)
+    unused = {id(mask_token)} if isinstance(mask_token, nn.Parameter) else set()
     if mode == "full":
         for p in encoder.parameters():
-            p.requires_grad_(True)
-        encoder_params = list(encoder.parameters())
+            p.requires_grad_(id(p) not in unused)
+        encoder_params = [p for p in encoder.parameters() if id(p) not in unused]
         head_params = head
     elif mode == "frozen":
         for p in encoder.parameters():
