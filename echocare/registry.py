@@ -327,20 +327,14 @@ def describe_run(client, run_id: str, tracking_uri: str) -> RunRecord:
 
 def _bundle_folder(client, record: RunRecord, folder: Path, tracking_uri: str) -> None:
     """Write the registered bundle of ``record`` into ``folder`` (layout in the module docstring)."""
-    import mlflow.artifacts
-
     shutil.copytree(record.bundle_root / "configs", folder / "configs")
     for extra in ("docs/README.md", "LICENSE"):
         if (record.bundle_root / extra).is_file():
             (folder / extra).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(record.bundle_root / extra, folder / extra)
-    local = mlflow.artifacts.download_artifacts(
-        run_id=record.run_id, artifact_path=CHECKPOINT_PATH, dst_path=str(folder / "download"), tracking_uri=tracking_uri
-    )
     (folder / CHECKPOINT_PATH).parent.mkdir(parents=True)
-    shutil.move(local, folder / CHECKPOINT_PATH)
-    shutil.rmtree(folder / "download")
-    _copy_side_files(client, record.run_id, _side_files(client, record.run_id), folder / "models", tracking_uri)
+    files = [CHECKPOINT_PATH, *_side_files(client, record.run_id)]
+    _download_run_files(record.run_id, files, folder / "models", tracking_uri)
     metadata_path = folder / "configs" / "metadata.json"
     metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
     metadata["eval_metrics"] = dict(record.metrics)
@@ -354,7 +348,8 @@ def _side_files(client, run_id: str) -> list[str]:
     return [a.path for a in client.list_artifacts(run_id, "models") if not a.is_dir and Path(a.path).suffix != ".pt"]
 
 
-def _copy_side_files(client, run_id: str, paths: Sequence[str], folder: Path, tracking_uri: str) -> None:
+def _download_run_files(run_id: str, paths: Sequence[str], folder: Path, tracking_uri: str) -> None:
+    """Download the run's artifacts ``paths`` into ``folder`` (by file name)."""
     import mlflow.artifacts
 
     with tempfile.TemporaryDirectory(prefix="echocare_side_") as tmp:
@@ -401,7 +396,7 @@ def register_run(
         missing = [p for p in _side_files(client, run_id) if f"{REGISTERED_MODEL_PATH}/models/{Path(p).name}" not in logged]
         if missing:
             with tempfile.TemporaryDirectory(prefix="echocare_registry_") as tmp:
-                _copy_side_files(client, run_id, missing, Path(tmp), store)
+                _download_run_files(run_id, missing, Path(tmp), store)
                 client.log_artifacts(run_id, tmp, artifact_path=f"{REGISTERED_MODEL_PATH}/models")
     try:
         client.get_registered_model(name)

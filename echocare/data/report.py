@@ -155,9 +155,10 @@ def train_report_tokenizer(
     if reuse and path.is_file():
         logger.info("resume: reusing the tokenizer %s", path)
         return ReportTokenizer.load(path)
+    from echocare.engines.supervised import is_rank0
+
     tokenizer = ReportTokenizer.train(reports, min_count=min_count)
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_rank() > 0):
+    if is_rank0():
         # Under DDP every process trains the same tokenizer from the same reports; rank 0 writes it.
         tokenizer.save(path)
         logger.info("tokenizer of %d tokens trained on %d reports -> %s", len(tokenizer), len(reports), path)
