@@ -33,8 +33,8 @@ import json, resource, sys, time
 from pathlib import Path
 import numpy as np
 mode, src, out, size, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-from echocare.data.curation import curate, resize_pad
-from echocare.data.readers import iter_frames
+from echocare.datasets.curation import curate, resize_pad
+from echocare.io.readers import iter_frames
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 if mode == "naive":

@@ -7,7 +7,7 @@ flips -> ``RandResizedCropd`` -> ``RandGrayscaled`` -> ``RandColorJitterd``, the
 ``DataLoader`` collates batches of ``--batch-size``.
 
 The input files are generated in a temporary folder (phantom ultrasound images from
-``echocare.data.phantom``), one set per format:
+``echocare.phantoms.renderer``), one set per format:
 
 * ``png_256``: 8-bit grey PNG at 256x256 (what ``echocare curate`` writes: the curated pool);
 * ``png_480x640``: 8-bit grey PNG at 480x640 (a scanner frame exported as PNG);
@@ -49,7 +49,7 @@ FORMATS = ("png_256", "png_480x640", "dicom_mono_480x640", "dicom_jpeg_rgb_480x6
 
 
 def _phantom(rng: np.random.Generator, shape: tuple[int, int]) -> tuple[np.ndarray, str]:
-    from echocare.data.phantom import PRETRAIN_ANATOMIES, make_phantom_image
+    from echocare.phantoms.renderer import PRETRAIN_ANATOMIES, make_phantom_image
 
     anatomy = PRETRAIN_ANATOMIES[int(rng.integers(len(PRETRAIN_ANATOMIES)))]
     side = max(shape)

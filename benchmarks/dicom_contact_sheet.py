@@ -1,4 +1,4 @@
-"""Contact sheet of every DICOM in a folder, as read by ``echocare.data.read_ultrasound``.
+"""Contact sheet of every DICOM in a folder, as read by ``echocare.io.read_ultrasound``.
 
 One tile per file (first frame), plus a second tile with the middle frame for
 multi-frame files, each titled with the file name, photometric interpretation and
@@ -21,12 +21,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: this script only writes a file
 import matplotlib.pyplot as plt  # noqa: E402
 
-from echocare.data.readers import (  # noqa: E402
-    UltrasoundReadError,
-    count_frames,
-    read_metadata,
-    read_ultrasound,
-)
+from echocare.io.readers import UltrasoundReadError, count_frames, read_metadata, read_ultrasound
 
 
 def _dicom_files(folder: Path) -> list[Path]:

@@ -74,7 +74,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from echocare.networks import EchoCareClassifier, EchoCareSegNet  # noqa: E402
+from echocare.tasks.supervised import EchoCareClassifier, EchoCareSegNet
 from echocare.networks.fast import optimize_for_inference  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """One full pretraining step: eager MONAI reference against the fast paths.
 
-A step is what ``echocare.engines.PretrainIteration`` does: forward of
+A step is what ``echocare.tasks.pretrain.PretrainIteration`` does: forward of
 ``EchoCarePretrainNet`` (encoder + pixel decoder + anatomy classifier, masked input) under
 bf16 autocast on CUDA (float32 on the CPU), ``PretrainLoss`` (masked L1 + hierarchy-coherent
 anatomy BCE), backward, ``AdamW`` (lr 1e-4, weight decay 0.05). Inputs are 256x256 random
@@ -64,7 +64,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from echocare.networks import EchoCarePretrainNet, PretrainLoss  # noqa: E402
+from echocare.tasks.pretrain import EchoCarePretrainNet, PretrainLoss
 from echocare.networks.fast import use_fast_paths  # noqa: E402
 from echocare.ontology import load_ontology  # noqa: E402
 

@@ -50,7 +50,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from echocare.data.datalists import convert_datalist  # noqa: E402
+from echocare.datasets.converters import convert_datalist
 from echocare.experiments import compare_experiment, describe, run_experiment, welch_ttest, wilcoxon_paired  # noqa: E402
 
 ANATOMY = {
@@ -113,7 +113,7 @@ def build_pretraining_pool(data: Path, lists: dict[str, Path], out: Path, size: 
     Raises:
         RuntimeError: an image of a task's validation split would enter the pool.
     """
-    from echocare.data.curation import curate
+    from echocare.datasets.curation import curate
 
     sources = out / "pool_sources"
     held_out, linked = set(), {}

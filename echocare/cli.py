@@ -93,13 +93,13 @@ class EchoCareCLI:
     ) -> str:
         """Write phantom ultrasound data for TASK to OUT (images and datalist.json); prints the datalist path.
         Further ``--name value`` options go to the task's generator (e.g. ``--language zh`` for usreport)."""
-        from echocare.data.phantom import generate_demo_data
+        from echocare.phantoms.renderer import generate_demo_data
 
         return str(generate_demo_data(task, out, n=n, seed=seed, image_size=image_size, **options))
 
     def datalist(self, name: str, root: str, out: str, fold: int | None = None, seed: int = 0) -> str:
         """Convert a benchmark's download layout under ROOT into a MONAI datalist JSON at OUT."""
-        from echocare.data.datalists import convert_datalist
+        from echocare.datasets.converters import convert_datalist
 
         content = convert_datalist(name, root, out, fold=fold, seed=seed)
         sizes = {k: len(v) for k, v in content.items() if isinstance(v, list) and k in ("training", "validation", "test")}
@@ -121,7 +121,7 @@ class EchoCareCLI:
 
         SRC may be given several times (--src A --src B); MAPPING.yaml maps sources to anatomy paths.
         """
-        from echocare.data.curation import curate
+        from echocare.datasets.curation import curate
 
         sources = [src] if isinstance(src, str) else list(src)
         return str(
@@ -289,7 +289,7 @@ class EchoCareCLI:
         About 3 minutes on 2 CPU cores with the defaults. Prints where the results,
         pictures and MLflow store are, and the command that opens the MLflow UI.
         """
-        from echocare.data.phantom import generate_demo_data
+        from echocare.phantoms.renderer import generate_demo_data
 
         start = time.time()
         out_dir = Path(out).resolve()

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from echocare.data import dicom_out
+    from echocare.io import dicom_writer as dicom_out
 
 __all__ = ["InputResult", "collect_inputs", "predict"]
 
@@ -71,8 +71,8 @@ def collect_inputs(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Path],
         (files, failures: missing paths and unsupported files given by name, notes: one
         line per folder with skipped files).
     """
-    from echocare.data.checks import list_inputs
-    from echocare.data.readers import UltrasoundReadError, detect_format
+    from echocare.datasets.datalist import list_inputs
+    from echocare.io.readers import UltrasoundReadError, detect_format
 
     files: list[Path] = []
     failures: list[InputResult] = []
@@ -114,7 +114,7 @@ def _check_frames(path: Path, count: int | None) -> None:
     Raises:
         UltrasoundReadError: a frame cannot be decoded.
     """
-    from echocare.data.readers import iter_frames
+    from echocare.io.readers import iter_frames
 
     for _ in islice(iter_frames(path), count):
         pass
@@ -170,7 +170,7 @@ def _load_masks(records: Sequence[dict[str, Any]]) -> np.ndarray:
 
 
 def _frames_of(path: Path, count: int) -> Iterator[np.ndarray]:
-    from echocare.data.readers import iter_frames
+    from echocare.io.readers import iter_frames
 
     return islice(iter_frames(path), count)
 
@@ -189,8 +189,8 @@ def _dicom_results(
     """Write the SEG (or Secondary Capture) and SR of one DICOM input; returns notes to print."""
     import pydicom
 
-    from echocare.data import dicom_out
-    from echocare.data.readers import read_metadata
+    from echocare.io import dicom_writer as dicom_out
+    from echocare.io.readers import read_metadata
 
     source = pydicom.dcmread(path, stop_before_pixels=True)
     notes = []
@@ -291,8 +291,8 @@ def predict(
     Returns:
         One :class:`InputResult` per input (also in ``predict_report.json``).
     """
-    from echocare.data import dicom_out
-    from echocare.data.readers import UltrasoundReadError, count_frames, detect_format
+    from echocare.io import dicom_writer as dicom_out
+    from echocare.io.readers import UltrasoundReadError, count_frames, detect_format
     from echocare.engines.handlers import UniqueNames
     from echocare.experiments import _resolve_bundle, _resolve_overlays
 

@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from echocare.metrics.classification import roc_auc, roc_curve
+from echocare.tasks.supervised.classification_metrics import roc_auc, roc_curve
 
 __all__ = [
     "PALETTE",
@@ -286,8 +286,8 @@ def save_roc_curve(prob_pos: Any, labels: Any, path: str | Path, threshold: floa
 
 def regression_scatter_figure(pred: Any, true: Any, unit: str = "", name: str = "value") -> Figure:
     """Predicted against true values (N,) with the identity line; MAE, its standard error and
-    Pearson r in the title (see :mod:`echocare.metrics.regression`)."""
-    from echocare.metrics.regression import regression_scores
+    Pearson r in the title (see :mod:`echocare.tasks.regression.metrics`)."""
+    from echocare.tasks.regression.metrics import regression_scores
 
     p, t = _np(pred).astype(np.float64).reshape(-1), _np(true).astype(np.float64).reshape(-1)
     scores = regression_scores(p, t)
@@ -318,7 +318,7 @@ def save_regression_scatter(pred: Any, true: Any, path: str | Path, unit: str = 
 def bland_altman_figure(pred: Any, true: Any, unit: str = "", name: str = "value") -> Figure:
     """Bland-Altman plot: difference (predicted - true) against the mean of the two, with the
     bias and the 95 % limits of agreement (bias ± 1.96 sd of the differences, ddof=1)."""
-    from echocare.metrics.regression import regression_scores
+    from echocare.tasks.regression.metrics import regression_scores
 
     p, t = _np(pred).astype(np.float64).reshape(-1), _np(true).astype(np.float64).reshape(-1)
     scores = regression_scores(p, t)

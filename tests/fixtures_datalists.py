@@ -1,4 +1,4 @@
-"""Small fixtures that mimic each dataset's download layout (see echocare/data/datalists.py)."""
+"""Small fixtures that mimic each dataset's download layout (see echocare/datasets/converters.py)."""
 
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ def make_usreport(root: Path) -> Path:
 
 def make_hc18_official(root: Path) -> tuple[Path, dict]:
     """training_set/<id>_HC.png + <id>_HC_Annotation.png (outline) + the CSV of pixel sizes."""
-    from echocare.data.datalists import ramanujan_perimeter
+    from echocare.datasets.converters import ramanujan_perimeter
 
     ts = root / "training_set"
     ts.mkdir(parents=True)

@@ -17,7 +17,7 @@ import numpy as np
 from packaging.requirements import Requirement
 
 import echocare
-from echocare.data import read_ultrasound
+from echocare.io import read_ultrasound
 
 
 def unmet_requirements(distribution: str) -> list[str]:

@@ -16,24 +16,25 @@ import torch.nn.functional as F
 from monai.transforms import Resize
 
 from bundle_helpers import REPO, bundles_in_one_process, mlflow_runs
-from echocare.data import DatalistError, generate_demo_data
-from echocare.data.landmarks import (
+from echocare.datasets import DatalistError
+from echocare.phantoms import generate_demo_data
+from echocare.tasks.landmarks.data import (
     LandmarkHeatmapd,
     gaussian_heatmaps,
     grid_to_original,
     load_landmark_datalist,
     original_to_grid,
 )
-from echocare.data.phantom_brain_landmark import BRAIN_LANDMARK_NAMES, make_brain_landmark_image
-from echocare.metrics.landmarks import (
+from echocare.phantoms.landmarks import BRAIN_LANDMARK_NAMES, make_brain_landmark_image
+from echocare.tasks.landmarks.metrics import (
     LandmarkScored,
     NanMeanOfOutput,
     landmark_metrics,
     landmark_scores,
     mean_position_baseline,
 )
-from echocare.networks import EchoCareSegNet
-from echocare.networks.landmarks import (
+from echocare.tasks.supervised import EchoCareSegNet
+from echocare.tasks.landmarks.network import (
     EchoCareLandmarkNet,
     LandmarkHeatmapLoss,
     coordinate_channels,
@@ -328,7 +329,7 @@ def test_bundle_trains_evaluates_infers_and_beats_the_mean_position_baseline(tmp
 
 
 def test_hc18_variant_on_real_data(real_data_dir: Path, tmp_path: Path):
-    from echocare.data.datalists import convert_datalist
+    from echocare.datasets.converters import convert_datalist
 
     root = real_data_dir / "hc18"
     dl = convert_datalist("hc18", root, tmp_path / "hc18.json")

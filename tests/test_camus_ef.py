@@ -16,17 +16,14 @@ import torch
 
 from bundle_helpers import REPO, bundles_in_one_process, mlflow_runs
 from dicom_helpers import write_dicom
-from echocare.data import (
-    DatalistError,
-    LoadClipd,
-    RegressionOutputd,
-    RegressionTargetd,
-    generate_demo_data,
-    load_regression_datalist,
-    read_ultrasound,
-)
-from echocare.data.phantom_camus_ef import area_length_volume
-from echocare.networks import EchoCareRegressor, build_encoder, configure_finetuning, initialise_network, save_encoder_weights
+from echocare.datasets import DatalistError
+from echocare.tasks.supervised import LoadClipd
+from echocare.tasks.regression import RegressionOutputd, RegressionTargetd, load_regression_datalist
+from echocare.phantoms import generate_demo_data
+from echocare.io import read_ultrasound
+from echocare.phantoms.regression import area_length_volume
+from echocare.tasks.regression import EchoCareRegressor
+from echocare.networks import build_encoder, configure_finetuning, initialise_network, save_encoder_weights
 
 SMALL = ["--network_size", "tiny", "--image_size", "64", "--batch_size", "4", "--num_workers", "0", "--progress_bar", "False"]
 
@@ -103,7 +100,7 @@ def test_sequence_axis_order_and_end_frames(phantom: Path) -> None:
 
 
 def test_load_clipd_spans_nifti_mp4_and_cine_dicom(phantom: Path, tmp_path: Path) -> None:
-    from echocare.data.phantom_tasks import _write_mp4
+    from echocare.phantoms.supervised import _write_mp4
 
     item = json.loads((phantom / "datalist.json").read_text())["training"][0]
     path = str(phantom / item["image"])
@@ -242,7 +239,7 @@ def test_encoder_init_and_finetune_modes(tmp_path: Path) -> None:
 
 
 def test_bundle_trains_evaluates_and_infers(phantom: Path, tmp_path: Path) -> None:
-    from echocare.data.phantom_tasks import _write_mp4
+    from echocare.phantoms.supervised import _write_mp4
 
     inputs = tmp_path / "inputs"
     frames = read_ultrasound(phantom / json.loads((phantom / "datalist.json").read_text())["validation"][0]["image"])
@@ -286,7 +283,7 @@ def test_bundle_trains_evaluates_and_infers(phantom: Path, tmp_path: Path) -> No
 
 
 def test_real_data_hc18_circumference_runs(real_data_dir: Path, tmp_path: Path) -> None:
-    from echocare.data.datalists import convert_datalist
+    from echocare.datasets.converters import convert_datalist
 
     lists = convert_datalist("hc18", real_data_dir / "hc18")
     small = {**lists, "training": lists["training"][:8], "validation": lists["validation"][:4]}

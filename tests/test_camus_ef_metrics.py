@@ -10,7 +10,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from echocare.metrics import RegressionScore, regression_metrics, regression_scores
+from echocare.tasks.regression import RegressionScore, regression_metrics, regression_scores
 
 
 def test_hand_made_case() -> None:

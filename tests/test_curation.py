@@ -1,4 +1,4 @@
-"""Tests of echocare.data.curation (`echocare curate`): crop, dedup, mapping, privacy,
+"""Tests of echocare.datasets.curation (`echocare curate`): crop, dedup, mapping, privacy,
 failures, resume after a kill, and a run on a mix of real data."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from PIL import Image
 
 from dicom_helpers import write_dicom as write_grey_dicom
 
-from echocare.data.curation import (
+from echocare.datasets.curation import (
     CurationError,
     HashIndex,
     curate,
@@ -29,7 +29,7 @@ from echocare.data.curation import (
     perceptual_hash,
     resolve_anatomy,
 )
-from echocare.data.phantom import make_phantom_image
+from echocare.phantoms.renderer import make_phantom_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -348,7 +348,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
 
     out = tmp_path / "out"
     code = (
-        "import sys; from echocare.data.curation import curate\n"
+        "import sys; from echocare.datasets.curation import curate\n"
         f"curate({sources!r}, None, {str(out)!r}, workers=2, progress=False, _delay=0.25, **{args!r})\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}

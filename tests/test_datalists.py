@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from echocare.data.datalists import (
+from echocare.datasets.converters import (
     DATALIST_CONVERTERS,
     DatasetLayoutError,
     convert_datalist,

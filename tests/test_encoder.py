@@ -25,7 +25,7 @@ from echocare.networks.encoder import (
     load_pretrained,
     save_encoder_weights,
 )
-from echocare.networks.pretrain import EchoCarePretrainNet
+from echocare.tasks.pretrain.network import EchoCarePretrainNet
 
 BASE_KWARGS = dict(
     in_chans=3,

@@ -23,7 +23,7 @@ from PIL import Image
 
 from bundle_helpers import REPO
 from echocare.cli import main
-from echocare.data import generate_demo_data
+from echocare.phantoms import generate_demo_data
 from echocare.networks import (
     OnnxRuntimeNetwork,
     export_bundle,

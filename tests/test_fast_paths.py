@@ -16,13 +16,9 @@ import torch.nn.functional as F
 from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import nn
 
-from echocare.networks import (
-    EchoCareClassifier,
-    EchoCarePretrainNet,
-    EchoCareSegNet,
-    PretrainLoss,
-    build_encoder,
-)
+from echocare.tasks.supervised import EchoCareClassifier, EchoCareSegNet
+from echocare.tasks.pretrain import EchoCarePretrainNet, PretrainLoss
+from echocare.networks import build_encoder
 from echocare.networks.fast import (
     MICRO_BATCH_MIN_PIXELS,
     FastBasicLayer,
@@ -430,7 +426,7 @@ def test_channel_first_reader_equals_read_ultrasound(tmp_path):
     from PIL import Image
 
     from dicom_helpers import write_dicom
-    from echocare.data.readers import read_ultrasound, read_ultrasound_chw
+    from echocare.io.readers import read_ultrasound, read_ultrasound_chw
 
     rng = np.random.default_rng(0)
     grey = rng.integers(0, 256, (40, 56), dtype=np.uint8)
@@ -455,7 +451,7 @@ def test_jpeg_dicom_decoder_matches_pydicom_default(tmp_path):
     import numpy as np
     import pydicom
 
-    from echocare.data.readers import read_ultrasound
+    from echocare.io.readers import read_ultrasound
 
     decoder = pydicom.pixels.get_decoder(pydicom.uid.JPEGBaseline8Bit)
     if "pylibjpeg" not in decoder.available_plugins:
@@ -475,8 +471,8 @@ def test_load_transform_output_unchanged(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from echocare.data import LoadUltrasoundd
-    from echocare.data.readers import read_ultrasound
+    from echocare.io import LoadUltrasoundd
+    from echocare.io.readers import read_ultrasound
 
     rng = np.random.default_rng(2)
     Image.fromarray(rng.integers(0, 256, (30, 20), dtype=np.uint8)).save(tmp_path / "a.png")

@@ -13,19 +13,19 @@ import torch
 from PIL import Image
 
 from bundle_helpers import REPO, bundles_in_one_process, mlflow_runs
-from echocare.data import generate_demo_data
-from echocare.data.checks import DatalistError
-from echocare.data.datalists import fit_ellipse
-from echocare.data.detection import (
+from echocare.phantoms import generate_demo_data
+from echocare.datasets.datalist import DatalistError
+from echocare.datasets.converters import fit_ellipse
+from echocare.tasks.detection.data import (
     DecodeEllipsesd,
     EllipseTargetsd,
     RandEllipseAffined,
     load_detection_datalist,
     resize_matrix,
 )
-from echocare.metrics.detection import ellipse_iou, mean_ellipse_baseline
+from echocare.tasks.detection.metrics import ellipse_iou, mean_ellipse_baseline
 from echocare.networks import build_encoder, initialise_network, save_encoder_weights
-from echocare.networks.detection import EchoCareEllipseDetector, EllipseDetectionLoss, encode_ellipses
+from echocare.tasks.detection.network import EchoCareEllipseDetector, EllipseDetectionLoss, encode_ellipses
 
 SMALL = ["--network_size", "tiny", "--image_size", "64", "--batch_size", "4", "--num_workers", "0", "--progress_bar", "False"]
 # A phantom whose thorax wanders over the whole fan: the mean-ellipse baseline is weak there,
@@ -47,8 +47,8 @@ def _ellipse_mask(shape, e):
 
 
 def test_phantom_in_focus_layout(tmp_path: Path) -> None:
-    from echocare.data.phantom import make_canvas
-    from echocare.data.phantom_focus_det import _ellipse
+    from echocare.phantoms.renderer import make_canvas
+    from echocare.phantoms.detection import _ellipse
 
     path = generate_demo_data("focus_det", tmp_path, n=10, seed=1, image_size=64)
     lists = json.loads(path.read_text())
@@ -207,7 +207,7 @@ def test_metadata_is_valid() -> None:
 
 
 def test_hc18_variant_runs(real_data_dir: Path, tmp_path: Path) -> None:
-    from echocare.data.datalists import convert_datalist
+    from echocare.datasets.converters import convert_datalist
 
     root = real_data_dir / "hc18"
     lists = convert_datalist("hc18", root)

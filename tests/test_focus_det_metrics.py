@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from echocare.metrics.detection import (
+from echocare.tasks.detection.metrics import (
     COCO_IOU_THRESHOLDS,
     DetectionScore,
     affine_ellipses,

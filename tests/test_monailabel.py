@@ -27,9 +27,9 @@ from PIL import Image
 
 from conftest import find_real_data
 from dicom_helpers import write_dicom
-from echocare.data import read_ultrasound
-from echocare.data.phantom import make_phantom_image
-from echocare.networks import EchoCareClassifier, EchoCareSegNet
+from echocare.io import read_ultrasound
+from echocare.phantoms.renderer import make_phantom_image
+from echocare.tasks.supervised import EchoCareClassifier, EchoCareSegNet
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "apps" / "monailabel"
@@ -313,7 +313,7 @@ def test_server_serves_and_trains_bundles_offline(server_env, tmp_path):
         mask = np.asarray(Image.open(io.BytesIO(_request(f"{server.url}/infer/ddti_seg?image=us1&output=image",
                                                          method="POST"))))
         assert mask.shape == (72, 88) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
-        from echocare.engines.supervised import probabilities_to_mask
+        from echocare.tasks.supervised.writers import probabilities_to_mask
 
         probs, item = _bundle_predict("ddti_seg", output_root, studies / "us1.png")
         expected = probabilities_to_mask(probs, item["original_size"])

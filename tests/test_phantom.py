@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from echocare.data.phantom import (
+from echocare.phantoms.renderer import (
     LABEL_NAMES,
     PRETRAIN_ANATOMIES,
     _speckle,

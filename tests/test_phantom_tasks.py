@@ -1,5 +1,5 @@
 """Tests of the benchmark phantoms written in the official download layouts
-(echocare/data/phantom_tasks.py): layout, conversion, readability, masks where the
+(echocare/phantoms/supervised.py): layout, conversion, readability, masks where the
 organs are, classes separable by a hand-made statistic, determinism."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from echocare.data import read_ultrasound
-from echocare.data import phantom_tasks as pt
-from echocare.data.datalists import _pathology_label, convert_datalist
-from echocare.data.phantom import TASKS, generate_demo_data
+from echocare.io import read_ultrasound
+from echocare.phantoms import supervised as pt
+from echocare.datasets.converters import _pathology_label, convert_datalist
+from echocare.phantoms.renderer import TASKS, generate_demo_data
 
 #: task -> (dataset folder under out, converter name, generate_demo_data arguments)
 SPECS = {

@@ -17,7 +17,7 @@ from PIL import Image
 from pydicom.uid import generate_uid
 from test_readers import write_video
 
-from echocare.networks import EchoCareClassifier, EchoCareSegNet
+from echocare.tasks.supervised import EchoCareClassifier, EchoCareSegNet
 from echocare.predict import predict
 
 SMALL = {"network_size": "tiny", "image_size": 64, "num_workers": 0, "batch_size": 8, "device": "cpu"}
@@ -157,7 +157,7 @@ def test_segmentation_of_a_study_folder(study, seg_checkpoint, tmp_path, capsys)
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == cine_source.SOPInstanceUID
     assert list(sc.SourceImageSequence[0].ReferencedFrameNumber) == [1, 2, 3]
     assert sc.StudyInstanceUID == cine_source.StudyInstanceUID and "Frame of Reference" in sc.ImageComments
-    from echocare.data.readers import read_ultrasound
+    from echocare.io.readers import read_ultrasound
     from echocare.visualize import overlay_rgb
 
     last = np.asarray(Image.open(out / "predictions" / "cine_frame0002.png"))

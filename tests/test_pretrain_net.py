@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from echocare.networks.pretrain import EchoCarePretrainNet, PretrainLoss, expand_unit_mask, random_unit_mask
+from echocare.tasks.pretrain.network import (
+    EchoCarePretrainNet,
+    PretrainLoss,
+    expand_unit_mask,
+    random_unit_mask,
+)
 from echocare.ontology import load_ontology
 
 

@@ -11,19 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from echocare.data import (
-    AnatomyLabeld,
-    DatalistError,
-    RandColorJitterd,
-    RandGrayscaled,
-    RandResizedCropd,
-    ResumableSampler,
-    check_image_size,
-    list_inputs,
-    load_datalist,
-)
+from echocare.tasks.pretrain import AnatomyLabeld, RandColorJitterd, RandGrayscaled, RandResizedCropd
+from echocare.datasets import DatalistError, ResumableSampler, check_image_size, list_inputs, load_datalist
 from echocare.engines import find_resume_checkpoint, write_panel
-from echocare.metrics import AnatomyLevelAccuracy, MeanOfOutput
+from echocare.tasks.pretrain import AnatomyLevelAccuracy, MeanOfOutput
 from echocare.ontology import UnknownAnatomyError, load_ontology
 
 

@@ -1,4 +1,4 @@
-"""Tests of echocare.data.readers: every format, every DICOM of the real set, error paths."""
+"""Tests of echocare.io.readers: every format, every DICOM of the real set, error paths."""
 
 from __future__ import annotations
 
@@ -10,13 +10,7 @@ from PIL import Image
 
 from dicom_helpers import write_dicom
 
-from echocare.data.readers import (
-    UltrasoundReadError,
-    count_frames,
-    iter_frames,
-    read_metadata,
-    read_ultrasound,
-)
+from echocare.io.readers import UltrasoundReadError, count_frames, iter_frames, read_metadata, read_ultrasound
 
 EPS8 = 1.0 / 255.0 + 1e-6
 

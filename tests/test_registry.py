@@ -26,8 +26,9 @@ from monai.bundle import ConfigParser
 
 from bundle_helpers import REPO, mlflow_runs
 from echocare.cli import main
-from echocare.data import generate_demo_data
-from echocare.networks import EchoCareSegNet, load_network_checkpoint
+from echocare.phantoms import generate_demo_data
+from echocare.tasks.supervised import EchoCareSegNet
+from echocare.networks import load_network_checkpoint
 from echocare.registry import RegistryError, checkpoint_sidecar, fetch_checkpoint, list_registered, promote, register_run
 
 SMALL = ["--network_size", "tiny", "--image_size", "64", "--batch_size", "4", "--num_workers", "0", "--progress_bar", "False"]

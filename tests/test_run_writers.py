@@ -1,5 +1,5 @@
-"""The shared base of the file-writing handlers (:class:`echocare.engines.RunFileWriter`) and
-the inference index files of :class:`~echocare.engines.supervised._PredictionWriter`, on a
+"""The shared base of the file-writing handlers (:class:`echocare.tasks.supervised.RunFileWriter`) and
+the inference index files of :class:`~echocare.tasks.supervised.writers._PredictionWriter`, on a
 bare Ignite engine whose iterations return decollated items as MONAI's engines do."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from ignite.engine import Engine
 
-from echocare.engines.supervised import RunFileWriter, _PredictionWriter
+from echocare.tasks.supervised.writers import RunFileWriter, _PredictionWriter
 
 
 def _engine(items_per_iteration: list[list[dict[str, Any]]]) -> Engine:

@@ -1,4 +1,4 @@
-"""Datalists, label maps, clips and inference inputs of the fine-tuning bundles (echocare.data.supervised)."""
+"""Datalists, label maps, clips and inference inputs of the fine-tuning bundles (echocare.tasks.supervised.data)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from echocare.data import (
+from echocare.tasks.supervised import (
     ClassLabeld,
-    DatalistError,
     EvalSpacingd,
     LabelMapError,
     LoadClipd,
     LoadFramed,
     LoadLabelMapd,
-    LoadUltrasoundd,
     class_weights,
     clip_frame_count,
     expand_frames,
@@ -28,6 +26,8 @@ from echocare.data import (
     read_label_map,
     subsample_training,
 )
+from echocare.datasets import DatalistError
+from echocare.io import LoadUltrasoundd
 from dicom_helpers import write_dicom
 
 

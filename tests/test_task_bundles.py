@@ -18,10 +18,9 @@ from monai.bundle import ConfigParser
 from PIL import Image
 
 from bundle_helpers import REPO, bundle, bundles_in_one_process, mlflow_runs
-from echocare.data import generate_demo_data
+from echocare.phantoms import generate_demo_data
+from echocare.tasks.supervised import EchoCareClassifier, EchoCareSegNet
 from echocare.networks import (
-    EchoCareClassifier,
-    EchoCareSegNet,
     HeadMismatchWarning,
     build_encoder,
     initialise_network,
@@ -305,7 +304,7 @@ REAL_VARIANTS = [
 
 @pytest.mark.parametrize("name,overlay,dataset,args", REAL_VARIANTS)
 def test_real_data_variant_runs(name, overlay, dataset, args, real_data_dir: Path, tmp_path: Path) -> None:
-    from echocare.data.datalists import convert_datalist
+    from echocare.datasets.converters import convert_datalist
 
     lists = convert_datalist(dataset, real_data_dir / dataset, **({"fold": 2} if args else {}))
     # A few items of each list keep this a smoke test; the full runs are in the bundle READMEs.

@@ -17,9 +17,8 @@ from scipy.ndimage import binary_erosion
 from scipy.stats import mannwhitneyu
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from echocare.metrics import (
+from echocare.tasks.supervised import (
     ClassificationScore,
-    MeanOfOutput,
     SegmentationScored,
     binary_classification_scores,
     classification_scores,
@@ -30,6 +29,7 @@ from echocare.metrics import (
     segmentation_scores,
     youden_threshold,
 )
+from echocare.tasks.pretrain import MeanOfOutput
 
 # ----------------------------------------------------------------------------- segmentation
 

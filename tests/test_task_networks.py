@@ -21,7 +21,7 @@ from echocare.networks.finetune import (
     lora_parameters,
     merge_lora,
 )
-from echocare.networks.tasks import EchoCareClassifier, EchoCareSegNet
+from echocare.tasks.supervised.networks import EchoCareClassifier, EchoCareSegNet
 
 
 @pytest.fixture(autouse=True)

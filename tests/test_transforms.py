@@ -14,8 +14,8 @@ from PIL import Image
 
 from dicom_helpers import write_dicom
 
-from echocare.data.readers import UltrasoundReadError
-from echocare.data.transforms import LoadUltrasound, LoadUltrasoundd
+from echocare.io.readers import UltrasoundReadError
+from echocare.io.loaders import LoadUltrasound, LoadUltrasoundd
 
 
 def make_png(path: Path, h: int = 40, w: int = 60) -> Path:

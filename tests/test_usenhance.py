@@ -11,19 +11,14 @@ import torch
 from PIL import Image
 
 from bundle_helpers import REPO, bundles_in_one_process, mlflow_runs
-from echocare.data import generate_demo_data
-from echocare.data.checks import DatalistError
-from echocare.data.degrade import Degraded
-from echocare.data.enhancement import load_enhancement_datalist
-from echocare.metrics import image_quality as iq
-from echocare.networks import (
-    EchoCareSegNet,
-    build_encoder,
-    configure_finetuning,
-    initialise_network,
-    save_encoder_weights,
-)
-from echocare.networks.enhancement import EchoCareEnhanceNet, EnhancementLoss, PatchDiscriminator
+from echocare.phantoms import generate_demo_data
+from echocare.datasets.datalist import DatalistError
+from echocare.tasks.enhancement.degrade import Degraded
+from echocare.tasks.enhancement.data import load_enhancement_datalist
+from echocare.tasks.enhancement import image_quality as iq
+from echocare.tasks.supervised import EchoCareSegNet
+from echocare.networks import build_encoder, configure_finetuning, initialise_network, save_encoder_weights
+from echocare.tasks.enhancement.network import EchoCareEnhanceNet, EnhancementLoss, PatchDiscriminator
 
 SMALL = ["--network_size", "tiny", "--image_size", "64", "--batch_size", "4", "--num_workers", "0", "--progress_bar", "False"]
 
@@ -78,7 +73,7 @@ def test_loss_terms_by_hand() -> None:
 def test_adversarial_step_trains_generator_and_discriminator() -> None:
     from monai.engines import SupervisedTrainer
 
-    from echocare.engines.enhancement import EnhancementIteration, prepare_pair
+    from echocare.tasks.enhancement.engine import EnhancementIteration, prepare_pair
 
     torch.manual_seed(0)
     net, disc = EchoCareEnhanceNet("tiny"), PatchDiscriminator()
@@ -100,7 +95,7 @@ def test_adversarial_step_trains_generator_and_discriminator() -> None:
 
 
 def test_phantom_writes_the_usenhance_layout(phantom) -> None:
-    from echocare.data.datalists import convert_datalist
+    from echocare.datasets.converters import convert_datalist
 
     lists = json.loads((phantom / "datalist.json").read_text())
     assert len(lists["training"]) == 12 and len(lists["validation"]) == 4

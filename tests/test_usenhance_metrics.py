@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy import ndimage, special, stats
 
-from echocare.data.degrade import Degradation, degradation_at_level, degrade, random_degradation
-from echocare.data.phantom import make_phantom_image
-from echocare.metrics import image_quality as iq
+from echocare.tasks.enhancement.degrade import Degradation, degradation_at_level, degrade, random_degradation
+from echocare.phantoms.renderer import make_phantom_image
+from echocare.tasks.enhancement import image_quality as iq
 
 ORGANS = ["head & neck/thyroid", "thorax/breast", "abdomen/liver", "abdomen/kidney"]
 

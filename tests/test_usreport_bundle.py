@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from bundle_helpers import REPO, bundles_in_one_process, mlflow_runs
-from echocare.data import generate_demo_data
-from echocare.data.report import list_report_cases, load_report_datalist
-from echocare.data.checks import DatalistError
-from echocare.metrics.text import FindingsVocabulary, report_scores
+from echocare.phantoms import generate_demo_data
+from echocare.tasks.report.data import list_report_cases, load_report_datalist
+from echocare.datasets.datalist import DatalistError
+from echocare.tasks.report.metrics import FindingsVocabulary, report_scores
 
 CONFIGS = REPO / "bundles" / "usreport" / "configs"
 TRAIN, EVALUATE, INFER = (str(CONFIGS / f) for f in ("train.yaml", "evaluate.yaml", "inference.yaml"))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from echocare.networks.report import EchoCareReportNet, beam_search, greedy_search
+from echocare.tasks.report.network import EchoCareReportNet, beam_search, greedy_search
 
 PAD, BOS, EOS, A, B = 0, 1, 2, 3, 4
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from echocare.data.text import ReportTokenizer, TokenizerError, join_tokens, split_text
-from echocare.metrics.text import (
+from echocare.tasks.report.tokenizer import ReportTokenizer, TokenizerError, join_tokens, split_text
+from echocare.tasks.report.metrics import (
     FindingsVocabulary,
     ReportScore,
     corpus_bleu,

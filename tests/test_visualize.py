@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from echocare.metrics import confusion_matrix, youden_threshold
+from echocare.tasks.supervised import confusion_matrix, youden_threshold
 from echocare.visualize import (
     FILL_ALPHA,
     class_colour,

@@ -33,7 +33,7 @@ from monailabel.interfaces.datastore import Datastore
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import echocare  # noqa: E402
-from echocare.data.readers import SUPPORTED_SUFFIXES  # noqa: E402
+from echocare.io.readers import SUPPORTED_SUFFIXES
 from lib.bundles import TASKS, bundle_overrides, selected_models  # noqa: E402
 from lib.infer import EchoCareInfer  # noqa: E402
 from lib.train import EchoCareTrain  # noqa: E402

@@ -16,7 +16,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 from PIL import Image
 
-from echocare.data.samplers import ResumableSampler
+from echocare.datasets.samplers import ResumableSampler
 from echocare.networks.encoder import encoder_of, encoder_state_dict
 
 __all__ = [

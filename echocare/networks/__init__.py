@@ -1,50 +1,10 @@
 """Networks: the EchoCare encoder, decoders, the pretraining network and task heads."""
 
-from echocare.networks.checkpoint import (
-    HeadMismatchWarning,
-    initialise_network,
-    load_network_checkpoint,
-    merge_lora_state_dict,
-)
+from echocare.networks.checkpoint import HeadMismatchWarning, initialise_network, load_network_checkpoint, merge_lora_state_dict
 from echocare.networks.decoders import UNETRDecoder
-from echocare.networks.encoder import (
-    ENCODER_SIZES,
-    EchoCareEncoder,
-    EncoderWeightsError,
-    build_encoder,
-    encoder_of,
-    encoder_state_dict,
-    load_encoder_weights,
-    load_pretrained,
-    save_encoder_weights,
-)
-from echocare.networks.pretrain import (
-    EchoCarePretrainNet,
-    PretrainLoss,
-    expand_unit_mask,
-    random_unit_mask,
-    reconstruction_panel_tensors,
-)
-from echocare.networks.finetune import (
-    FINETUNE_MODES,
-    LoRALinear,
-    LoRAQKV,
-    apply_lora,
-    configure_finetuning,
-    ddp_wrap,
-    lora_parameters,
-    merge_lora,
-)
-from echocare.networks.report import EchoCareReportNet, ReportLoss, beam_search, greedy_search
-from echocare.networks.tasks import CLIP_POOLINGS, EchoCareClassifier, EchoCareSegNet
-from echocare.networks.regression import TEMPORAL_MODELS, EchoCareRegressor
+from echocare.networks.encoder import ENCODER_SIZES, EchoCareEncoder, EncoderWeightsError, build_encoder, encoder_of, encoder_state_dict, load_encoder_weights, load_pretrained, save_encoder_weights
+from echocare.networks.finetune import FINETUNE_MODES, LoRALinear, LoRAQKV, apply_lora, configure_finetuning, ddp_wrap, lora_parameters, merge_lora
 from echocare.networks.fast import optimize_for_inference, reference_paths, use_fast_paths
-from echocare.networks.export import (
-    EXPORT_FORMATS,
-    ExportError,
-    OnnxRuntimeNetwork,
-    build_bundle_network,
-    export_bundle,
-    load_exported,
-    read_export_metadata,
-)
+from echocare.networks.export import EXPORT_FORMATS, ExportError, OnnxRuntimeNetwork, build_bundle_network, export_bundle, load_exported, read_export_metadata
+
+__all__ = ["ENCODER_SIZES", "EXPORT_FORMATS", "EchoCareEncoder", "EncoderWeightsError", "ExportError", "FINETUNE_MODES", "HeadMismatchWarning", "LoRALinear", "LoRAQKV", "OnnxRuntimeNetwork", "UNETRDecoder", "apply_lora", "build_bundle_network", "build_encoder", "configure_finetuning", "ddp_wrap", "encoder_of", "encoder_state_dict", "export_bundle", "initialise_network", "load_encoder_weights", "load_exported", "load_network_checkpoint", "load_pretrained", "lora_parameters", "merge_lora", "merge_lora_state_dict", "optimize_for_inference", "read_export_metadata", "reference_paths", "save_encoder_weights", "use_fast_paths"]

@@ -116,7 +116,7 @@ def build_bundle_network(
     """
     from echocare.networks.checkpoint import load_network_checkpoint
     from echocare.networks.fast import reference_paths
-    from echocare.networks.pretrain import EchoCarePretrainNet
+    from echocare.tasks.pretrain.network import EchoCarePretrainNet
 
     name, configs, parser = _bundle_parser(bundle, config, overrides)
     height, width = parser.get_parsed_content("spatial_size")

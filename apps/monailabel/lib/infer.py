@@ -28,8 +28,8 @@ from monai.transforms import Compose, MapTransform
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-from echocare.data.readers import UltrasoundReadError
-from echocare.engines.supervised import probabilities_to_mask
+from echocare.io.readers import UltrasoundReadError
+from echocare.tasks.supervised.writers import probabilities_to_mask
 from lib.bundles import TASKS, bundle_config, bundle_metadata
 
 __all__ = ["EchoCareInfer", "MaskAtOriginalSized"]

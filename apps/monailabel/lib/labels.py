@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from echocare.data.supervised import check_task_item
+from echocare.tasks.supervised.data import check_task_item
 
 __all__ = ["LabelFileError", "labelled_items", "read_class_label", "split_items", "task_datalist"]
 

@@ -1,0 +1,999 @@
+"""Curation: folders of mixed ultrasound sources -> a deduplicated pretraining set.
+
+``echocare curate --src DIR [--src DIR ...] --mapping MAPPING.yaml --out OUT`` calls
+:func:`curate`. The pipeline, for every *unit* (a still image, or one sampled frame of a
+video, cine DICOM or multi-frame file):
+
+1. decode it with :mod:`echocare.io.readers` (unreadable files are reported with the
+   reason, and the run goes on);
+2. drop it when blank (fewer than ``min_pixels`` non-zero pixels, or a single grey level)
+   or binary (two grey levels or fewer: label masks stored beside the scans);
+3. find the echo data (the largest bright connected region once thin text and UI lines
+   are opened away; its convex hull, which follows a sector fan) and crop to it, masking
+   the pixels outside the region (burned-in text, scale bars, logos);
+4. drop exact duplicates (SHA-256 of the decoded pixels) and near duplicates (64-bit DCT
+   perceptual hash of the cropped image within ``near_duplicate_threshold`` bits) of any
+   unit already kept, in the sorted order of the inputs;
+5. resize (aspect kept, zero padded) to ``size`` x ``size`` and write it under an opaque
+   name, a hash of (source-relative path, frame index).
+
+Outputs in ``OUT``: ``images/``, ``datalist.json`` (``training``/``validation`` lists of
+``{"image", "anatomy"}``, paths relative to ``OUT``), ``report.json``, ``report.png``,
+optionally ``overlays/`` (``overlay=True``) and ``progress.jsonl`` (the resume journal).
+
+Determinism and resuming: the inputs are enumerated in a fixed order (sources in the
+order given, entries of a folder sorted by name, zip members sorted, frames in order).
+Workers decode, crop, hash and write images in parallel, but every keep/drop decision is
+taken in the main process in that order, so the result does not depend on ``workers``.
+Each decision is appended to ``OUT/progress.jsonl`` (flushed per line, fsync'ed every
+``fsync_every`` lines); a rerun into the same ``OUT`` replays the journal (skipping
+finished files and rebuilding the hash indices) and continues, so a run killed at any
+point and rerun gives the same files as an uninterrupted one. ``datalist.json``,
+``report.json`` and ``report.png`` are written at the end from the journal, atomically.
+
+Memory stays flat as the input grows: files are enumerated lazily, frames are streamed,
+only a bounded number of files is in flight, and the main process keeps only hashes.
+
+Privacy: nothing read from a DICOM other than pixels reaches any output. Output names
+are hashes of the source-relative path and frame index; reports name the user's own
+source paths and the readers' error messages, never DICOM attributes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from echocare.io.readers import SUPPORTED_SUFFIXES, UltrasoundReadError, detect_format, iter_frames
+
+__all__ = [
+    "curate",
+    "CurationError",
+    "load_mapping",
+    "resolve_anatomy",
+    "detect_echo_region",
+    "crop_to_region",
+    "perceptual_hash",
+    "hamming",
+    "HashIndex",
+    "resize_pad",
+    "opaque_name",
+    "DEFAULT_OPTIONS",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Options :func:`curate` takes as keyword arguments (``--name value`` on the command line).
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "near_duplicate_threshold": 6,  # max Hamming distance (bits of 64) of a near duplicate; <0 turns it off
+    "overlay": False,  # write OUT/overlays/<name>.png: the detected region on the original
+    "seed": 0,  # salt of the validation split
+    "min_pixels": 1000,  # fewer non-zero pixels than this: blank
+    "crop": True,  # crop to the echo region (False: keep the whole frame)
+    "exclude": None,  # glob(s) of source-relative paths to leave out (e.g. "*/masks/*")
+    "progress": True,  # tqdm progress bar on stderr
+    "restart": False,  # discard an existing journal in OUT instead of resuming it
+    "fsync_every": 64,  # journal lines between fsyncs
+    "max_in_flight": 0,  # files queued to workers at once (0: 4 x workers)
+    "_delay": 0.0,  # seconds of sleep per file in the worker (tests of kill and resume)
+}
+
+JOURNAL = "progress.jsonl"
+_JOURNAL_VERSION = 1
+#: Suffixes of files that are not images (documentation, tables, ...): listed as skipped.
+_NOT_MEDIA = {".txt", ".csv", ".tsv", ".json", ".yaml", ".yml", ".md", ".rst", ".xml", ".html", ".htm",
+              ".pdf", ".doc", ".docx", ".xls", ".xlsx", ".py", ".ipynb", ".log", ".ini", ".cfg", ".pkl",
+              ".npy", ".npz", ".h5", ".pt", ".pth", ".mat", ".sh"}
+_DROP_REASONS = ("blank", "binary", "exact_duplicate", "near_duplicate")
+
+
+class CurationError(ValueError):
+    """A problem with the curation inputs (sources, mapping, options, output folder)."""
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+        return value.strip().lower() in ("true", "yes", "1", "on")
+    raise CurationError(f"option {name}: expected true or false, got {value!r}")
+
+
+def _options(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
+    if unknown:
+        known = ", ".join(k for k in DEFAULT_OPTIONS if not k.startswith("_"))
+        raise CurationError(f"unknown curate option(s) {', '.join(unknown)}; known: {known}")
+    opts = {**DEFAULT_OPTIONS, **options}
+    for name in ("overlay", "crop", "progress", "restart"):
+        opts[name] = _as_bool(opts[name], name)
+    for name in ("near_duplicate_threshold", "seed", "min_pixels", "fsync_every", "max_in_flight"):
+        try:
+            opts[name] = int(opts[name])
+        except (TypeError, ValueError):
+            raise CurationError(f"option {name}: expected an integer, got {opts[name]!r}") from None
+    if opts["near_duplicate_threshold"] > 32:
+        raise CurationError("option near_duplicate_threshold: at most 32 bits (of 64)")
+    opts["_delay"] = float(opts["_delay"])
+    excl = opts["exclude"]
+    if excl is None or excl == "":
+        opts["exclude"] = []
+    elif isinstance(excl, str):
+        opts["exclude"] = [e.strip() for e in excl.split(",") if e.strip()]
+    else:
+        opts["exclude"] = [str(e) for e in excl]
+    return opts
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+def load_mapping(path: str | os.PathLike[str] | None, ontology: Any = None) -> dict[str, str | None]:
+    """Read MAPPING.yaml (``key: anatomy/path``) and validate every path against the ontology.
+
+    Returns ``{key: canonical ontology path or None}`` (a null value means "no anatomy").
+
+    Raises:
+        CurationError: missing or malformed file, or an unknown anatomy path (the message
+            names the mapping file and the key).
+    """
+    if path is None or str(path) == "":
+        return {}
+    import yaml
+
+    from echocare.ontology import UnknownAnatomyError, load_ontology
+
+    p = Path(path)
+    if not p.is_file():
+        raise CurationError(f"{p}: mapping file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise CurationError(f"{p}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CurationError(f"{p}: expected a mapping of source -> anatomy path, got {type(data).__name__}")
+    onto = ontology if ontology is not None else load_ontology()
+    out: dict[str, str | None] = {}
+    for key, value in data.items():
+        k = _norm_key(str(key))
+        if not k:
+            raise CurationError(f"{p}: empty key {key!r}")
+        if value is None or (isinstance(value, str) and not value.strip()):
+            out[k] = None
+            continue
+        if not isinstance(value, str):
+            raise CurationError(f"{p}: key {key!r}: expected an anatomy path string, got {value!r}")
+        try:
+            out[k] = onto.nodes[onto.index(value)]
+        except UnknownAnatomyError as exc:
+            raise CurationError(f"{p}: key {key!r}: {exc}") from None
+    return out
+
+
+def _norm_key(key: str) -> str:
+    key = key.replace("\\", "/").strip()
+    while key.startswith("./"):
+        key = key[2:]
+    return key.strip("/")
+
+
+def _is_glob(key: str) -> bool:
+    return any(c in key for c in "*?[")
+
+
+def resolve_anatomy(mapping: dict[str, str | None], source: str, rel: str) -> str | None:
+    """The anatomy of the file ``rel`` (relative to the source folder named ``source``).
+
+    A key matches when it is the source's name, a path relative to the source (or to the
+    source's parent, i.e. starting with the source's name) of the file or of a folder
+    above it, or a glob matching either of those paths or the file name. Zip members
+    match as if the archive were a folder (``scans.zip/a/b.png``). The most specific key
+    wins: more path components first, a glob before a plain path of the same depth, then
+    the mapping's order (a path relative to the source counts one level more than the
+    same path written from the source's name). No match: None.
+    """
+    rel = rel.replace("!", "/")
+    full = f"{source}/{rel}"
+    name = rel.rsplit("/", 1)[-1]
+    best: tuple[float, int] | None = None
+    result = None
+    for order, (key, value) in enumerate(mapping.items()):
+        depth = key.count("/") + 1
+        # A key relative to the source is one level deeper than the same key from the
+        # source's name.
+        if _is_glob(key):
+            if fnmatch.fnmatchcase(rel, key) or fnmatch.fnmatchcase(name, key):
+                hit, score = True, depth + 1.5
+            else:
+                hit, score = fnmatch.fnmatchcase(full, key), depth + 0.5
+        elif rel == key or rel.startswith(key + "/"):
+            hit, score = True, depth + 1.0
+        else:
+            hit, score = (full == key or full.startswith(key + "/")), float(depth)
+        if hit and (best is None or (score, -order) > best):
+            best, result = (score, -order), value
+    return result
+
+
+# ------------------------------------------------------------------------ image maths
+
+
+def _disk(r: int) -> np.ndarray:
+    y, x = np.ogrid[-r:r + 1, -r:r + 1]
+    return x * x + y * y <= r * r
+
+
+def _pad_op(op, mask: np.ndarray, r: int) -> np.ndarray:
+    """A binary morphology op on a zero-padded copy (no border artefacts)."""
+    padded = np.pad(mask, r + 1)
+    return op(padded, structure=_disk(r))[r + 1:-r - 1, r + 1:-r - 1]
+
+
+def detect_echo_region(
+    rgb: np.ndarray, threshold: int = 10, work_side: int = 384, min_fraction: float = 0.05
+) -> tuple[tuple[int, int, int, int], np.ndarray]:
+    """Find the echo data in an ultrasound screenshot: the sector or rectangle.
+
+    Args:
+        rgb: (H, W, 3) or (H, W) uint8 frame.
+        threshold: grey level (of the brightest channel) above which a pixel is signal.
+        work_side: the search runs on a copy block-averaged to at most this side.
+        min_fraction: a region smaller than this fraction of the frame is not trusted;
+            the whole frame is returned instead.
+
+    Returns:
+        ``((y0, y1, x0, x1), mask)``: the region's bounding box (end exclusive) and an
+        (H, W) bool mask of the region (the convex hull of the largest bright component
+        once text and thin lines are opened away).
+    """
+    from scipy import ndimage as ndi
+    from skimage.morphology import convex_hull_image
+
+    grey = rgb.max(axis=2) if rgb.ndim == 3 else rgb
+    h, w = grey.shape
+    # Signal: bright and textured. Flat areas (UI panels, banners, solid bars) are not
+    # echo data even when bright: their 3x3 range is (almost) zero.
+    flat = (ndi.maximum_filter(grey, size=3) - ndi.minimum_filter(grey, size=3)) <= 1
+    signal = (grey > threshold) & ~flat
+    f = max(1, math.ceil(max(h, w) / work_side))
+    if f > 1:
+        hp, wp = math.ceil(h / f) * f, math.ceil(w / f) * f
+        g = np.zeros((hp, wp), np.float32)
+        g[:h, :w] = signal
+        m = g.reshape(hp // f, f, wp // f, f).mean(axis=(1, 3)) > 0.25
+    else:
+        m = signal
+    hs, ws = m.shape
+    r = max(2, round(0.012 * max(hs, ws)))
+    # Fill speckle holes (bridging gaps of a pixel or two only), open away text and thin
+    # lines, keep the largest component.
+    closed = _pad_op(ndi.binary_closing, m, 1)
+    opened = _pad_op(ndi.binary_opening, closed, r)
+    labels, n = ndi.label(opened, structure=np.ones((3, 3), bool))
+    full_mask = np.ones((h, w), bool)
+    if n == 0:
+        return (0, h, 0, w), full_mask
+    areas = np.bincount(labels.ravel())[1:]
+    k = int(np.argmax(areas)) + 1
+    if areas[k - 1] < min_fraction * hs * ws:
+        return (0, h, 0, w), full_mask
+    hull = convex_hull_image(ndi.binary_fill_holes(labels == k))
+    # Opening rounds off sharp corners (a sector's apex): take back the closed mask's
+    # pixels near the hull, then hull again.
+    near = _pad_op(ndi.binary_dilation, hull, r + 1)
+    region = convex_hull_image((closed & near) | hull)
+    if f > 1:
+        region = np.repeat(np.repeat(region, f, axis=0), f, axis=1)[:h, :w]
+    ys = np.flatnonzero(region.any(axis=1))
+    xs = np.flatnonzero(region.any(axis=0))
+    return (int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1), region
+
+
+def crop_to_region(rgb: np.ndarray, box: tuple[int, int, int, int], mask: np.ndarray) -> np.ndarray:
+    """``rgb`` cut to ``box`` with the pixels outside ``mask`` set to 0."""
+    y0, y1, x0, x1 = box
+    out = rgb[y0:y1, x0:x1].copy()
+    out[~mask[y0:y1, x0:x1]] = 0
+    return out
+
+
+def perceptual_hash(image: np.ndarray) -> int:
+    """64-bit DCT perceptual hash: 32x32 grey thumbnail, the 8x8 lowest frequencies
+    against their median (bit 63 is the DC term)."""
+    from PIL import Image
+    from scipy.fft import dctn
+
+    grey = image.mean(axis=2) if image.ndim == 3 else image
+    thumb = Image.fromarray(np.ascontiguousarray(grey, dtype=np.float32), mode="F").resize(
+        (32, 32), Image.Resampling.BILINEAR)
+    low = dctn(np.asarray(thumb, np.float64), norm="ortho")[:8, :8].ravel()
+    bits = low > np.median(low)
+    return int(sum(1 << (63 - i) for i in np.flatnonzero(bits)))
+
+
+def hamming(a: int, b: int) -> int:
+    """Number of differing bits of two hashes."""
+    return bin(a ^ b).count("1")
+
+
+class HashIndex:
+    """Near-neighbour search of 64-bit hashes within a Hamming radius (multi-index hashing).
+
+    The hash is cut into 4 bands of 16 bits. Two hashes within distance ``t`` agree on
+    some band up to ``t // 4`` bits (pigeonhole), so a query probes, for each band, the
+    band's value with every flip of up to ``t // 4`` bits, and only checks the full
+    distance of the hashes found there: no linear scan over all hashes.
+    """
+
+    BANDS = 4
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = int(threshold)
+        self._tables: list[dict[int, list[int]]] = [dict() for _ in range(self.BANDS)]
+        self._values: list[tuple[int, str]] = []
+        r = max(self.threshold, 0) // self.BANDS
+        self._flips = [0] + [sum(1 << b for b in bits) for k in range(1, r + 1)
+                             for bits in itertools.combinations(range(16), k)]
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    @staticmethod
+    def _bands(h: int) -> list[int]:
+        return [(h >> (16 * i)) & 0xFFFF for i in range(HashIndex.BANDS)]
+
+    def add(self, h: int, tag: str) -> None:
+        idx = len(self._values)
+        self._values.append((h, tag))
+        for table, band in zip(self._tables, self._bands(h)):
+            table.setdefault(band, []).append(idx)
+
+    def query(self, h: int) -> tuple[str, int] | None:
+        """The first added (tag, distance) within the threshold of ``h``, or None."""
+        if self.threshold < 0:
+            return None
+        seen: set[int] = set()
+        best = None
+        for table, band in zip(self._tables, self._bands(h)):
+            for flip in self._flips:
+                for idx in table.get(band ^ flip, ()):
+                    if idx in seen:
+                        continue
+                    seen.add(idx)
+                    d = hamming(self._values[idx][0], h)
+                    if d <= self.threshold and (best is None or idx < best):
+                        best = idx
+        if best is None:
+            return None
+        return self._values[best][1], hamming(self._values[best][0], h)
+
+
+def resize_pad(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize (aspect kept) so the longer side is ``size``, then zero-pad to a centred square."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    img = Image.fromarray(image)
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+    out = np.zeros((size, size) + image.shape[2:], np.uint8)
+    y, x = (size - nh) // 2, (size - nw) // 2
+    out[y:y + nh, x:x + nw] = np.asarray(img)
+    return out
+
+
+def opaque_name(key: str, frame: int) -> str:
+    """Output file name of a unit: a hash of its source-relative path and frame index."""
+    return hashlib.sha256(f"{key}#{int(frame)}".encode()).hexdigest()[:24] + ".png"
+
+
+def _save_png_atomic(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _overlay(rgb: np.ndarray, box: tuple[int, int, int, int], mask: np.ndarray) -> np.ndarray:
+    """The original with the region tinted outside (dimmed), its outline green, its box red."""
+    from scipy import ndimage as ndi
+
+    out = rgb.copy()
+    out[~mask] = (out[~mask] * 0.4).astype(np.uint8) + np.array([60, 0, 0], np.uint8)
+    edge = mask & ~ndi.binary_erosion(mask, iterations=max(1, max(rgb.shape[:2]) // 300))
+    out[edge] = (0, 255, 0)
+    y0, y1, x0, x1 = box
+    t = max(1, max(rgb.shape[:2]) // 300)
+    out[y0:y0 + t, x0:x1] = out[y1 - t:y1, x0:x1] = (255, 0, 0)
+    out[y0:y1, x0:x0 + t] = out[y0:y1, x1 - t:x1] = (255, 0, 0)
+    return out
+
+
+# ----------------------------------------------------------------------- enumeration
+
+
+@dataclass
+class _Task:
+    """One input file (or zip member, or a problem found while enumerating)."""
+
+    key: str  # "<source label>/<relative path>[!member]": stable id, hashed for names
+    display: str  # the user's path, for the report
+    path: str  # file on disk (the archive for a zip member)
+    member: str | None = None  # zip member name
+    problem: str | None = None  # known unreadable before decoding (bad zip)
+    skip: str | None = None  # not an image/video/DICOM (listed as skipped)
+    skip_frames: frozenset[int] = field(default_factory=frozenset)
+
+
+def _source_labels(sources: list[Path]) -> list[str]:
+    labels, seen = [], Counter()
+    for s in sources:
+        base = s.name or "source"
+        seen[base] += 1
+        labels.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
+    return labels
+
+
+def _walk(root: Path, skip_dirs: set[Path]) -> Iterator[str]:
+    """Relative posix paths of the files under ``root``: entries sorted by name, folders
+    recursed in place, hidden entries ignored."""
+    def rec(folder: Path, prefix: str) -> Iterator[str]:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            logger.warning("cannot list %s (%s)", folder, exc.strerror)
+            return
+        for e in entries:
+            if e.name.startswith(".") or e.name == "__MACOSX":
+                continue
+            rel = prefix + e.name
+            if e.is_dir():
+                if Path(e.path).resolve() in skip_dirs:
+                    continue
+                yield from rec(Path(e.path), rel + "/")
+            elif e.is_file():
+                yield rel
+
+    if root.is_file():
+        yield root.name
+    else:
+        yield from rec(root, "")
+
+
+def _file_kind(name: str) -> str | None:
+    """None for a candidate media file, else why it is skipped."""
+    lower = name.lower()
+    if lower.endswith(".nii.gz"):
+        return None
+    suffix = os.path.splitext(lower)[1]
+    if suffix in SUPPORTED_SUFFIXES or suffix == "":
+        return None
+    if suffix in _NOT_MEDIA or lower.startswith(("license", "readme")):
+        return f"not an image, video or DICOM ({suffix})"
+    return None  # unknown suffix: tried (DICOM without suffix convention); failure is reported
+
+
+def _tasks(sources: list[Path], labels: list[str], given: list[str], out: Path,
+           exclude: list[str]) -> Iterator[_Task]:
+    skip_dirs = {out.resolve()}
+    for src, label, shown in zip(sources, labels, given):
+        base = Path(shown) if src.is_dir() else Path(shown).parent
+        for rel in _walk(src, skip_dirs):
+            key = f"{label}/{rel}"
+            if any(fnmatch.fnmatchcase(rel, g) or fnmatch.fnmatchcase(key, g) for g in exclude):
+                continue
+            path = src / rel if src.is_dir() else src
+            display = str(base / rel)
+            if rel.lower().endswith(".zip"):
+                try:
+                    with zipfile.ZipFile(path) as zf:
+                        members = sorted(i.filename for i in zf.infolist() if not i.is_dir())
+                except (zipfile.BadZipFile, OSError, ValueError) as exc:
+                    yield _Task(key, display, str(path), problem=f"cannot open zip archive ({exc})")
+                    continue
+                for m in members:
+                    parts = m.split("/")
+                    if any(p.startswith(".") or p == "__MACOSX" for p in parts):
+                        continue
+                    mkey = f"{key}!{m}"
+                    if any(fnmatch.fnmatchcase(f"{rel}!{m}", g) or fnmatch.fnmatchcase(mkey, g) for g in exclude):
+                        continue
+                    skip = _file_kind(parts[-1])
+                    if skip is None and m.lower().endswith(".zip"):
+                        skip = "nested zip archive (extract it first)"
+                    yield _Task(mkey, f"{display}!{m}", str(path), member=m, skip=skip)
+                continue
+            yield _Task(key, display, str(path), skip=_file_kind(rel.rsplit("/", 1)[-1]))
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _process(task: _Task, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Decode, check, crop, hash and write the units of one file (runs in a worker).
+
+    Returns ``{"fmt", "units": [...], "error"}``; a unit is ``{"fr", "st"}`` plus, for
+    a candidate to keep, ``"n"`` (output name), ``"sha"``, ``"ph"`` and ``"box"``.
+    """
+    if cfg["_delay"]:
+        time.sleep(cfg["_delay"])
+    result: dict[str, Any] = {"fmt": None, "units": [], "error": None}
+    tmpdir = None
+    path = Path(task.path)
+    try:
+        if task.member is not None:
+            tmpdir = tempfile.mkdtemp(prefix="echocare_zip_")
+            leaf = task.member.rsplit("/", 1)[-1]
+            path = Path(tmpdir) / (leaf or "member")
+            try:
+                with zipfile.ZipFile(task.path) as zf, zf.open(task.member) as src, open(path, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, EOFError) as exc:
+                result["error"] = f"cannot extract zip member ({exc})"
+                return result
+        try:
+            result["fmt"] = detect_format(path)
+            for i, frame in enumerate(iter_frames(path, step=cfg["frame_step"])):
+                fr = i * cfg["frame_step"]
+                if fr in task.skip_frames:
+                    continue
+                result["units"].append(_process_frame(task.key, fr, frame, cfg))
+        except UltrasoundReadError as exc:
+            result["error"] = exc.problem
+        except Exception as exc:  # a decoder's own error on a broken file: report, go on
+            result["error"] = f"{type(exc).__name__}: {exc}"
+        if result["error"] and tmpdir is not None:
+            result["error"] = result["error"].replace(str(path), task.display)
+        if result["error"] is None and not result["units"] and not task.skip_frames:
+            result["error"] = "file has no frames"
+        return result
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _process_frame(key: str, fr: int, frame: np.ndarray, cfg: dict[str, Any]) -> dict[str, Any]:
+    u8 = np.clip(np.rint(frame * 255.0), 0, 255).astype(np.uint8)
+    del frame
+    grey = u8.max(axis=2)
+    levels = int(np.count_nonzero(np.bincount(grey.ravel(), minlength=256)))
+    if int(np.count_nonzero(grey)) < cfg["min_pixels"] or levels <= 1:
+        return {"fr": fr, "st": "blank"}
+    if levels <= 2:
+        return {"fr": fr, "st": "binary"}
+    sha = hashlib.sha256(repr(u8.shape).encode() + u8.tobytes()).hexdigest()[:32]
+    h, w = u8.shape[:2]
+    if cfg["crop"]:
+        box, mask = detect_echo_region(u8)
+        cropped = crop_to_region(u8, box, mask)
+    else:
+        box, mask, cropped = (0, h, 0, w), None, u8
+    ph = perceptual_hash(cropped)
+    out = resize_pad(cropped, cfg["size"])
+    if (out[..., 0] == out[..., 1]).all() and (out[..., 0] == out[..., 2]).all():
+        out = np.ascontiguousarray(out[..., 0])  # grey stays grey (1 channel PNG)
+    name = opaque_name(key, fr)
+    _save_png_atomic(out, Path(cfg["out"]) / "images" / name)
+    if cfg["overlay"]:
+        m = mask if mask is not None else np.ones((h, w), bool)
+        _save_png_atomic(_overlay(u8, box, m), Path(cfg["out"]) / "overlays" / name)
+    return {"fr": fr, "st": "candidate", "n": name, "sha": sha, "ph": ph, "box": [box[0], box[1], box[2], box[3]]}
+
+
+def _worker_run(args: tuple[_Task, dict[str, Any]]) -> dict[str, Any]:
+    return _process(*args)
+
+
+def _ordered_map(tasks: Iterable[_Task], cfg: dict[str, Any], workers: int, ahead: int
+                 ) -> Iterator[tuple[_Task, dict[str, Any]]]:
+    """(task, result) in task order; with workers > 1 at most ``ahead`` files in flight."""
+    if workers <= 1:
+        for t in tasks:
+            yield t, (_process(t, cfg) if t.skip is None and t.problem is None else {})
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    with ctx.Pool(workers) as pool:
+        pending: deque = deque()
+        for t in tasks:
+            if t.skip is None and t.problem is None:
+                pending.append((t, pool.apply_async(_worker_run, ((t, cfg),))))
+            else:
+                pending.append((t, None))
+            while len(pending) > ahead or (pending and pending[0][1] is None):
+                t0, r = pending.popleft()
+                yield t0, (r.get() if r is not None else {})
+        while pending:
+            t0, r = pending.popleft()
+            yield t0, (r.get() if r is not None else {})
+
+
+# --------------------------------------------------------------------------- journal
+
+
+class _Journal:
+    """Append-only JSON lines: one per decided unit and one per finished file."""
+
+    def __init__(self, path: Path, fsync_every: int) -> None:
+        self.path = path
+        self.fsync_every = max(1, fsync_every)
+        self._fh = None
+        self._since = 0
+
+    def read(self) -> list[dict[str, Any]]:
+        """All complete lines; a torn last line (killed mid-write) is cut off the file."""
+        if not self.path.exists():
+            return []
+        records, good = [], 0
+        with open(self.path, "rb") as fh:
+            data = fh.read()
+        pos = 0
+        while pos < len(data):
+            end = data.find(b"\n", pos)
+            if end < 0:
+                break
+            try:
+                records.append(json.loads(data[pos:end]))
+            except json.JSONDecodeError:
+                break
+            pos = good = end + 1
+        if good < len(data):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(good)
+        return records
+
+    def iter_records(self) -> Iterator[dict[str, Any]]:
+        with open(self.path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.endswith("\n"):
+                    yield json.loads(line)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._fh is None:
+            self._fh = open(self.path, "a", encoding="utf-8")
+        self._fh.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._fh.flush()
+        self._since += 1
+        if self._since >= self.fsync_every:
+            os.fsync(self._fh.fileno())
+            self._since = 0
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+
+
+# ------------------------------------------------------------------------- main entry
+
+
+def _split_value(key: str, seed: int) -> float:
+    """A uniform value in [0, 1) from the source file (frames of one file share it)."""
+    file_key = key.split("!", 1)[0] if key.count("!") else key
+    digest = hashlib.sha256(f"{seed}:{file_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def curate(
+    sources: list[str] | str,
+    mapping: str | None = None,
+    out: str = "curated",
+    size: int = 256,
+    workers: int = 1,
+    frame_step: int = 10,
+    val_fraction: float = 0.02,
+    **options: Any,
+) -> Path:
+    """Curate folders of mixed ultrasound sources into a pretraining set.
+
+    Args:
+        sources: source folders (or single files), in priority order: when two units
+            are duplicates, the one met first (sources in this order, files sorted) is kept.
+        mapping: MAPPING.yaml, ``key: anatomy/path`` (see :func:`resolve_anatomy`); every
+            path is validated against the ontology before anything runs. None: no anatomy.
+        out: output folder; rerunning into the same folder resumes the run.
+        size: side of the square output images.
+        workers: processes decoding in parallel (the result does not depend on it).
+        frame_step: sample frames 0, step, 2*step, ... of videos and multi-frame files.
+        val_fraction: fraction of source files (all their frames together) in
+            ``validation``, chosen by a hash of the source path salted by ``seed``.
+        **options: see :data:`DEFAULT_OPTIONS` (``near_duplicate_threshold``,
+            ``overlay``, ``seed``, ``min_pixels``, ``crop``, ``exclude``, ``progress``,
+            ``restart``, ``fsync_every``, ``max_in_flight``).
+
+    Returns:
+        Path of ``OUT/datalist.json``.
+
+    Raises:
+        CurationError: missing source, bad mapping (names the file and key), bad option,
+            or an ``OUT`` journal written with other settings (rerun with
+            ``restart=True`` or another ``OUT``).
+    """
+    opts = _options(options)
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [str(sources)]
+    given = [str(s) for s in sources]
+    if not given:
+        raise CurationError("no source given (--src DIR)")
+    src_paths = [Path(s).expanduser().resolve() for s in given]
+    for s, g in zip(src_paths, given):
+        if not s.exists():
+            raise CurationError(f"source not found: {g}")
+    size, workers, frame_step = int(size), max(1, int(workers)), int(frame_step)
+    if size < 8:
+        raise CurationError(f"size must be at least 8, got {size}")
+    if frame_step < 1:
+        raise CurationError(f"frame_step must be >= 1, got {frame_step}")
+    val_fraction = float(val_fraction)
+    if not 0.0 <= val_fraction <= 1.0:
+        raise CurationError(f"val_fraction must be in [0, 1], got {val_fraction}")
+
+    from echocare.ontology import load_ontology
+
+    onto = load_ontology()
+    amap = load_mapping(mapping, onto)
+    labels = _source_labels(src_paths)
+
+    out_dir = Path(out)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    if opts["overlay"]:
+        (out_dir / "overlays").mkdir(exist_ok=True)
+
+    settings = {
+        "version": _JOURNAL_VERSION,
+        "sources": [str(s) for s in src_paths],
+        "size": size,
+        "frame_step": frame_step,
+        "near_duplicate_threshold": opts["near_duplicate_threshold"],
+        "min_pixels": opts["min_pixels"],
+        "crop": opts["crop"],
+        "overlay": opts["overlay"],
+        "exclude": opts["exclude"],
+    }
+    journal = _Journal(out_dir / JOURNAL, opts["fsync_every"])
+    if opts["restart"] and journal.path.exists():
+        journal.path.unlink()
+    records = journal.read()
+    if records and records[0].get("settings") != settings:
+        raise CurationError(
+            f"{out_dir} holds a curation run with other settings ({journal.path}); use another --out, "
+            "or --restart true to start over"
+        )
+    if not records:
+        journal.write({"settings": settings})
+
+    # Rebuild the state from the journal: finished files, decided units, hash indices.
+    done_files: set[str] = set()
+    done_units: dict[str, set[int]] = {}
+    seen_sha: dict[str, str] = {}
+    index = HashIndex(opts["near_duplicate_threshold"])
+    for rec in records[1:]:
+        if "fr" in rec:
+            done_units.setdefault(rec["k"], set()).add(rec["fr"])
+            if rec["st"] == "kept":
+                seen_sha[rec["sha"]] = rec["n"]
+                index.add(rec["ph"], rec["n"])
+        elif rec.get("done"):
+            done_files.add(rec["k"])
+    del records
+    resumed = bool(done_files or done_units)
+
+    cfg = {"frame_step": frame_step, "size": size, "out": str(out_dir), "overlay": opts["overlay"],
+           "crop": opts["crop"], "min_pixels": opts["min_pixels"], "_delay": opts["_delay"]}
+
+    def pending() -> Iterator[_Task]:
+        for t in _tasks(src_paths, labels, given, out_dir, opts["exclude"]):
+            if t.key in done_files:
+                continue
+            if t.key in done_units:
+                t.skip_frames = frozenset(done_units[t.key])
+            yield t
+
+    total = sum(1 for _ in _tasks(src_paths, labels, given, out_dir, opts["exclude"]))
+    bar = None
+    if opts["progress"]:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=min(len(done_files), total), unit="file", desc="curate",
+                   dynamic_ncols=True)
+    ahead = opts["max_in_flight"] or 4 * workers
+    if resumed:
+        logger.info("resuming %s: %d file(s) already done", out_dir, len(done_files))
+    try:
+        for task, result in _ordered_map(pending(), cfg, workers, ahead):
+            base = {"k": task.key, "d": task.display}
+            if task.skip is not None:
+                journal.write({**base, "done": True, "skip": task.skip})
+            elif task.problem is not None:
+                journal.write({**base, "done": True, "err": task.problem})
+            else:
+                fmt = result["fmt"]
+                for u in result["units"]:
+                    rec = {**base, "fr": u["fr"], "fmt": fmt}
+                    if u["st"] == "candidate":
+                        dup = seen_sha.get(u["sha"])
+                        near = None if dup else index.query(u["ph"])
+                        rec.update(n=u["n"], sha=u["sha"], ph=u["ph"])
+                        if dup:
+                            rec.update(st="exact_duplicate", of=dup)
+                        elif near:
+                            rec.update(st="near_duplicate", of=near[0], dist=near[1])
+                        else:
+                            rec["st"] = "kept"
+                            seen_sha[u["sha"]] = u["n"]
+                            index.add(u["ph"], u["n"])
+                        if rec["st"] != "kept":
+                            _remove_outputs(out_dir, u["n"])
+                    else:
+                        rec["st"] = u["st"]
+                    journal.write(rec)
+                journal.write({**base, "done": True, "fmt": fmt, "err": result["error"]})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(kept=len(seen_sha), refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+        journal.close()
+
+    return _finish(out_dir, journal, amap, onto, labels, val_fraction, opts["seed"], settings)
+
+
+def _remove_outputs(out_dir: Path, name: str) -> None:
+    for sub in ("images", "overlays"):
+        try:
+            (out_dir / sub / name).unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _finish(out_dir: Path, journal: _Journal, amap: dict[str, str | None], onto: Any, labels: list[str],
+            val_fraction: float, seed: int, settings: dict[str, Any]) -> Path:
+    """Write datalist.json, report.json and report.png from the journal; remove stray files."""
+    items: list[tuple[str, dict[str, Any]]] = []  # (file key, datalist item)
+    dropped: dict[str, list[dict[str, Any]]] = {r: [] for r in _DROP_REASONS}
+    failed: list[dict[str, str]] = []
+    skipped: list[dict[str, str]] = []
+    counts: dict[str, Counter] = {k: Counter() for k in ("region", "organ", "source", "modality")}
+    units = 0
+    for rec in journal.iter_records():
+        if "settings" in rec:
+            continue
+        key = rec["k"]
+        if "fr" in rec:
+            units += 1
+            st = rec["st"]
+            if st == "kept":
+                source, rel = key.split("/", 1)
+                anatomy = resolve_anatomy(amap, source, rel)
+                item: dict[str, Any] = {"image": f"images/{rec['n']}"}
+                if anatomy:
+                    item["anatomy"] = anatomy
+                items.append((key.split("!", 1)[0], item))
+                counts["region"][onto.truncate(anatomy, 0) or "(none)"] += 1
+                counts["organ"][onto.truncate(anatomy, 1) or "(none)"] += 1
+                counts["source"][source] += 1
+                counts["modality"][rec.get("fmt") or "unknown"] += 1
+            else:
+                entry: dict[str, Any] = {"file": rec["d"], "frame": rec["fr"]}
+                if "of" in rec:
+                    entry["duplicate_of"] = f"images/{rec['of']}"
+                if "dist" in rec:
+                    entry["distance"] = rec["dist"]
+                dropped.setdefault(st, []).append(entry)
+        elif rec.get("done"):
+            if rec.get("skip"):
+                skipped.append({"file": rec["d"], "reason": rec["skip"]})
+            elif rec.get("err"):
+                failed.append({"file": rec["d"], "reason": rec["err"]})
+
+    # Validation split by source file; at least one file on each side when possible.
+    val_files = {fk for fk, _ in items if _split_value(fk, seed) < val_fraction}
+    file_keys = sorted({fk for fk, _ in items}, key=lambda fk: (_split_value(fk, seed), fk))
+    if val_fraction > 0 and not val_files and len(file_keys) >= 2:
+        val_files = {file_keys[0]}
+    if val_fraction < 1 and len(val_files) == len(file_keys) and len(file_keys) >= 2:
+        val_files.discard(file_keys[-1])
+    datalist = {"training": [it for fk, it in items if fk not in val_files],
+                "validation": [it for fk, it in items if fk in val_files]}
+    kept_names = {it["image"].split("/", 1)[1] for _, it in items}
+
+    # Stray outputs: dropped units written by a worker before a kill, temp files.
+    for sub in ("images", "overlays"):
+        folder = out_dir / sub
+        if folder.is_dir():
+            for entry in os.scandir(folder):
+                if entry.name not in kept_names:
+                    try:
+                        os.unlink(entry.path)
+                    except FileNotFoundError:
+                        pass
+
+    report = {
+        "kept": len(items),
+        "units": units,
+        "training": len(datalist["training"]),
+        "validation": len(datalist["validation"]),
+        "dropped": dropped,
+        "dropped_counts": {k: len(v) for k, v in dropped.items()},
+        "failed": failed,
+        "skipped": skipped,
+        "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
+        "settings": {k: v for k, v in settings.items() if k != "version"},
+    }
+    _atomic_write_text(out_dir / "datalist.json", json.dumps(datalist, indent=2) + "\n")
+    _atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    _report_png(report, out_dir / "report.png")
+    logger.info("curated %d image(s) into %s: dropped %s, failed %d, skipped %d", len(items), out_dir,
+                report["dropped_counts"], len(failed), len(skipped))
+    return out_dir / "datalist.json"
+
+
+def _report_png(report: dict[str, Any], path: Path) -> None:
+    """Bar charts of the counts (region, organ, source, modality) and of the drops."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = [(f"kept per {k}", report["counts"][k]) for k in ("region", "organ", "source", "modality")]
+    panels.append(("dropped / failed / skipped", {**report["dropped_counts"], "failed": len(report["failed"]),
+                                                    "skipped": len(report["skipped"])}))
+    fig = Figure(figsize=(15, 8), dpi=80)
+    FigureCanvasAgg(fig)
+    for i, (title, data) in enumerate(panels):
+        ax = fig.add_subplot(2, 3, i + 1)
+        names, values = list(data), list(data.values())
+        ax.barh(range(len(values)), values, color="tab:blue" if i < 4 else "tab:red")
+        ax.set_yticks(range(len(values)), [str(n)[-32:] for n in names], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10)
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v}", va="center", fontsize=7)
+    ax = fig.add_subplot(2, 3, 6)
+    ax.axis("off")
+    ax.text(0.0, 0.9, f"kept: {report['kept']} of {report['units']} units\n"
+            f"training {report['training']}, validation {report['validation']}", fontsize=11, va="top")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)

@@ -1,0 +1,2 @@
+"""One package per task kind, each with its data, network, metrics and writers."""
+

@@ -1,0 +1,9 @@
+"""Image enhancement (``usenhance``): degradation, data, network, image-quality metrics, engine."""
+
+from echocare.tasks.enhancement.image_quality import BrisqueModel, EncoderFeatures, EnhancementScored, NiqeModel, PAIRED_SCORES, TorchScriptFeatures, aggd_fit, brisque, brisque_features, enhancement_metrics, fid, fit_brisque_model, fit_niqe_model, frechet_distance, gaussian_fit, ggd_fit, load_brisque_model, load_niqe_model, mscn, niqe, nss_features, piqe, psnr, save_brisque_model, ssim
+from echocare.tasks.enhancement.data import DEGRADATION_SOURCES, load_enhancement_datalist, write_degradation_datalist
+from echocare.tasks.enhancement.degrade import DEGRADATION_RANGES, Degradation, Degraded, degradation_at_level, degrade, random_degradation
+from echocare.tasks.enhancement.engine import BRISQUE_LEVELS, EnhancementEvaluation, EnhancementIteration, EnhancementPredictionWriter, fid_feature_extractor, fit_quality_models, prepare_pair
+from echocare.tasks.enhancement.network import EchoCareEnhanceNet, EnhancementLoss, PatchDiscriminator, grey
+
+__all__ = ["BRISQUE_LEVELS", "BrisqueModel", "DEGRADATION_RANGES", "DEGRADATION_SOURCES", "Degradation", "Degraded", "EchoCareEnhanceNet", "EncoderFeatures", "EnhancementEvaluation", "EnhancementIteration", "EnhancementLoss", "EnhancementPredictionWriter", "EnhancementScored", "NiqeModel", "PAIRED_SCORES", "PatchDiscriminator", "TorchScriptFeatures", "aggd_fit", "brisque", "brisque_features", "degradation_at_level", "degrade", "enhancement_metrics", "fid", "fid_feature_extractor", "fit_brisque_model", "fit_niqe_model", "fit_quality_models", "frechet_distance", "gaussian_fit", "ggd_fit", "grey", "load_brisque_model", "load_enhancement_datalist", "load_niqe_model", "mscn", "niqe", "nss_features", "piqe", "prepare_pair", "psnr", "random_degradation", "save_brisque_model", "ssim", "write_degradation_datalist"]
