@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from echocare.bundle import resolve_bundle, resolve_overlays
+
 if TYPE_CHECKING:
     from echocare.io import dicom_writer as dicom_out
 
@@ -294,11 +296,9 @@ def predict(
     from echocare.io import dicom_writer as dicom_out
     from echocare.io.readers import UltrasoundReadError, count_frames, detect_format
     from echocare.engines.handlers import UniqueNames
-    from echocare.experiments import _resolve_bundle, _resolve_overlays
-
     say = print if echo else (lambda *a, **k: None)
-    name, configs = _resolve_bundle(bundle)
-    config_files = [str(configs / "inference.yaml"), *_resolve_overlays(config, configs)]
+    name, configs = resolve_bundle(bundle)
+    config_files = [str(configs / "inference.yaml"), *resolve_overlays(config, configs)]
     task, meta = _bundle_task(configs)
     if max_frames is not None and int(max_frames) < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")

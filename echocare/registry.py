@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from echocare.bundle import tracking_uri as bundle_tracking_uri
+
 __all__ = [
     "REGISTERED_MODEL_PATH",
     "RegistryError",
@@ -87,10 +89,8 @@ def resolve_tracking_uri(tracking_uri: str | None = None, output_dir: str | Path
         RegistryError: none of them given, or a SQLite store whose file does not exist (MLflow
             would create an empty one, hiding a wrong path).
     """
-    from echocare.experiments import _tracking_uri
-
     try:
-        uri = _tracking_uri(tracking_uri, Path(output_dir) if output_dir else None)
+        uri = bundle_tracking_uri(output_dir, tracking_uri)
     except ValueError:
         raise RegistryError(
             "no MLflow store: pass --tracking-uri (e.g. sqlite:///OUT/mlruns.db or http://HOST:PORT), "

@@ -38,6 +38,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from echocare import __version__ as echocare_version
+from echocare.bundle import resolve_bundle, resolve_overlays
+from echocare.networks.checkpoint import load_network_checkpoint
+from echocare.networks.fast import reference_paths
+
 __all__ = [
     "EXPORT_FORMATS",
     "TOLERANCE",
@@ -82,10 +87,8 @@ def _bundle_parser(bundle: str, config: str | Sequence[str] | None, overrides: M
     """(bundle name, configs folder, ConfigParser of inference.yaml + overlays with overrides)."""
     from monai.bundle import ConfigParser
 
-    from echocare.experiments import _resolve_bundle, _resolve_overlays
-
-    name, configs = _resolve_bundle(bundle)
-    files = [str(configs / "inference.yaml"), *_resolve_overlays(config, configs)]
+    name, configs = resolve_bundle(bundle)
+    files = [str(configs / "inference.yaml"), *resolve_overlays(config, configs)]
     parser = ConfigParser()
     parser.read_config(files)
     parser.update(dict(overrides or {}))
@@ -114,10 +117,6 @@ def build_bundle_network(
         ``spec`` = ``{"bundle", "network", "inputs": {name: shape with "batch" first},
         "outputs": [names], "class_names", "network_size", "image_size", "checkpoint"}``.
     """
-    from echocare.networks.checkpoint import load_network_checkpoint
-    from echocare.networks.fast import reference_paths
-    from echocare.tasks.pretrain.network import EchoCarePretrainNet
-
     name, configs, parser = _bundle_parser(bundle, config, overrides)
     height, width = parser.get_parsed_content("spatial_size")
     if str(parser.get("network_def", {}).get("_target_", "")).endswith("EchoCareReportNet"):
@@ -129,8 +128,8 @@ def build_bundle_network(
     network = load_network_checkpoint(network, str(checkpoint), tracking_uri=tracking_uri)
     network = reference_paths(network.cpu().eval())
     inputs: dict[str, list[Any]] = {"image": ["batch", 3, height, width]}
-    if isinstance(network, EchoCarePretrainNet):
-        unit = network.mask_unit
+    unit = getattr(network, "mask_unit", None)  # networks that take a unit mask (pretraining) name its unit
+    if unit is not None:
         inputs["unit_mask"] = ["batch", height // unit, width // unit]
         outputs = ["reconstruction", "anatomy_logits", "pixel_mask"]
         module: nn.Module = _TupleOutputs(network, outputs)
@@ -172,10 +171,8 @@ def example_inputs(spec: Mapping[str, Any], batch_size: int = 1, seed: int = 0) 
 
 
 def _metadata(spec: Mapping[str, Any], fmt: str) -> dict[str, Any]:
-    import echocare
-
     section = {k: v for k, v in spec.items() if k != "bundle_metadata"}
-    section.update({"format": fmt, "echocare_version": echocare.__version__, "torch_version": torch.__version__})
+    section.update({"format": fmt, "echocare_version": echocare_version, "torch_version": torch.__version__})
     if fmt == "onnx":
         section["onnx_opset"] = ONNX_OPSET
     return {**dict(spec.get("bundle_metadata") or {}), "echocare_export": section}
