@@ -1,4 +1,8 @@
-"""Evaluation pictures: segmentation overlays, confusion matrices, ROC curves (PNG).
+"""Picture helpers every task uses: class colours, label overlays, segmentation overlay figures (PNG).
+
+Task pictures build on these: confusion matrices and ROC curves in
+:mod:`echocare.tasks.supervised.figures`, scatter and Bland-Altman plots in
+:mod:`echocare.tasks.regression.figures`.
 
 Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never through
 ``pyplot``: no global figure state, so it is safe in evaluator handlers and worker threads
@@ -18,20 +22,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from echocare.tasks.supervised.classification_metrics import roc_auc, roc_curve
-
 __all__ = [
     "PALETTE",
+    "as_numpy",
     "class_colour",
-    "confusion_matrix_figure",
+    "new_figure",
     "overlay_rgb",
-    "bland_altman_figure",
-    "regression_scatter_figure",
-    "roc_curve_figure",
-    "save_confusion_matrix",
-    "save_bland_altman",
-    "save_regression_scatter",
-    "save_roc_curve",
+    "save_figure",
     "save_segmentation_overlay",
     "segmentation_overlay_figure",
 ]
@@ -65,7 +62,7 @@ def class_colour(c: int) -> tuple[float, float, float]:
     return PALETTE[(c - 1) % len(PALETTE)]
 
 
-def _np(x: Any) -> np.ndarray:
+def as_numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().as_subclass(torch.Tensor).numpy()
     return np.asarray(x)
@@ -73,7 +70,7 @@ def _np(x: Any) -> np.ndarray:
 
 def _image_rgb(image: Any) -> np.ndarray:
     """(3, H, W), (1, H, W) or (H, W) image in [0, 1] -> (H, W, 3) float in [0, 1]."""
-    a = _np(image).astype(np.float64)
+    a = as_numpy(image).astype(np.float64)
     if a.ndim == 3 and a.shape[0] in (1, 3):
         a = np.moveaxis(a, 0, -1)
     elif a.ndim == 2:
@@ -86,7 +83,7 @@ def _image_rgb(image: Any) -> np.ndarray:
 
 
 def _labels(x: Any, shape: tuple[int, int], what: str) -> np.ndarray:
-    a = _np(x)
+    a = as_numpy(x)
     if a.ndim == 3 and a.shape[0] == 1:
         a = a[0]
     if a.shape != shape:
@@ -125,13 +122,13 @@ def overlay_rgb(image: Any, labels: Any, alpha: float = FILL_ALPHA) -> np.ndarra
     return out
 
 
-def _new_figure(width_in: float, height_in: float) -> Figure:
+def new_figure(width_in: float, height_in: float) -> Figure:
     fig = Figure(figsize=(width_in, height_in), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=DPI)
@@ -169,7 +166,7 @@ def segmentation_overlay_figure(
     panels.append(("prediction", overlay_rgb(rgb.transpose(2, 0, 1), p)))
 
     panel_in = 4.0
-    fig = _new_figure(panel_in * len(panels), panel_in * h / w + 1.0)
+    fig = new_figure(panel_in * len(panels), panel_in * h / w + 1.0)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (name, picture) in zip(axes, panels):
         # nearest: a resampled mask would blend class colours into the image at the edges
@@ -195,150 +192,6 @@ def save_segmentation_overlay(
     title: str | None = None,
 ) -> Path:
     """Write ``segmentation_overlay_figure(...)`` as a PNG at ``path`` (parents created); returns the path."""
-    return _save(segmentation_overlay_figure(image, pred, label, class_names=class_names, title=title), path)
+    return save_figure(segmentation_overlay_figure(image, pred, label, class_names=class_names, title=title), path)
 
 
-def confusion_matrix_figure(cm: Any, class_names: Sequence[str], normalize: bool = False) -> Figure:
-    """Confusion matrix (rows = true, columns = predicted) with the counts written in the cells.
-
-    With ``normalize`` the colours show each row's fractions (per-class recall on the diagonal)
-    and the cells read ``fraction`` over ``(count)``; otherwise colours and text are counts.
-    """
-    counts = _np(cm).astype(np.int64)
-    k = counts.shape[0]
-    if counts.shape != (k, k) or len(class_names) != k:
-        raise ValueError(f"cm must be (C, C) with C = len(class_names) = {len(class_names)}, got {counts.shape}")
-    row = counts.sum(1, keepdims=True)
-    fractions = np.divide(counts, row, out=np.zeros(counts.shape, np.float64), where=row > 0)
-    values = fractions if normalize else counts.astype(np.float64)
-    vmax = 1.0 if normalize else max(float(values.max()), 1.0)
-
-    side = max(4.0, 0.8 * k + 2.5)
-    fig = _new_figure(side + 1.0, side)
-    ax = fig.subplots()
-    im = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=vmax)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_xticks(range(k), labels=list(class_names), rotation=45, ha="right")
-    ax.set_yticks(range(k), labels=list(class_names))
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(k):
-        for j in range(k):
-            text = f"{fractions[i, j]:.2f}\n({counts[i, j]})" if normalize else str(counts[i, j])
-            # white on dark cells, black on light ones
-            colour = "white" if values[i, j] > 0.5 * vmax else "black"
-            ax.text(j, i, text, ha="center", va="center", color=colour)
-    fig.tight_layout()
-    return fig
-
-
-def save_confusion_matrix(cm: Any, class_names: Sequence[str], path: str | Path, normalize: bool = False) -> Path:
-    """Write ``confusion_matrix_figure(cm, class_names, normalize)`` as a PNG at ``path``; returns the path."""
-    return _save(confusion_matrix_figure(cm, class_names, normalize=normalize), path)
-
-
-def roc_curve_figure(prob_pos: Any, labels: Any, threshold: float | None = None) -> Figure:
-    """ROC curve of ``prob_pos`` (N,) against binary ``labels`` (N,), chance diagonal, AUC in the legend.
-
-    When ``threshold`` is given (e.g. the Youden cut-off) its operating point (rule "positive
-    when ``prob >= threshold``") is marked. With one class only the curve is undefined: the
-    figure then shows the diagonal and says so instead of failing.
-    """
-    p = _np(prob_pos).astype(np.float64).reshape(-1)
-    y = _np(labels).reshape(-1).astype(bool)
-    fpr, tpr, _ = roc_curve(p, y)
-    auc = roc_auc(p, y)
-
-    fig = _new_figure(5.0, 5.0)
-    ax = fig.subplots()
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
-    if np.isfinite(auc):
-        ax.plot(fpr, tpr, color=PALETTE[2], linewidth=2, label=f"ROC (AUC = {auc:.3f})")
-        if threshold is not None:
-            pred = p >= threshold
-            sens = float(np.sum(pred & y)) / float(np.sum(y))
-            fp_rate = float(np.sum(pred & ~y)) / float(np.sum(~y))
-            ax.plot(
-                [fp_rate],
-                [sens],
-                marker="o",
-                markersize=9,
-                linestyle="none",
-                color=PALETTE[0],
-                label=f"cut-off {threshold:.3g} (sens {sens:.2f}, spec {1 - fp_rate:.2f})",
-            )
-    else:
-        ax.plot([], [], linestyle="none", label="AUC n/a (one class only)")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_aspect("equal")
-    ax.set_xlabel("1 - specificity (false positive rate)")
-    ax.set_ylabel("sensitivity (true positive rate)")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
-def save_roc_curve(prob_pos: Any, labels: Any, path: str | Path, threshold: float | None = None) -> Path:
-    """Write ``roc_curve_figure(prob_pos, labels, threshold)`` as a PNG at ``path``; returns the path."""
-    return _save(roc_curve_figure(prob_pos, labels, threshold=threshold), path)
-
-
-def regression_scatter_figure(pred: Any, true: Any, unit: str = "", name: str = "value") -> Figure:
-    """Predicted against true values (N,) with the identity line; MAE, its standard error and
-    Pearson r in the title (see :mod:`echocare.tasks.regression.metrics`)."""
-    from echocare.tasks.regression.metrics import regression_scores
-
-    p, t = _np(pred).astype(np.float64).reshape(-1), _np(true).astype(np.float64).reshape(-1)
-    scores = regression_scores(p, t)
-    suffix = f" ({unit})" if unit else ""
-    fig = _new_figure(5.0, 5.0)
-    ax = fig.subplots()
-    both = np.concatenate([p, t]) if p.size else np.array([0.0, 1.0])
-    lo, hi = float(both.min()), float(both.max())
-    pad = 0.05 * (hi - lo or 1.0)
-    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], linestyle="--", color="grey", label="identity")
-    ax.scatter(t, p, s=18, color=PALETTE[2], alpha=0.8, label=f"{p.size} cases")
-    ax.set_xlim(lo - pad, hi + pad)
-    ax.set_ylim(lo - pad, hi + pad)
-    ax.set_aspect("equal")
-    ax.set_xlabel(f"true {name}{suffix}")
-    ax.set_ylabel(f"predicted {name}{suffix}")
-    ax.set_title(f"MAE {scores['mae']:.2f} ± {scores['mae_se']:.2f} (SE), r = {scores['pearson_r']:.3f}", fontsize=10)
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    return fig
-
-
-def save_regression_scatter(pred: Any, true: Any, path: str | Path, unit: str = "", name: str = "value") -> Path:
-    """Write ``regression_scatter_figure(pred, true, unit, name)`` as a PNG at ``path``; returns the path."""
-    return _save(regression_scatter_figure(pred, true, unit=unit, name=name), path)
-
-
-def bland_altman_figure(pred: Any, true: Any, unit: str = "", name: str = "value") -> Figure:
-    """Bland-Altman plot: difference (predicted - true) against the mean of the two, with the
-    bias and the 95 % limits of agreement (bias ± 1.96 sd of the differences, ddof=1)."""
-    from echocare.tasks.regression.metrics import regression_scores
-
-    p, t = _np(pred).astype(np.float64).reshape(-1), _np(true).astype(np.float64).reshape(-1)
-    scores = regression_scores(p, t)
-    suffix = f" ({unit})" if unit else ""
-    fig = _new_figure(6.0, 4.5)
-    ax = fig.subplots()
-    ax.scatter((p + t) / 2, p - t, s=18, color=PALETTE[2], alpha=0.8)
-    ax.axhline(0.0, color="grey", linewidth=1)
-    ax.axhline(scores["bias"], color=PALETTE[0], label=f"bias {scores['bias']:.2f}")
-    if np.isfinite(scores["loa_low"]):
-        for value in (scores["loa_low"], scores["loa_high"]):
-            ax.axhline(value, color=PALETTE[0], linestyle="--")
-        ax.plot([], [], color=PALETTE[0], linestyle="--", label=f"95 % limits {scores['loa_low']:.2f} .. {scores['loa_high']:.2f}")
-    ax.set_xlabel(f"mean of predicted and true {name}{suffix}")
-    ax.set_ylabel(f"predicted - true{suffix}")
-    ax.legend(loc="best", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def save_bland_altman(pred: Any, true: Any, path: str | Path, unit: str = "", name: str = "value") -> Path:
-    """Write ``bland_altman_figure(pred, true, unit, name)`` as a PNG at ``path``; returns the path."""
-    return _save(bland_altman_figure(pred, true, unit=unit, name=name), path)

@@ -8,16 +8,8 @@ import torch
 from PIL import Image
 
 from echocare.tasks.supervised import confusion_matrix, youden_threshold
-from echocare.visualize import (
-    FILL_ALPHA,
-    class_colour,
-    confusion_matrix_figure,
-    overlay_rgb,
-    roc_curve_figure,
-    save_confusion_matrix,
-    save_roc_curve,
-    save_segmentation_overlay,
-)
+from echocare.tasks.supervised.figures import confusion_matrix_figure, roc_curve_figure, save_confusion_matrix, save_roc_curve
+from echocare.visualize import FILL_ALPHA, class_colour, overlay_rgb, save_segmentation_overlay
 
 
 def png(path) -> np.ndarray:

@@ -61,12 +61,12 @@ def landmark_overlay_figure(
         image: the original image, (H, W), (1|3, H, W) or (H, W, 3) in [0, 1].
         pred, true: (K, 2) points (x, y) in the image's pixels; ``true`` may be None.
     """
-    from echocare.visualize import _new_figure
+    from echocare.visualize import new_figure
 
     grey = _grey(image)
     h, w = grey.shape
     p = np.asarray(torch.as_tensor(pred, dtype=torch.float64))
-    fig = _new_figure(6.0, 6.0 * h / w + 0.9)
+    fig = new_figure(6.0, 6.0 * h / w + 0.9)
     ax = fig.add_axes((0.0, 0.12, 1.0, 0.8))
     ax.imshow(grey, cmap="gray", vmin=0.0, vmax=1.0, interpolation="bilinear")
     if true is not None:
@@ -91,10 +91,10 @@ def landmark_overlay_figure(
 
 def landmark_error_boxplot_figure(errors: dict[str, Sequence[float]], unit: str = "px") -> Figure:
     """Box plot of the radial errors of each landmark (one box per name, over images)."""
-    from echocare.visualize import _new_figure
+    from echocare.visualize import new_figure
 
     names = list(errors)
-    fig = _new_figure(max(6.0, 0.35 * len(names) + 2.0), 4.5)
+    fig = new_figure(max(6.0, 0.35 * len(names) + 2.0), 4.5)
     ax = fig.add_subplot(1, 1, 1)
     ax.boxplot([list(errors[n]) for n in names], showfliers=True)
     ax.set_xticks(range(1, len(names) + 1))
@@ -131,7 +131,7 @@ class LandmarkOverlayWriter(RunFileWriter):
 
     def write_pair(self, source: dict[str, Any], output: dict[str, Any]) -> None:
         from echocare.tasks.supervised.data import read_clip
-        from echocare.visualize import _save
+        from echocare.visualize import save_figure
 
         merged = {**source, **output}
         for n in self.landmark_names:
@@ -144,14 +144,14 @@ class LandmarkOverlayWriter(RunFileWriter):
             image, merged["pred_landmarks"], merged.get("landmarks"), self.landmark_names,
             title=f"{name}: MRE {float(merged['mre_px']):.2f} px",
         )
-        _save(fig, self.output_dir / f"{name}.png")
+        save_figure(fig, self.output_dir / f"{name}.png")
 
     def finish(self) -> None:
-        from echocare.visualize import _save
+        from echocare.visualize import save_figure
 
         if self.boxplot_path is None or not any(self.errors.values()):
             return
-        _save(landmark_error_boxplot_figure(self.errors), self.boxplot_path)
+        save_figure(landmark_error_boxplot_figure(self.errors), self.boxplot_path)
 
 
 class LandmarkPredictionWriter(_PredictionWriter):

@@ -59,7 +59,7 @@ class RegressionFigureWriter(RunFileWriter):
         self.true.append(_value(output["true"]))
 
     def finish(self) -> None:
-        from echocare.visualize import save_bland_altman, save_regression_scatter
+        from echocare.tasks.regression.figures import save_bland_altman, save_regression_scatter
 
         if not self.pred:
             return

@@ -164,7 +164,7 @@ class ClassificationFigureWriter(RunFileWriter):
 
     def finish(self) -> None:
         from echocare.tasks.supervised.classification_metrics import confusion_matrix, youden_threshold
-        from echocare.visualize import save_confusion_matrix, save_roc_curve
+        from echocare.tasks.supervised.figures import save_confusion_matrix, save_roc_curve
 
         if not self.probs:
             return
