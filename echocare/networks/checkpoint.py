@@ -126,12 +126,14 @@ def initialise_network(
     pretrained_path: str | Path | None = None,
     checkpoint: str | Path | None = None,
     tracking_uri: str | None = None,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """Starting weights of a fine-tuning run: ``checkpoint`` (a whole network, e.g. an earlier
     fine-tuning, as a file or ``models:/NAME@ALIAS``; head weights that do not fit are
     re-initialised with a warning), else the encoder from ``pretrained_path`` (released layout
     or ours), else as initialised (scratch). ``tracking_uri``: the MLflow store of a
-    ``models:/`` checkpoint (see :func:`load_network_checkpoint`).
+    ``models:/`` checkpoint (see :func:`load_network_checkpoint`). ``device``: where the
+    network goes once loaded (default: where it is); bundles pass their ``device``.
 
     Raises:
         ValueError: both are given (which one should win is not obvious).
@@ -142,5 +144,7 @@ def initialise_network(
             "pretrained_path sets the encoder, checkpoint the whole network"
         )
     if checkpoint:
-        return load_network_checkpoint(network, checkpoint, allow_head_mismatch=True, tracking_uri=tracking_uri)
-    return load_pretrained(network, pretrained_path)
+        network = load_network_checkpoint(network, checkpoint, allow_head_mismatch=True, tracking_uri=tracking_uri)
+    else:
+        network = load_pretrained(network, pretrained_path)
+    return network.to(device) if device is not None else network

@@ -52,6 +52,7 @@ __all__ = [
     "example_inputs",
     "export_bundle",
     "load_exported",
+    "load_trained_network",
     "read_export_metadata",
 ]
 
@@ -387,3 +388,28 @@ class OnnxRuntimeNetwork(nn.Module):
         feed = {n: self._feed(n, s, t) for n, s, t in zip(self.input_names, self.input_shapes, inputs)}
         outputs = [torch.from_numpy(o).to(inputs[0].device) for o in self.session.run(self.output_names, feed)]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def load_trained_network(
+    network: nn.Module,
+    checkpoint: str | Path,
+    onnx_model: str | Path | None = None,
+    tracking_uri: str | None = None,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """A bundle's trained network for evaluation and inference (its ``network`` id).
+
+    Args:
+        network: the bundle's ``network_def``.
+        checkpoint: its weights (a file, or ``models:/NAME@ALIAS``), loaded strictly by
+            :func:`~echocare.networks.checkpoint.load_network_checkpoint`.
+        onnx_model: an ``echocare export --format onnx`` file; when given, an
+            :class:`OnnxRuntimeNetwork` of it is returned instead and ``checkpoint`` is not read.
+        tracking_uri: the MLflow store of a ``models:/`` checkpoint.
+        device: where the network goes (default: where it is).
+    """
+    if onnx_model:
+        loaded: nn.Module = OnnxRuntimeNetwork(onnx_model)
+    else:
+        loaded = load_network_checkpoint(network, checkpoint, tracking_uri=tracking_uri)
+    return loaded.to(device) if device is not None else loaded
