@@ -93,7 +93,7 @@ class EchoCareCLI:
     ) -> str:
         """Write phantom ultrasound data for TASK to OUT (images and datalist.json); prints the datalist path.
         Further ``--name value`` options go to the task's generator (e.g. ``--language zh`` for usreport)."""
-        from echocare.phantoms.renderer import generate_demo_data
+        from echocare.phantoms import generate_demo_data
 
         return str(generate_demo_data(task, out, n=n, seed=seed, image_size=image_size, **options))
 
@@ -289,7 +289,7 @@ class EchoCareCLI:
         About 3 minutes on 2 CPU cores with the defaults. Prints where the results,
         pictures and MLflow store are, and the command that opens the MLflow UI.
         """
-        from echocare.phantoms.renderer import generate_demo_data
+        from echocare.phantoms import generate_demo_data
 
         start = time.time()
         out_dir = Path(out).resolve()

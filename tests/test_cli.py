@@ -63,7 +63,7 @@ def test_repeated_src_flags_reach_curate_as_one_list():
 
 
 def test_curate_takes_several_sources(tmp_path):
-    from echocare.phantoms.renderer import generate_demo_data
+    from echocare.phantoms import generate_demo_data
 
     for name in ("one", "two"):
         generate_demo_data("pretrain", tmp_path / name, n=3, seed=len(name) * 7 + ord(name[0]), image_size=64)

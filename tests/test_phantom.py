@@ -15,11 +15,11 @@ from echocare.phantoms.renderer import (
     PRETRAIN_ANATOMIES,
     _speckle,
     coarsen_anatomy,
-    generate_demo_data,
     make_canvas,
     make_phantom_image,
     render_bmode,
 )
+from echocare.phantoms import generate_demo_data
 
 
 def _homogeneous(geometry: str, seed: int) -> tuple[np.ndarray, np.ndarray]:

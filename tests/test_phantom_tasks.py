@@ -16,7 +16,8 @@ from scipy import ndimage
 from echocare.io import read_ultrasound
 from echocare.phantoms import supervised as pt
 from echocare.datasets.converters import _pathology_label, convert_datalist
-from echocare.phantoms.renderer import TASKS, generate_demo_data
+from echocare.phantoms import TASKS, generate_demo_data
+from echocare.phantoms.layout import PHANTOM_MARKER
 
 #: task -> (dataset folder under out, converter name, generate_demo_data arguments)
 SPECS = {
@@ -294,7 +295,7 @@ def test_same_seed_same_bytes(task, tmp_path):
         trees.append(_tree(tmp_path / name))
     a, b, c = trees
     assert a == b
-    assert a.keys() != c.keys() or any(a[k] != c[k] for k in a if k != "datalist.json" and not k.endswith(pt._MARKER))
+    assert a.keys() != c.keys() or any(a[k] != c[k] for k in a if k != "datalist.json" and not k.endswith(PHANTOM_MARKER))
 
 
 def test_small_n_keeps_validation_and_every_class_in_training(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from echocare.phantoms.renderer import generate_demo_data
+from echocare.phantoms import generate_demo_data
 from echocare.networks import build_encoder, load_encoder_weights
 from bundle_helpers import REPO, bundle, mlflow_runs
 

@@ -1,5 +1,6 @@
 """Synthetic ultrasound for every task: the embedded default data of the demo and the tests."""
 
-from echocare.phantoms.renderer import PRETRAIN_ANATOMIES, generate_demo_data, make_phantom_image
+from echocare.phantoms.demo import TASKS, generate_demo_data
+from echocare.phantoms.renderer import PRETRAIN_ANATOMIES, make_phantom_image
 
-__all__ = ["PRETRAIN_ANATOMIES", "generate_demo_data", "make_phantom_image"]
+__all__ = ["PRETRAIN_ANATOMIES", "TASKS", "generate_demo_data", "make_phantom_image"]

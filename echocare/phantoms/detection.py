@@ -1,6 +1,6 @@
 """Fetal four-chamber-view phantoms for ``focus_det``, written in the FOCUS layout.
 
-``echocare demo-data --task focus_det`` (registered in :data:`echocare.phantoms.renderer.TASKS`)
+``echocare demo-data --task focus_det`` (registered in :data:`echocare.phantoms.demo.TASKS`)
 draws transverse sections of a fetal thorax with the renderer of
 :mod:`echocare.phantoms.renderer` (convex probe, speckle, attenuation): maternal wall, amniotic
 fluid, the thorax (lungs brighter than the fluid, a skin line, rib echoes with their
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from echocare.datasets.converters import FOCUS_CLASSES, ramanujan_perimeter
-from echocare.phantoms.renderer import Canvas, _save_png, _skin_layers, make_canvas, render_bmode
-from echocare.phantoms.supervised import _cases, _convert, _fresh_dir, _rebase
+from echocare.phantoms.renderer import Canvas, save_png, draw_skin_layers, make_canvas, render_bmode
+from echocare.phantoms.layout import case_indices, fresh_phantom_dir, rebase_paths, run_converter
 
 __all__ = ["FOCUS_PHANTOM_TAG", "generate_focus_det", "make_focus_image"]
 
@@ -72,7 +72,7 @@ def make_focus_image(
     """
     c = make_canvas(rng, size, "sector", probe="convex")
     c.texture = 0.15
-    top = _skin_layers(c, rng, muscle=True)
+    top = draw_skin_layers(c, rng, muscle=True)
     d_ut = top + rng.uniform(0.05, 0.09)
     _paint(c, c.layer(top, d_ut, rng, 0.02), "muscle", 1.2)  # myometrium
     _paint(c, c.layer(d_ut, 1.1), "fluid")  # amniotic fluid everywhere below
@@ -149,8 +149,8 @@ def generate_focus_det(
     """
     if n < 2:
         raise ValueError("focus_det needs n >= 2 (one case to train on, one to validate)")
-    root = _fresh_dir(Path(out) / "focus")
-    case_of = _cases(n, images_per_case, 4)
+    root = fresh_phantom_dir(Path(out) / "focus")
+    case_of = case_indices(n, images_per_case, 4)
     cases = sorted(set(case_of))
     order = np.random.default_rng([seed, FOCUS_PHANTOM_TAG, 0]).permutation(cases)
     n_val = min(max(1, int(round(val_fraction * len(cases)))), len(cases) - 1)
@@ -165,11 +165,11 @@ def generate_focus_det(
         )
         split = "val" if k in val_cases else "train"
         stem = f"case{k:03d}_{j:02d}"
-        _save_png(image, root / split / "images" / f"{stem}.png")
+        save_png(image, root / split / "images" / f"{stem}.png")
         lines = [f"{name} " + " ".join(f"{v:.3f}" for v in e) for name, e in zip(FOCUS_CLASSES, (thorax, heart))]
         (root / split / "annotations").mkdir(parents=True, exist_ok=True)
         (root / split / "annotations" / f"{stem}.txt").write_text("\n".join(lines) + "\n")
-    dl = _rebase(_convert("focus", root, Path(out), seed), "focus")
+    dl = rebase_paths(run_converter("focus", root, Path(out), seed), "focus")
     dl["description"] = (
         f"PHANTOM data (echocare demo-data --task focus_det, seed {seed}) in the FOCUS layout under focus/: "
         f"{n} images of {len(cases)} cases, cardiothoracic ratio uniform in {list(ctr_range)}, {n_val} case(s) "

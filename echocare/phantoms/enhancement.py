@@ -24,8 +24,8 @@ import numpy as np
 
 from echocare.datasets.converters import convert_usenhance, grouped_split
 from echocare.tasks.enhancement.degrade import degrade, random_degradation
-from echocare.phantoms.renderer import _save_png, make_phantom_image
-from echocare.phantoms.supervised import _fresh_dir
+from echocare.phantoms.renderer import save_png, make_phantom_image
+from echocare.phantoms.layout import fresh_phantom_dir
 
 __all__ = ["USENHANCE_ORGANS", "generate_usenhance"]
 
@@ -60,15 +60,15 @@ def generate_usenhance(
     unknown = [o for o in organs if o not in USENHANCE_ORGANS]
     if unknown:
         raise ValueError(f"unknown usenhance organs {unknown}; known: {sorted(USENHANCE_ORGANS)}")
-    root = _fresh_dir(Path(out) / "usenhance")
+    root = fresh_phantom_dir(Path(out) / "usenhance")
     for i in range(n):
         organ = organs[i % len(organs)]
         rng = np.random.default_rng([seed, _TAG, i])
         high, _ = make_phantom_image(rng, image_size, organ=USENHANCE_ORGANS[organ])
         low = degrade(high, random_degradation(rng, degradation_ranges), rng)
         name = f"{organ}_{i:04d}.png"
-        _save_png(high, root / "train_datasets" / organ / "high_quality" / name)
-        _save_png(np.round(low * 255.0).astype(np.uint8), root / "train_datasets" / organ / "low_quality" / name)
+        save_png(high, root / "train_datasets" / organ / "high_quality" / name)
+        save_png(np.round(low * 255.0).astype(np.uint8), root / "train_datasets" / organ / "low_quality" / name)
     datalist = convert_usenhance(root, None, None, seed)
     items = sorted(datalist["training"] + datalist["validation"], key=lambda it: it["image"])
     datalist["training"], datalist["validation"] = grouped_split(items, seed, val_fraction)

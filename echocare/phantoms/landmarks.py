@@ -37,48 +37,49 @@ from echocare.phantoms.renderer import (
     LABEL_BRIGHT,
     LABEL_FLUID,
     Canvas,
-    _fetal_head,
-    _save_png,
+    draw_fetal_head,
+    save_png,
     make_canvas,
     render_bmode,
 )
-from echocare.phantoms.supervised import _cases, _convert, _describe, _fresh_dir, _rebase, _resplit
+from echocare.phantoms.layout import case_indices, describe_phantom, fresh_phantom_dir, rebase_paths, resplit_by_case, run_converter
+from echocare.tasks.landmarks.data import BRAIN_LANDMARK_NAMES
 
 __all__ = ["BRAIN_LANDMARK_NAMES", "generate_brain_landmark", "make_brain_landmark_image"]
 
 _TAG = 15  # separates this phantom's random streams from the other tasks'
 
-#: The 24 landmarks, in the column order of landmarks.csv, with their (u, v) head
-#: coordinates as fractions of the inner semi-axes (outer ones for the outer skull table
-#: and the thalami, which the base scene places on them).
-_LANDMARKS: list[tuple[str, float, float]] = [
-    ("skull_outer_anterior", 1.0, 0.0),
-    ("skull_outer_posterior", -1.0, 0.0),
-    ("skull_outer_near", 0.0, 1.0),
-    ("skull_outer_far", 0.0, -1.0),
-    ("skull_inner_anterior", 1.0, 0.0),
-    ("skull_inner_posterior", -1.0, 0.0),
-    ("skull_inner_near", 0.0, 1.0),
-    ("skull_inner_far", 0.0, -1.0),
-    ("falx_anterior", 0.86, 0.0),
-    ("falx_posterior", -0.46, 0.0),
-    ("csp_anterior", 0.52, 0.0),
-    ("csp_posterior", 0.26, 0.0),
-    ("thalamus_near", 0.0, 0.18),
-    ("thalamus_far", 0.0, -0.18),
-    ("frontal_horn_near", 0.58, 0.36),
-    ("frontal_horn_far", 0.58, -0.36),
-    ("atrium_near", -0.58, 0.36),
-    ("atrium_far", -0.58, -0.36),
-    ("choroid_plexus_near", -0.40, 0.36),
-    ("choroid_plexus_far", -0.40, -0.36),
-    ("cerebellum_near", -0.64, 0.15),
-    ("cerebellum_far", -0.64, -0.15),
-    ("vermis", -0.66, 0.0),
-    ("cisterna_magna", -0.84, 0.0),
-]
-#: Landmark names in datalist order.
-BRAIN_LANDMARK_NAMES: list[str] = [name for name, _, _ in _LANDMARKS]
+#: (u, v) head coordinates of each landmark of :data:`BRAIN_LANDMARK_NAMES`, as fractions of
+#: the inner semi-axes (outer ones for the outer skull table and the thalami, which the base
+#: scene places on them).
+_LANDMARK_UV: dict[str, tuple[float, float]] = {
+    "skull_outer_anterior": (1.0, 0.0),
+    "skull_outer_posterior": (-1.0, 0.0),
+    "skull_outer_near": (0.0, 1.0),
+    "skull_outer_far": (0.0, -1.0),
+    "skull_inner_anterior": (1.0, 0.0),
+    "skull_inner_posterior": (-1.0, 0.0),
+    "skull_inner_near": (0.0, 1.0),
+    "skull_inner_far": (0.0, -1.0),
+    "falx_anterior": (0.86, 0.0),
+    "falx_posterior": (-0.46, 0.0),
+    "csp_anterior": (0.52, 0.0),
+    "csp_posterior": (0.26, 0.0),
+    "thalamus_near": (0.0, 0.18),
+    "thalamus_far": (0.0, -0.18),
+    "frontal_horn_near": (0.58, 0.36),
+    "frontal_horn_far": (0.58, -0.36),
+    "atrium_near": (-0.58, 0.36),
+    "atrium_far": (-0.58, -0.36),
+    "choroid_plexus_near": (-0.40, 0.36),
+    "choroid_plexus_far": (-0.40, -0.36),
+    "cerebellum_near": (-0.64, 0.15),
+    "cerebellum_far": (-0.64, -0.15),
+    "vermis": (-0.66, 0.0),
+    "cisterna_magna": (-0.84, 0.0),
+}
+#: The landmarks in datalist order (the column order of landmarks.csv), with their coordinates.
+_LANDMARKS: list[tuple[str, float, float]] = [(name, *_LANDMARK_UV[name]) for name in BRAIN_LANDMARK_NAMES]
 
 
 def _head_frame(head: dict, facing: int):
@@ -144,7 +145,7 @@ def make_brain_landmark_image(
     if facing not in (-1, 1):
         raise ValueError(f"facing must be +1 or -1, got {facing}")
     c = make_canvas(rng, size, "sector", "convex")
-    head = _fetal_head(c, rng)
+    head = draw_fetal_head(c, rng)
     _paint_brain(c, rng, head, facing)
     image = render_bmode(c, rng)
     to_screen = _head_frame(head, facing)
@@ -173,20 +174,20 @@ def generate_brain_landmark(
     (+1/-1 for all images; default random per image)."""
     if n < 2:
         raise ValueError("brain_landmark needs n >= 2 (two cases, one to validate)")
-    root = _fresh_dir(Path(out) / "brain_landmark")
-    case_of = _cases(n, images_per_case, 4)
+    root = fresh_phantom_dir(Path(out) / "brain_landmark")
+    case_of = case_indices(n, images_per_case, 4)
     header = ["image", "case"] + [f"{a}{k + 1}" for k in range(len(_LANDMARKS)) for a in ("x", "y")]
     rows = [",".join(header)]
     for i in range(n):
         rng = np.random.default_rng([seed, _TAG, i])
         image, points = make_brain_landmark_image(rng, image_size, facing)
         name = f"bl_{i:04d}.png"
-        _save_png(image, root / "images" / name)
+        save_png(image, root / "images" / name)
         rows.append(",".join([name, f"F{case_of[i]:03d}", *(f"{v:.2f}" for v in points.reshape(-1))]))
     (root / "landmarks.csv").write_text("\n".join(rows) + "\n")
-    dl = _convert("brain_landmark", root, Path(out), seed)
-    dl = _resplit(dl, seed, val_fraction, lambda it: set())
-    dl = _rebase(dl, "brain_landmark")
+    dl = run_converter("brain_landmark", root, Path(out), seed)
+    dl = resplit_by_case(dl, seed, val_fraction, lambda it: set())
+    dl = rebase_paths(dl, "brain_landmark")
     dl["landmark_names"] = list(BRAIN_LANDMARK_NAMES)
-    return _describe(dl, "brain_landmark", "brain_landmark", seed,
+    return describe_phantom(dl, "brain_landmark", "brain_landmark", seed,
                      f"{n} axial fetal head images of {len(set(case_of))} cases, 24 landmarks.")

@@ -1,7 +1,7 @@
 """A learnable CAMUS phantom: apical 2D+t half sequences (end-diastole to end-systole) of a
 beating left-ventricle-like cavity, with ejection fractions known by construction.
 
-``echocare demo-data --task camus_ef`` (registered in :data:`echocare.phantoms.renderer.TASKS`)
+``echocare demo-data --task camus_ef`` (registered in :data:`echocare.phantoms.demo.TASKS`)
 writes the CAMUS NIfTI release layout that :func:`echocare.datasets.converters.convert_camus`
 reads, under ``out/camus/``::
 
@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from echocare.datasets.converters import DATALIST_CONVERTERS
-from echocare.phantoms.renderer import LABEL_FLUID, Canvas, _skin_layers, make_canvas, render_bmode
-from echocare.phantoms.supervised import _describe, _fresh_dir, _scanner
+from echocare.phantoms.renderer import LABEL_FLUID, Canvas, draw_skin_layers, make_canvas, render_bmode
+from echocare.phantoms.layout import describe_phantom, fresh_phantom_dir, scanner_settings
 
 __all__ = ["CAMUS_LABELS", "area_length_volume", "generate_camus_ef", "make_camus_sequence"]
 
@@ -120,7 +120,7 @@ def _paint_frame(c: Canvas, rng: np.random.Generator, p: dict, phase: float, fou
     cy, cx = ay + dy * length / 2, ax + dx * length / 2
     c.texture = 0.2
     c.fill("tissue", p["lung_gain"])
-    _skin_layers(c, rng, muscle=True)
+    draw_skin_layers(c, rng, muscle=True)
     myocardium = c.ellipse(cy, cx, length / 2 + wall, b + wall, tilt)
     cavity = c.ellipse(cy, cx, length / 2, b, tilt)
     la_r = depth * p["la"]
@@ -164,7 +164,7 @@ def make_camus_sequence(
     p = _ventricle_params(rng, ef_target)
     probe = make_canvas(rng, size, "sector", "phased")
     geometry = {k: getattr(probe, k) for k in ("apex_y", "apex_x", "half_angle", "r_min", "r_max")}
-    scanner = _scanner(rng, atten_db=(30.0, 40.0))
+    scanner = scanner_settings(rng, atten_db=(30.0, 40.0))
     images, masks = [], []
     for t in range(frames):
         c = _with_geometry(probe, size, geometry)  # the same probe for every frame
@@ -217,7 +217,7 @@ def generate_camus_ef(
     """
     if n < 2:
         raise ValueError("camus_ef needs n >= 2 (one patient to train on, one to validate)")
-    root = _fresh_dir(Path(out) / "camus")
+    root = fresh_phantom_dir(Path(out) / "camus")
     pixel_mm = _DEPTH_MM / image_size
     master = np.random.default_rng([seed, _TAG])
     targets = master.uniform(*ef_range, n)
@@ -255,7 +255,7 @@ def generate_camus_ef(
                 if isinstance(item.get(key), str):
                     item[key] = f"camus/{item[key]}"
     datalist["split_seed"] = seed
-    return _describe(
+    return describe_phantom(
         datalist, "camus_ef", "camus", seed,
         f"{n} patients, one half sequence of {frames} frames each (ED first, ES last), EF targets uniform in "
         f"{ef_range[0]:g}-{ef_range[1]:g} %, LVef by area-length on the written ED/ES masks; pixel {pixel_mm:.3f} mm.",

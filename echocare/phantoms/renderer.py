@@ -22,13 +22,13 @@ and for any image size. Everything is vectorised numpy/scipy: about 9-16 ms per 
 image on one CPU core.
 
 Public API: :func:`make_phantom_image`, :func:`render_bmode`, :class:`Canvas`,
-:data:`PRETRAIN_ANATOMIES`, :data:`SCENE_RECIPES`, :data:`LABEL_NAMES`,
-:func:`generate_demo_data`, :data:`TASKS`.
+:data:`PRETRAIN_ANATOMIES`, :data:`SCENE_RECIPES`, :data:`LABEL_NAMES`, and the helpers the
+task phantoms share (:func:`save_png`, :func:`draw_skin_layers`, :func:`smooth_noise`,
+:func:`draw_fetal_head`). The demo-data registry is :mod:`echocare.phantoms.demo`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,15 +42,17 @@ __all__ = [
     "LABEL_NAMES",
     "PRETRAIN_ANATOMIES",
     "SCENE_RECIPES",
-    "TASKS",
     "TISSUES",
     "Canvas",
     "Tissue",
     "coarsen_anatomy",
-    "generate_demo_data",
+    "draw_fetal_head",
+    "draw_skin_layers",
     "make_canvas",
     "make_phantom_image",
     "render_bmode",
+    "save_png",
+    "smooth_noise",
 ]
 
 # --------------------------------------------------------------------------------------
@@ -366,7 +368,7 @@ def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
     return m
 
 
-def _smooth_noise(rng: np.random.Generator, size: int, cell: int = 16) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, size: int, cell: int = 16) -> np.ndarray:
     """Low-frequency random field (size, size), zero mean, std ~0.6-1, correlation length
     ~``cell`` pixels: bilinear upsampling of a coarse Gaussian grid, done as two small
     matrix products (far cheaper than a wide Gaussian filter)."""
@@ -478,7 +480,7 @@ def render_bmode(
     # Slow echogenicity variation within tissues (real parenchyma is not uniform).
     echo = canvas.echo
     if canvas.texture > 0:
-        echo = echo * np.maximum(1.0 + canvas.texture * _smooth_noise(rng, size, 12), 0.2)
+        echo = echo * np.maximum(1.0 + canvas.texture * smooth_noise(rng, size, 12), 0.2)
     # A little blur of the tissue map: boundaries are as soft as the resolution cell.
     echo = ndimage.gaussian_filter(echo, 0.7, truncate=3.0)
 
@@ -512,7 +514,7 @@ def render_bmode(
 # --------------------------------------------------------------------------------------
 
 
-def _skin_layers(c: Canvas, rng: np.random.Generator, muscle: bool = True) -> float:
+def draw_skin_layers(c: Canvas, rng: np.random.Generator, muscle: bool = True) -> float:
     """Skin, subcutaneous fat and (optionally) a muscle layer under the probe face.
     Returns the depth fraction where they end."""
     s = c.size / c.max_depth  # fractions of depth for ~size-relative thicknesses
@@ -533,7 +535,7 @@ def _heart(c: Canvas, rng: np.random.Generator, four: bool) -> None:
     """Apical view: the apex of the heart at the top, chambers hanging below it."""
     c.texture = 0.25
     c.fill("tissue", rng.uniform(0.5, 0.8))  # lung/mediastinum around the heart
-    _skin_layers(c, rng)
+    draw_skin_layers(c, rng)
     hy, hx = c.at(rng.uniform(0.5, 0.56), rng.uniform(-0.08, 0.08))
     tilt = rng.uniform(-10, 10)
     ry, rx = c.px(rng.uniform(0.38, 0.44)), c.px(rng.uniform(0.3, 0.36))
@@ -581,7 +583,7 @@ def _thyroid(c: Canvas, rng: np.random.Generator) -> None:
     trachea (bright air arc with a shadow), carotid arteries lateral to the lobes."""
     c.texture = 0.12
     c.fill("tissue", rng.uniform(0.5, 0.7))  # neck muscles and fat around the gland
-    top = _skin_layers(c, rng, muscle=True)
+    top = draw_skin_layers(c, rng, muscle=True)
     cx = rng.uniform(-0.1, 0.1)
     gain = rng.uniform(1.0, 1.3)
     ly = top + rng.uniform(0.14, 0.2)
@@ -614,7 +616,7 @@ def _carotid(c: Canvas, rng: np.random.Generator) -> None:
     """Neck vessels: a transverse (round) or longitudinal (tube) carotid artery with
     bright walls, sometimes the jugular vein beside it."""
     c.texture = 0.15
-    top = _skin_layers(c, rng, muscle=True)
+    top = draw_skin_layers(c, rng, muscle=True)
     # Sternocleidomastoid: a thicker hypoechoic muscle under the subcutaneous layers.
     scm = top + rng.uniform(0.08, 0.14)
     c.paint(c.layer(top, scm, rng, 0.015), "muscle", None, 0.9)
@@ -644,7 +646,7 @@ def _carotid(c: Canvas, rng: np.random.Generator) -> None:
 def _liver(c: Canvas, rng: np.random.Generator) -> None:
     """Large homogeneous parenchyma with small dark vessels and a bright diaphragm."""
     c.texture = 0.06
-    top = _skin_layers(c, rng, muscle=True)
+    top = draw_skin_layers(c, rng, muscle=True)
     c.paint(c.layer(top, 1.1), "parenchyma", LABEL_ORGAN, rng.uniform(0.9, 1.15))
     c.paint(c.layer(top, top + 0.012), "fascia")  # Glisson's capsule
     # Diaphragm: a curved bright band near the bottom, lung (air) behind it.
@@ -671,7 +673,7 @@ def _kidney(c: Canvas, rng: np.random.Generator) -> None:
     """An elliptic organ: hypoechoic cortex, dark pyramids, bright central sinus,
     bright capsule and perirenal fat; liver in front of it."""
     c.texture = 0.1
-    top = _skin_layers(c, rng, muscle=True)
+    top = draw_skin_layers(c, rng, muscle=True)
     c.paint(c.layer(top, 1.1), "parenchyma", None, rng.uniform(0.85, 1.1))  # liver/spleen
     y, x = c.at(rng.uniform(0.52, 0.62), rng.uniform(-0.15, 0.15))
     ang = rng.uniform(-25, 25)
@@ -723,14 +725,14 @@ def _breast(c: Canvas, rng: np.random.Generator) -> None:
         c.paint(c.ellipse(y, x, r * tall * 0.8, r, rng.uniform(-30, 30), irr), "fluid", LABEL_FLUID)
 
 
-def _fetal_head(c: Canvas, rng: np.random.Generator) -> dict[str, float]:
+def draw_fetal_head(c: Canvas, rng: np.random.Generator) -> dict[str, float]:
     """Maternal wall, amniotic fluid, and an elliptic skull ring (bone) with the brain,
     the midline echo and the thalami inside. Returns the head's geometry (pixels,
     degrees): ``y``, ``x`` (centre), ``ry``, ``rx`` (outer semi-axes, ``rx`` the
     fronto-occipital one), ``thickness`` (skull), ``angle`` (Canvas.ellipse angle) and
     ``brain_gain`` (echo gain of the brain tissue)."""
     c.texture = 0.15
-    top = _skin_layers(c, rng, muscle=True)
+    top = draw_skin_layers(c, rng, muscle=True)
     d_ut = top + rng.uniform(0.06, 0.1)
     c.paint(c.layer(top, d_ut, rng, 0.02), "muscle", None, 1.2)  # myometrium
     c.paint(c.layer(d_ut, 1.1), "tissue", None, rng.uniform(0.6, 0.9))  # fetal body, uterus
@@ -763,7 +765,7 @@ def _bladder(c: Canvas, rng: np.random.Generator) -> None:
     """One large anechoic rounded cavity with a bright wall (strong posterior
     enhancement), uterus or prostate behind it, gas-filled bowel at the sides."""
     c.texture = 0.15
-    top = _skin_layers(c, rng, muscle=True)
+    top = draw_skin_layers(c, rng, muscle=True)
     y, x = c.at(top + rng.uniform(0.25, 0.35), rng.uniform(-0.15, 0.15))
     ry, rx = c.px(rng.uniform(0.16, 0.24)), c.px(rng.uniform(0.25, 0.36))
     ang = rng.uniform(-10, 10)
@@ -783,7 +785,7 @@ def _other(c: Canvas, rng: np.random.Generator) -> None:
     c.texture = rng.uniform(0.2, 0.5)
     c.fill("tissue", rng.uniform(0.6, 1.3))
     if rng.random() < 0.7:
-        _skin_layers(c, rng, muscle=rng.random() < 0.5)
+        draw_skin_layers(c, rng, muscle=rng.random() < 0.5)
     for _ in range(rng.integers(0, 4)):
         a = rng.uniform(0.1, 0.9)
         c.paint(c.layer(a, a + rng.uniform(0.02, 0.2), rng, 0.05), str(rng.choice(["fat", "muscle", "gland", "fascia"])))
@@ -815,7 +817,7 @@ SCENE_RECIPES: dict[str, SceneRecipe] = {
     "abdomen/liver": SceneRecipe("sector", "convex", _liver),
     "abdomen/kidney": SceneRecipe("sector", "convex", _kidney),
     "pelvis/bladder": SceneRecipe("sector", "convex", _bladder),
-    "fetus/fetal head": SceneRecipe("sector", "convex", _fetal_head),
+    "fetus/fetal head": SceneRecipe("sector", "convex", draw_fetal_head),
     "other": SceneRecipe("sector", None, _other),  # geometry drawn at random
 }
 
@@ -877,140 +879,9 @@ def coarsen_anatomy(path: str, levels: int = 1) -> str | None:
 # --------------------------------------------------------------------------------------
 
 
-def _save_png(image: np.ndarray, path: Path) -> None:
+def save_png(image: np.ndarray, path: Path) -> None:
     """Write an (H, W) uint8 array as an 8-bit grey PNG."""
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(path)
-
-
-def _split(n: int, val_fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """Boolean (n,) validation flags: round(n * val_fraction) random items, and at least
-    one in each split when n >= 2 so both datalist lists exist."""
-    n_val = int(round(n * val_fraction))
-    if n >= 2:
-        n_val = min(max(n_val, 1), n - 1)
-    flags = np.zeros(n, bool)
-    flags[rng.permutation(n)[:n_val]] = True
-    return flags
-
-
-def _generate_pretrain(
-    out: Path,
-    n: int,
-    seed: int,
-    image_size: int,
-    val_fraction: float,
-    sizes: Sequence[int] | None = None,
-    coarse_fraction: float = 0.2,
-    unlabelled_fraction: float = 0.1,
-) -> dict[str, list[dict]]:
-    """Pretraining images with (partial) anatomy labels.
-
-    Anatomies are balanced (cycled through :data:`PRETRAIN_ANATOMIES`, shuffled). Of the
-    items, ``coarse_fraction`` are labelled one level up (e.g. ``thorax/heart``; only
-    paths deeper than a region) and ``unlabelled_fraction`` have no ``anatomy`` key, as
-    curated real pools are (the pretraining loss ignores unknown nodes).
-    ``sizes``: optional side lengths drawn per image for variety (default ``image_size``).
-    Item ``i`` depends only on ``(seed, i)``, not on ``n``.
-    """
-    master = np.random.default_rng(seed)
-    order = master.permutation(len(PRETRAIN_ANATOMIES))
-    val = _split(n, val_fraction, master)
-    lists: dict[str, list[dict]] = {"training": [], "validation": []}
-    for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        anatomy = PRETRAIN_ANATOMIES[order[i % len(order)]]
-        size = int(rng.choice(sizes)) if sizes else image_size
-        image, _ = make_phantom_image(rng, size, organ=anatomy)
-        name = f"images/pretrain_{i:04d}.png"
-        _save_png(image, out / name)
-        item: dict = {"image": name}
-        u = rng.random()
-        if u < unlabelled_fraction:
-            pass  # no anatomy key at all
-        elif u < unlabelled_fraction + coarse_fraction and anatomy.count("/") >= 1:
-            item["anatomy"] = coarsen_anatomy(anatomy)
-        else:
-            item["anatomy"] = anatomy
-        lists["validation" if val[i] else "training"].append(item)
-    return lists
-
-
-def _task_in_phantom_tasks(name: str, module: str = "phantom_tasks") -> Callable[..., dict[str, list[dict]]]:
-    """A :data:`TASKS` entry that calls ``echocare.data.<module>.<name>``, imported on
-    first use (those modules build on this one)."""
-
-    def generate(out, n, seed, image_size, val_fraction, **options):
-        import importlib
-
-        generator = getattr(importlib.import_module(f"echocare.data.{module}"), name)
-        return generator(out, n, seed, image_size, val_fraction, **options)
-
-    generate.__name__ = generate.__qualname__ = name
-    generate.__doc__ = f"See :func:`echocare.data.{module}.{name}`."
-    return generate
-
-
-#: Demo-data generator per task: ``fn(out, n, seed, image_size, val_fraction, **options)``
-#: writes the files under ``out`` and returns the datalist dict (paths relative to out).
-#: The benchmark phantoms (:mod:`echocare.phantoms.supervised`) write their dataset's
-#: official layout under ``out/<dataset>/`` and return its converter's datalist:
-#: ``abdomen_seg`` (out/abdomen), ``musv_seg`` (out/musv), ``thyroid_cls``
-#: (out/thyroid_cine + out/thyroid_cine_clips), ``fll_cls`` (out/fll_ceus).
-TASKS: dict[str, Callable[..., dict[str, list[dict]]]] = {
-    "pretrain": _generate_pretrain,
-    "abdomen_seg": _task_in_phantom_tasks("generate_abdomen_seg"),
-    "musv_seg": _task_in_phantom_tasks("generate_musv_seg"),
-    "thyroid_cls": _task_in_phantom_tasks("generate_thyroid_cls"),
-    "fll_cls": _task_in_phantom_tasks("generate_fll_cls"),
-    "camus_ef": _task_in_phantom_tasks("generate_camus_ef", "phantom_camus_ef"),
-    "brain_landmark": _task_in_phantom_tasks("generate_brain_landmark", "phantom_brain_landmark"),
-    "usreport": _task_in_phantom_tasks("generate_usreport", "phantom_usreport"),
-    "focus_det": _task_in_phantom_tasks("generate_focus_det", "phantom_focus_det"),
-    "usenhance": _task_in_phantom_tasks("generate_usenhance", "phantom_usenhance"),
-}
-
-
-def generate_demo_data(
-    task: str,
-    out: str | Path,
-    n: int = 64,
-    seed: int = 0,
-    image_size: int = 256,
-    val_fraction: float = 0.2,
-    **options,
-) -> Path:
-    """Write a synthetic data set for ``task`` and its MONAI datalist.
-
-    ``pretrain`` writes ``out/images/pretrain_<i>.png`` (8-bit grey). The benchmark
-    tasks (``abdomen_seg``, ``musv_seg``, ``thyroid_cls``, ``fll_cls``) write their
-    dataset's official download layout under ``out/<dataset>/`` and convert it with the
-    dataset's converter (see :mod:`echocare.phantoms.supervised`). Every task writes
-    ``out/datalist.json`` with ``training`` and ``validation`` lists whose paths are
-    relative to ``out`` (the bundles' ``dataset_dir``).
-
-    Args:
-        task: one of :data:`TASKS` (``"pretrain"``, ``"abdomen_seg"``, ...).
-        out: output folder (created).
-        n: number of items in total (images, or clips for the classification tasks).
-        seed: random seed; the same seed writes the same files.
-        image_size: side length of the square images in pixels.
-        val_fraction: fraction of items in the validation list.
-        **options: task-specific options passed to the task's generator.
-
-    Returns:
-        Path of ``datalist.json``.
-
-    Raises:
-        ValueError: unknown task.
-    """
-    if task not in TASKS:
-        raise ValueError(f"unknown demo-data task {task!r}; known tasks: {sorted(TASKS)}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    lists = TASKS[task](out, n, seed, image_size, val_fraction, **options)
-    path = out / "datalist.json"
-    path.write_text(json.dumps(lists, indent=2) + "\n")
-    return path

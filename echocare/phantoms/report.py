@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from echocare.datasets.converters import DATALIST_CONVERTERS
-from echocare.phantoms.renderer import Canvas, _save_png, _skin_layers, make_canvas, render_bmode
-from echocare.phantoms.supervised import _fresh_dir
+from echocare.phantoms.renderer import Canvas, save_png, draw_skin_layers, make_canvas, render_bmode
+from echocare.phantoms.layout import fresh_phantom_dir
 
 __all__ = ["REPORT_LESIONS", "REPORT_ORGANS", "generate_usreport", "make_report_image", "phantom_report"]
 
@@ -74,7 +74,7 @@ def _organ_scene(c: Canvas, rng: np.random.Generator, organ: str) -> tuple[float
     lesion sits in that organ."""
     if organ == "liver":
         c.texture = 0.06
-        top = _skin_layers(c, rng, muscle=True)
+        top = draw_skin_layers(c, rng, muscle=True)
         c.paint(c.layer(top, 1.1), "parenchyma", None, rng.uniform(0.9, 1.1))
         c.paint(c.layer(top, top + 0.012), "fascia")
         for _ in range(rng.integers(3, 6)):  # small vessels
@@ -85,7 +85,7 @@ def _organ_scene(c: Canvas, rng: np.random.Generator, organ: str) -> tuple[float
     if organ == "thyroid":
         c.texture = 0.12
         c.fill("tissue", rng.uniform(0.5, 0.7))
-        top = _skin_layers(c, rng, muscle=True)
+        top = draw_skin_layers(c, rng, muscle=True)
         ly = top + rng.uniform(0.14, 0.2)
         side = 1 if rng.random() < 0.5 else -1
         for s in (-1, 1):
@@ -139,7 +139,7 @@ def generate_usreport(
     if n < 2:
         raise ValueError("usreport needs n >= 2 (one training and one validation case)")
     phantom_report("liver", "none", language)  # validates language early
-    root = _fresh_dir(Path(out) / "usreport")
+    root = fresh_phantom_dir(Path(out) / "usreport")
     master = np.random.default_rng([seed, 5])
     combos = [(o, l) for o in REPORT_ORGANS for l in REPORT_LESIONS]
     order = np.concatenate([master.permutation(len(combos)) for _ in range(n // len(combos) + 1)])[:n]
@@ -153,7 +153,7 @@ def generate_usreport(
         paths = []
         for view in range(2):
             rng = np.random.default_rng([seed, 5, i, view])
-            _save_png(make_report_image(rng, image_size, organ, lesion), root / "images" / case / f"{view}.png")
+            save_png(make_report_image(rng, image_size, organ, lesion), root / "images" / case / f"{view}.png")
             paths.append(f"{case}/{view}.png")
         split = str(split_of[i])
         annotation[split].append({"id": case, "report": phantom_report(organ, lesion, language), "image_path": paths, "split": split})

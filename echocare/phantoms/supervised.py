@@ -2,8 +2,8 @@
 each dataset's download layout and converted by its own converter.
 
 ``abdomen_seg``, ``musv_seg``, ``thyroid_cls`` and ``fll_cls`` (registered in
-:data:`echocare.phantoms.renderer.TASKS`, so ``echocare demo-data --task NAME`` and
-:func:`echocare.phantoms.renderer.generate_demo_data` write them) each
+:data:`echocare.phantoms.demo.TASKS`, so ``echocare demo-data --task NAME`` and
+:func:`echocare.phantoms.generate_demo_data` write them) each
 
 1. draw their scenes with the phantom renderer of :mod:`echocare.phantoms.renderer`
    (tissue maps on a :class:`~echocare.phantoms.renderer.Canvas`, speckle, attenuation, probe
@@ -51,21 +51,19 @@ from __future__ import annotations
 import csv
 import io
 import math
-import posixpath
-import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from echocare.datasets.converters import DATALIST_CONVERTERS, grouped_split
+from echocare.phantoms.layout import case_indices, describe_phantom, fresh_phantom_dir, rebase_paths, resplit_by_case, run_converter, scanner_settings
 from echocare.phantoms.renderer import (
     TISSUES,
     Canvas,
     Tissue,
-    _save_png,
-    _skin_layers,
-    _smooth_noise,
+    save_png,
+    draw_skin_layers,
+    smooth_noise,
     make_canvas,
     render_bmode,
 )
@@ -100,7 +98,6 @@ ARTERY, VEIN = 1, 2
 THYROID_CLASSES = ["benign", "malignant"]
 FLL_CLASSES = ["HCC", "HEM", "FNH"]
 
-_MARKER = ".echocare_phantom"
 _TAG = {"abdomen": 11, "musv": 12, "thyroid": 13, "fll": 14}  # separates the tasks' streams
 
 
@@ -109,40 +106,13 @@ _TAG = {"abdomen": 11, "musv": 12, "thyroid": 13, "fll": 14}  # separates the ta
 # --------------------------------------------------------------------------------------
 
 
-def _fresh_dir(path: Path) -> Path:
-    """Create ``path`` empty with the phantom marker; replace it only if we wrote it."""
-    if path.exists():
-        if (path / _MARKER).is_file():
-            shutil.rmtree(path)
-        elif not path.is_dir() or any(path.iterdir()):
-            raise FileExistsError(
-                f"{path} exists and was not written by the phantom generator; refusing to "
-                "replace it (choose another output folder)"
-            )
-    path.mkdir(parents=True, exist_ok=True)
-    (path / _MARKER).write_text("phantom data written by echocare demo-data; replaced on the next run\n")
-    return path
-
-
-def _scanner(
-    rng: np.random.Generator, atten_db=(30.0, 42.0), saturation_db=(14.0, 19.0), dynamic_range_db=(40.0, 48.0)
-) -> dict:
-    """Display settings held for a whole recording (a cine clip keeps its gain)."""
-    return {
-        "dynamic_range_db": float(rng.uniform(*dynamic_range_db)),
-        "atten_db": float(rng.uniform(*atten_db)),
-        "tgc": float(rng.uniform(0.6, 0.8)),
-        "saturation_db": float(rng.uniform(*saturation_db)),
-    }
-
-
 def _seed(rng: np.random.Generator) -> int:
     return int(rng.integers(2**32))
 
 
 def _mottle(c: Canvas, mask: np.ndarray, rng: np.random.Generator, strength: float, cell: float) -> None:
     """Coarse echogenicity variation inside ``mask`` only (a lobular or granular organ)."""
-    noise = _smooth_noise(rng, c.size, max(2, int(round(cell))))
+    noise = smooth_noise(rng, c.size, max(2, int(round(cell))))
     c.echo[mask] *= np.maximum(1.0 + strength * noise[mask], 0.15)
 
 
@@ -158,67 +128,6 @@ def _angle_of(ty: float, tx: float) -> float:
     """Canvas.ellipse angle (degrees) that lays its ``rx`` axis along screen direction
     (tx, ty) (y down)."""
     return math.degrees(math.atan2(-ty, tx))
-
-
-def _rebase(datalist: dict, prefix: str) -> dict:
-    """Paths relative to the dataset folder -> relative to its parent (``out``)."""
-    for key in ("training", "validation", "test"):
-        for item in datalist.get(key, []):
-            for k in ("image", "label", "mask"):
-                if isinstance(item.get(k), str):
-                    item[k] = posixpath.normpath(posixpath.join(prefix, item[k]))
-    return datalist
-
-
-def _resplit(
-    datalist: dict, seed: int, val_fraction: float, classes_of: Callable[[dict], set]
-) -> dict:
-    """Re-split by case with grouped_split: the first seed from ``seed`` whose training list
-    holds every class and whose validation list is not empty, preferring one whose
-    validation list holds every class too."""
-    items = sorted(datalist["training"] + datalist["validation"], key=lambda it: str(it["image"]))
-    wanted = set().union(*(classes_of(it) for it in items))
-    if len({str(it["case"]) for it in items}) < 2:
-        raise ValueError("the phantom has fewer than two cases: no validation list is possible")
-    choice = None
-    for tier in (2, 1):
-        for k in range(seed, seed + 200):
-            train, val = grouped_split(items, k, val_fraction)
-            if not val or set().union(*(classes_of(it) for it in train)) != wanted:
-                continue
-            if tier == 2 and set().union(*(classes_of(it) for it in val)) != wanted:
-                continue
-            choice = (k, train, val)
-            break
-        if choice:
-            break
-    if choice is None:
-        raise ValueError(f"no split puts every class ({sorted(wanted)}) in training; use a larger n")
-    k, datalist["training"], datalist["validation"] = choice
-    datalist["split_seed"] = k
-    return datalist
-
-
-def _convert(name: str, root: Path, out: Path, seed: int) -> dict:
-    """Run the dataset's converter on ``root`` (its ``out`` argument decides where derived
-    files go: ``out/<name>_clips`` etc.; nothing is written to ``out/datalist.json`` here)."""
-    return DATALIST_CONVERTERS[name](root, out / "datalist.json", None, seed)
-
-
-def _describe(datalist: dict, task: str, folder: str, seed: int, detail: str) -> dict:
-    datalist["description"] = (
-        f"PHANTOM data (echocare demo-data --task {task}, seed {seed}) in the official layout under "
-        f"{folder}/; {detail} Converter: {datalist.get('description', '')} Re-split by case with "
-        f"split seed {datalist.get('split_seed')}."
-    )
-    return datalist
-
-
-def _cases(n: int, per_case: int, min_cases: int) -> list[int]:
-    """Case index of each of ``n`` items, ``per_case`` items per case but at least
-    ``min_cases`` cases when ``n`` allows."""
-    per = max(1, min(int(per_case), n // max(min_cases, 1)))
-    return [i // per for i in range(n)]
 
 
 # --------------------------------------------------------------------------------------
@@ -399,7 +308,7 @@ def make_abdomen_image(
         y, x = c.at(rng.uniform(0.1, 1.0), rng.uniform(-1, 1))
         r = c.px(rng.uniform(0.02, 0.05))
         c.paint(c.ring(y, x, r, r * rng.uniform(1, 1.8), 1.5, rng.uniform(0, 180)), "fascia", 0, rng.uniform(0.5, 0.9))
-    top = _skin_layers(c, rng, muscle=True)
+    top = draw_skin_layers(c, rng, muscle=True)
     _ABDOMEN_PAINTERS[view](c, rng, p, top)
     image = render_bmode(c, rng)
     mask = np.where(c.fov, c.label, 0).astype(np.uint8)
@@ -431,10 +340,10 @@ def generate_abdomen_seg(
     unknown = set(views) - set(ABDOMEN_VIEWS)
     if unknown:
         raise ValueError(f"unknown abdomen views {sorted(unknown)}; known: {list(ABDOMEN_VIEWS)}")
-    root = _fresh_dir(Path(out) / "abdomen")
+    root = fresh_phantom_dir(Path(out) / "abdomen")
     master = np.random.default_rng([seed, _TAG["abdomen"]])
     order = [views[k] for k in master.permutation(len(views))]
-    case_of = _cases(n, images_per_case, 4)
+    case_of = case_indices(n, images_per_case, 4)
     patients = {k: _abdomen_patient(np.random.default_rng([seed, _TAG["abdomen"], 0, k])) for k in set(case_of)}
     classes: dict[str, set] = {}
     rows = ["image,case"]
@@ -442,15 +351,15 @@ def generate_abdomen_seg(
         rng = np.random.default_rng([seed, _TAG["abdomen"], 1, i])
         image, mask = make_abdomen_image(rng, image_size, order[i % len(order)], patients[case_of[i]])
         name = f"abd_{i:04d}.png"
-        _save_png(image, root / "images" / name)
-        _save_png(mask, root / "masks" / name)
+        save_png(image, root / "images" / name)
+        save_png(mask, root / "masks" / name)
         classes[f"images/{name}"] = set(np.unique(mask).tolist()) - {0}
         rows.append(f"{name},P{case_of[i]:03d}")
     (root / "cases.csv").write_text("\n".join(rows) + "\n")
-    dl = _convert("abdomen", root, Path(out), seed)
-    dl = _resplit(dl, seed, val_fraction, lambda it: classes[it["image"]])
-    dl = _rebase(dl, "abdomen")
-    return _describe(dl, "abdomen_seg", "abdomen", seed, f"{n} images of {len(patients)} cases, views {views}.")
+    dl = run_converter("abdomen", root, Path(out), seed)
+    dl = resplit_by_case(dl, seed, val_fraction, lambda it: classes[it["image"]])
+    dl = rebase_paths(dl, "abdomen")
+    return describe_phantom(dl, "abdomen_seg", "abdomen", seed, f"{n} images of {len(patients)} cases, views {views}.")
 
 
 # --------------------------------------------------------------------------------------
@@ -464,7 +373,7 @@ def _musv_subject(rng: np.random.Generator) -> dict:
     return {
         "geo": _seed(rng),
         "scene": _seed(rng),
-        "scanner": _scanner(rng),
+        "scanner": scanner_settings(rng),
         "depth": rng.uniform(0.4, 0.58),
         "lat": rng.uniform(-0.3, 0.3),
         "r_a": rng.uniform(0.055, 0.075),  # artery lumen radius, fraction of the image side
@@ -494,7 +403,7 @@ def make_musv_frame(
     c = make_canvas(np.random.default_rng(s["geo"]), size, "linear")
     srng = np.random.default_rng(s["scene"])
     c.texture = 0.15
-    top = _skin_layers(c, srng, muscle=False)
+    top = draw_skin_layers(c, srng, muscle=False)
     c.paint(c.layer(top, 1.1), "muscle", None, srng.uniform(0.9, 1.2))
     for _ in range(int(srng.integers(6, 12))):  # perimysium: thin oblique bright striations
         y, x = c.at(srng.uniform(top + 0.03, 0.95), srng.uniform(-1, 1))
@@ -554,8 +463,8 @@ def generate_musv_seg(
     """
     if n < 2:
         raise ValueError("musv_seg needs n >= 2 (two subjects, one to validate)")
-    root = _fresh_dir(Path(out) / "musv")
-    subj_of = _cases(n, frames_per_subject, 4)
+    root = fresh_phantom_dir(Path(out) / "musv")
+    subj_of = case_indices(n, frames_per_subject, 4)
     subjects = {k: _musv_subject(np.random.default_rng([seed, _TAG["musv"], 0, k])) for k in set(subj_of)}
     frame_no: dict[int, int] = {}
     for i in range(n):
@@ -564,12 +473,12 @@ def generate_musv_seg(
         rng = np.random.default_rng([seed, _TAG["musv"], 1, k, f])
         image, mask = make_musv_frame(subjects[k], f, image_size, rng)
         name = f"s{k:03d}_{f:03d}.png"
-        _save_png(image, root / "images" / name)
-        _save_png(mask, root / "masks" / name)
-    dl = _convert("musv", root, Path(out), seed)
-    dl = _resplit(dl, seed, val_fraction, lambda it: {ARTERY, VEIN})
-    dl = _rebase(dl, "musv")
-    return _describe(dl, "musv_seg", "musv", seed, f"{n} frames of {len(subjects)} subjects.")
+        save_png(image, root / "images" / name)
+        save_png(mask, root / "masks" / name)
+    dl = run_converter("musv", root, Path(out), seed)
+    dl = resplit_by_case(dl, seed, val_fraction, lambda it: {ARTERY, VEIN})
+    dl = rebase_paths(dl, "musv")
+    return describe_phantom(dl, "musv_seg", "musv", seed, f"{n} frames of {len(subjects)} subjects.")
 
 
 # --------------------------------------------------------------------------------------
@@ -591,7 +500,7 @@ def _thyroid_params(rng: np.random.Generator, size: int, malignant: bool, frames
     p = {
         "geo": _seed(rng),
         "scene": _seed(rng),
-        "scanner": _scanner(rng),
+        "scanner": scanner_settings(rng),
         "malignant": malignant,
         "trachea_dir": float(rng.choice([-1.0, 1.0])),
         "lobe_lat": rng.uniform(-0.15, 0.15),
@@ -634,7 +543,7 @@ def _paint_thyroid_frame(c: Canvas, p: dict, z: float) -> None:
     srng = np.random.default_rng(p["scene"])
     c.texture = 0.1
     c.fill("tissue", srng.uniform(0.55, 0.7))
-    top = _skin_layers(c, srng, muscle=True)  # the muscle layer stands for the strap muscles
+    top = draw_skin_layers(c, srng, muscle=True)  # the muscle layer stands for the strap muscles
     shift = p["drift"] * z
     s_l = 1.0 - 0.08 * z * z
     ly0, lx = c.at(top, p["lobe_lat"])
@@ -763,11 +672,11 @@ def generate_thyroid_cls(
 
     if n < 3:
         raise ValueError("thyroid_cls needs n >= 3 (both classes in training and one patient to validate)")
-    root = _fresh_dir(Path(out) / "thyroid_cine")
-    _fresh_dir(Path(out) / "thyroid_cine_clips")
+    root = fresh_phantom_dir(Path(out) / "thyroid_cine")
+    fresh_phantom_dir(Path(out) / "thyroid_cine_clips")
     master = np.random.default_rng([seed, _TAG["thyroid"]])
     first = int(master.integers(2))
-    pat_of = _cases(n, clips_per_patient, 4)
+    pat_of = case_indices(n, clips_per_patient, 4)
     mm_per_px = 40.0 / image_size  # a 4 cm deep field of view
     images, masks, ids, frame_num = [], [], [], []
     meta = []
@@ -811,10 +720,10 @@ def generate_thyroid_cls(
     writer.writeheader()
     writer.writerows(meta)
     (root / "metadata.csv").write_text(buf.getvalue())
-    dl = _convert("thyroid_cine", root, Path(out), seed)
-    dl = _resplit(dl, seed, val_fraction, lambda it: {it["label"]})
-    dl = _rebase(dl, "thyroid_cine")
-    return _describe(
+    dl = run_converter("thyroid_cine", root, Path(out), seed)
+    dl = resplit_by_case(dl, seed, val_fraction, lambda it: {it["label"]})
+    dl = rebase_paths(dl, "thyroid_cine")
+    return describe_phantom(
         dl, "thyroid_cls", "thyroid_cine", seed,
         f"{n} clips of {frames} frames, {len(set(pat_of))} patients; clips exported to thyroid_cine_clips/.",
     )
@@ -855,7 +764,7 @@ def make_fll_clip(
     c.atten[:] = 1.0
     c.imped[:] = 1.0
     # Contrast mode: a narrower displayed range (tissue without bubbles stays black).
-    scanner = _scanner(rng, atten_db=(15.0, 25.0), saturation_db=(6.0, 10.0), dynamic_range_db=(30.0, 36.0))
+    scanner = scanner_settings(rng, atten_db=(15.0, 25.0), saturation_db=(6.0, 10.0), dynamic_range_db=(30.0, 36.0))
     ly, lx = c.at(rng.uniform(0.35, 0.62), rng.uniform(-0.4, 0.4))
     R = rng.uniform(0.1, 0.15) * size
     ell, ang = rng.uniform(0.85, 1.15), math.radians(rng.uniform(0, 180))
@@ -865,8 +774,8 @@ def make_fll_clip(
     phi = np.arctan2(v, u)
     rho = np.sqrt(u * u + v * v) / (1 + 0.04 * np.cos(3 * phi + rng.uniform(0, 6.3)))
     lesion = (rho <= 1) & c.fov
-    het = np.maximum(1 + 0.15 * _smooth_noise(rng, size, max(4, size // 16)), 0.3)
-    het_l = np.maximum(1 + 0.2 * _smooth_noise(rng, size, max(2, size // 40)), 0.3)
+    het = np.maximum(1 + 0.15 * smooth_noise(rng, size, max(4, size // 16)), 0.3)
+    het_l = np.maximum(1 + 0.2 * smooth_noise(rng, size, max(2, size // 40)), 0.3)
     vessels = np.zeros_like(c.fov)
     for _ in range(int(rng.integers(2, 5))):  # portal / hepatic branches
         vy, vx = c.at(rng.uniform(0.15, 0.9), rng.uniform(-0.9, 0.9))
@@ -965,10 +874,10 @@ def generate_fll_cls(
         raise ValueError(f"fll_cls needs an even image_size (H.264), got {image_size}")
     if n < 4:
         raise ValueError("fll_cls needs n >= 4 (every class in training and one patient to validate)")
-    root = _fresh_dir(Path(out) / "fll_ceus")
+    root = fresh_phantom_dir(Path(out) / "fll_ceus")
     master = np.random.default_rng([seed, _TAG["fll"]])
     order = [FLL_CLASSES[k] for k in master.permutation(len(FLL_CLASSES))]
-    pat_of = _cases(n, clips_per_patient, 6)
+    pat_of = case_indices(n, clips_per_patient, 6)
     lesion_k: dict[int, int] = {}
     for i in range(n):
         pidx = pat_of[i]
@@ -982,11 +891,11 @@ def generate_fll_cls(
             _write_mp4(clip, root / kind / f"{stem}.mp4", fps)
         else:
             for t, frame in enumerate(clip):
-                _save_png(frame, root / kind / stem / f"{t:04d}.png")
-    dl = _convert("fll_ceus", root, Path(out), seed)
-    dl = _resplit(dl, seed, val_fraction, lambda it: {it["label"]})
-    dl = _rebase(dl, "fll_ceus")
-    return _describe(
+                save_png(frame, root / kind / stem / f"{t:04d}.png")
+    dl = run_converter("fll_ceus", root, Path(out), seed)
+    dl = resplit_by_case(dl, seed, val_fraction, lambda it: {it["label"]})
+    dl = rebase_paths(dl, "fll_ceus")
+    return describe_phantom(
         dl, "fll_cls", "fll_ceus", seed,
         f"{n} clips of {frames} frames ({clip_format}), {len(set(pat_of))} patients.",
     )
