@@ -32,6 +32,7 @@ __all__ = [
     "DetectionCased",
     "EllipseTargetsd",
     "RandEllipseAffined",
+    "detection_case_fields",
     "ellipse_rows",
     "load_detection_datalist",
     "resize_matrix",
@@ -314,6 +315,12 @@ class DecodeEllipsesd(MapTransform):
             if source in d:
                 d[target] = torch.as_tensor(d[source])
         return d
+
+
+def detection_case_fields(class_names: Sequence[str], ctr_classes: Sequence[int] | None = None) -> list[str]:
+    """Columns of a detection evaluation's ``per_case.csv``: ``case``, ``iou_<class>`` per class
+    and, with ``ctr_classes``, ``pred_ctr`` and ``true_ctr``, as :class:`DetectionCased` writes them."""
+    return ["case"] + [f"iou_{class_key(c)}" for c in class_names] + (["pred_ctr", "true_ctr"] if ctr_classes is not None else [])
 
 
 class DetectionCased(MapTransform):

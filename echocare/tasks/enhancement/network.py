@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from echocare.networks.encoder import EchoCareEncoder, build_encoder, load_pretrained
 from echocare.tasks.supervised.networks import EchoCareSegNet
 
-__all__ = ["EchoCareEnhanceNet", "EnhancementLoss", "PatchDiscriminator", "grey"]
+__all__ = ["EchoCareEnhanceNet", "EnhancementLoss", "PatchDiscriminator", "build_perceptual_encoder", "grey"]
 
 
 def grey(x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +86,17 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def build_perceptual_encoder(
+    network_size: str = "base", pretrained_path: str | None = None, device: str | torch.device | None = None
+) -> EchoCareEncoder:
+    """The frozen encoder of :class:`EnhancementLoss`'s perceptual term: an EchoCare encoder of
+    ``network_size`` with the weights of ``pretrained_path`` (random when empty), on ``device``,
+    in eval mode and without gradients."""
+    encoder = load_pretrained(build_encoder(network_size), pretrained_path)
+    encoder = encoder.to(device) if device is not None else encoder
+    return encoder.eval().requires_grad_(False)
 
 
 class EnhancementLoss(nn.Module):

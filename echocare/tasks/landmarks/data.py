@@ -29,12 +29,43 @@ from echocare.tasks.supervised.data import _first_frame_size, subsample_training
 from echocare.io.readers import UltrasoundReadError
 
 __all__ = [
+    "BRAIN_LANDMARK_NAMES",
     "LandmarkHeatmapd",
     "gaussian_heatmaps",
     "grid_to_original",
     "landmark_names_for",
     "load_landmark_datalist",
     "original_to_grid",
+]
+
+#: The 24 fetal brain landmarks of the ``brain_landmark`` bundle (its default
+#: ``landmark_names``), in datalist order: the column order of the phantom's landmarks.csv
+#: (:mod:`echocare.phantoms.landmarks` draws them).
+BRAIN_LANDMARK_NAMES: list[str] = [
+    "skull_outer_anterior",
+    "skull_outer_posterior",
+    "skull_outer_near",
+    "skull_outer_far",
+    "skull_inner_anterior",
+    "skull_inner_posterior",
+    "skull_inner_near",
+    "skull_inner_far",
+    "falx_anterior",
+    "falx_posterior",
+    "csp_anterior",
+    "csp_posterior",
+    "thalamus_near",
+    "thalamus_far",
+    "frontal_horn_near",
+    "frontal_horn_far",
+    "atrium_near",
+    "atrium_far",
+    "choroid_plexus_near",
+    "choroid_plexus_far",
+    "cerebellum_near",
+    "cerebellum_far",
+    "vermis",
+    "cisterna_magna",
 ]
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "SDR_RADII_PX",
     "LandmarkScored",
     "NanMeanOfOutput",
+    "landmark_case_fields",
     "landmark_metrics",
     "landmark_scores",
     "mean_position_baseline",
@@ -172,6 +173,14 @@ class NanMeanOfOutput(MeanOfOutput):
     @sync_all_reduce("_sum", "_count")
     def compute(self) -> float:
         return float(self._sum / self._count) if int(self._count) else float("nan")
+
+
+def landmark_case_fields(landmark_names: Sequence[str], report_mm: bool = False) -> list[str]:
+    """Columns of a landmark evaluation's ``per_case.csv``: ``case``, the scores of
+    :data:`LANDMARK_SCORE_NAMES`, ``mre_mm`` with ``report_mm``, then ``error_px_<name>`` per
+    landmark, as :class:`LandmarkScored` writes them."""
+    fields = ["case", *LANDMARK_SCORE_NAMES] + (["mre_mm"] if report_mm else [])
+    return fields + [f"error_px_{class_key(n)}" for n in landmark_names]
 
 
 def landmark_metrics(landmark_names: Sequence[str], key_metric: bool, report_mm: bool = False) -> dict[str, Metric]:

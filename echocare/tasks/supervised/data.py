@@ -112,13 +112,15 @@ def subsample_training(
     return [items[i] for i in sorted(kept)]
 
 
-def class_weights(items: Sequence[dict[str, Any]], num_classes: int) -> torch.Tensor:
+def class_weights(
+    items: Sequence[dict[str, Any]], num_classes: int, device: str | torch.device | None = None
+) -> torch.Tensor:
     """Inverse-frequency class weights (N / (C * n_c)) of a classification list, as a (C,)
-    float tensor for ``CrossEntropyLoss(weight=...)``; a class with no item gets weight 0.
+    float tensor (on ``device``) for ``CrossEntropyLoss(weight=...)``; a class with no item gets weight 0.
     """
     counts = np.bincount([int(item["label"]) for item in items], minlength=int(num_classes)).astype(np.float64)
     weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
-    return torch.tensor(weights, dtype=torch.float32)
+    return torch.tensor(weights, dtype=torch.float32, device=device)
 
 
 def _check_segmentation_item(item: dict[str, Any], values: Sequence[int] | None, num_classes: int) -> str | None:

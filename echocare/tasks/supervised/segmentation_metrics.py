@@ -31,7 +31,7 @@ import torch
 from monai.metrics import compute_dice, compute_surface_dice
 from monai.transforms import MapTransform
 
-__all__ = ["SegmentationScored", "class_key", "segmentation_scores"]
+__all__ = ["SegmentationScored", "class_key", "segmentation_case_fields", "segmentation_scores"]
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -39,6 +39,13 @@ ArrayLike = np.ndarray | torch.Tensor
 def class_key(name: str) -> str:
     """Class name as used in metric keys: lower case, spaces -> ``_`` (``"Left kidney"`` -> ``left_kidney``)."""
     return "_".join(str(name).strip().lower().split())
+
+
+def segmentation_case_fields(class_names: Sequence[str]) -> list[str]:
+    """Columns of a segmentation evaluation's ``per_case.csv``: ``case``, ``mean_dice``,
+    ``mean_nsd``, then ``dice_<class>``, ``nsd_<class>`` per foreground class (``class_names[1:]``),
+    as :class:`SegmentationScored` writes them."""
+    return ["case", "mean_dice", "mean_nsd"] + [f"{k}_{class_key(c)}" for c in class_names[1:] for k in ("dice", "nsd")]
 
 
 def _label_map(x: ArrayLike, what: str) -> torch.Tensor:
