@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from echocare import experiments
+from echocare.experiments import run as experiment_run
 from echocare.experiments import (
     boxplot_figure,
     compare_experiment,
@@ -329,7 +329,7 @@ def test_experiment_runs_resumes_and_compares(tmp_path: Path, monkeypatch: pytes
             "--progress_bar", "False"]
 
     launched: list[str] = []
-    real_launch = experiments._launch
+    real_launch = experiment_run._launch
 
     def crash_once(spec_path: Path, log_path: Path, timeout):
         spec = json.loads(spec_path.read_text())
@@ -341,7 +341,7 @@ def test_experiment_runs_resumes_and_compares(tmp_path: Path, monkeypatch: pytes
             return subprocess.run([sys.executable, "-c", "raise SystemExit(3)"], check=False).returncode
         return real_launch(spec_path, log_path, timeout)
 
-    monkeypatch.setattr(experiments, "_launch", crash_once)
+    monkeypatch.setattr(experiment_run, "_launch", crash_once)  # run_experiment launches through it
     with pytest.raises(SystemExit) as failed:
         main(argv)
     assert failed.value.code == 1
@@ -353,8 +353,8 @@ def test_experiment_runs_resumes_and_compares(tmp_path: Path, monkeypatch: pytes
     assert launched[4:] == ["trial_scratch_s1_f0.5"]
     assert "1 finished, 3 skipped, 0 failed" in capsys.readouterr().out
 
-    rows = experiments.run_experiment("ddti_seg", "trial", inits=["scratch", str(tmp_path / "echocare.pt")], seeds=2,
-                                      train_fractions=0.5, output_dir=grid, progress=False)
+    rows = experiment_run.run_experiment("ddti_seg", "trial", inits=["scratch", str(tmp_path / "echocare.pt")], seeds=2,
+                                          train_fractions=0.5, output_dir=grid, progress=False)
     assert [r["status"] for r in rows] == ["skipped"] * 4 and len(launched) == 5
 
     client = MlflowClient(store)
