@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from echocare.registered_models import fetch_checkpoint, is_registry_uri
 from echocare.networks.encoder import (
     EncoderWeightsError,
-    _unwrap,
+    unwrap_state_dict,
     check_state_dict,
     encoder_of,
     load_pretrained,
@@ -54,14 +55,12 @@ def _read_state(path: str | Path, tracking_uri: str | None = None) -> dict[str, 
     """The network state dict in ``path``: a file, or a registered model (``models:/NAME@ALIAS``,
     ``models:/NAME/VERSION``) downloaded from the MLflow registry into a temporary folder that
     is removed once the weights are in memory."""
-    from echocare.registry import fetch_checkpoint, is_registry_uri
-
     if is_registry_uri(path):
         with tempfile.TemporaryDirectory(prefix="echocare_checkpoint_") as tmp:
             return _read_state(fetch_checkpoint(str(path), tmp, tracking_uri))
     path = Path(path)
     checkpoint = read_checkpoint(path, "checkpoint (train the bundle first, or pass --checkpoint)")
-    state = _unwrap(checkpoint)
+    state = unwrap_state_dict(checkpoint)
     if state is None:
         raise EncoderWeightsError(f"{path}: no state dict of tensors found")
     return {k.removeprefix("module."): v for k, v in state.items()}

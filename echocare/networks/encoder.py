@@ -29,6 +29,7 @@ __all__ = [
     "load_pretrained",
     "read_checkpoint",
     "save_encoder_weights",
+    "unwrap_state_dict",
 ]
 
 #: Named sizes (all: patch 2, window 8, Swin v2, MLP ratio 4, qkv bias).
@@ -156,13 +157,13 @@ _DDP_PREFIX = "module."
 _ENCODER_PREFIXES = ("encoder.", "swinViT.", "backbone.")
 
 
-def _unwrap(obj: Any) -> Mapping[str, torch.Tensor] | None:
+def unwrap_state_dict(obj: Any) -> Mapping[str, torch.Tensor] | None:
     if isinstance(obj, Mapping):
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
         for key in _WRAPPER_KEYS:
             if key in obj:
-                found = _unwrap(obj[key])
+                found = unwrap_state_dict(obj[key])
                 if found is not None:
                     return found
     return None
@@ -177,7 +178,7 @@ def encoder_state_dict(checkpoint: Any, expected_keys: set[str] | None = None) -
     parts are dropped). The encoder's ``mask_token`` must be present: a plain MONAI
     ``SwinUNETR`` checkpoint (window 7, no mask token) is refused by the strict load.
     """
-    state = _unwrap(checkpoint)
+    state = unwrap_state_dict(checkpoint)
     if state is None:
         raise EncoderWeightsError("no state dict of tensors found (looked for a flat dict and keys " + ", ".join(_WRAPPER_KEYS) + ")")
     state = {(k[len(_DDP_PREFIX):] if k.startswith(_DDP_PREFIX) else k): v for k, v in state.items()}

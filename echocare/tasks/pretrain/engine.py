@@ -7,13 +7,13 @@ expect (``from_engine(['loss'], first=True)``).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 from ignite.engine import Engine
 from monai.engines.utils import IterationEvents
 
+from echocare.engines.iteration import bf16_autocast, plain_tensor, unwrap_ddp
 from echocare.tasks.pretrain.network import PretrainLoss, reconstruction_panel_tensors
 from echocare.ontology import AnatomyOntology
 
@@ -23,22 +23,6 @@ __all__ = ["PretrainEvalIteration", "PretrainIteration", "mask_generator"]
 def mask_generator(seed: int, step: int) -> torch.Generator:
     """A CPU generator that depends only on (seed, step): masks are reproducible and resumable."""
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
-
-
-def _autocast(device: torch.device, enabled: bool):
-    # bf16 needs no loss scaling; on CPU eager float32 is the reference path.
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def _plain(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    tensor = tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
-    return tensor.to(device, non_blocking=True)
-
-
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    return getattr(network, "module", network)
 
 
 class PretrainIteration:
@@ -66,13 +50,13 @@ class PretrainIteration:
     def __call__(self, engine: Engine, batch: dict[str, Any]) -> dict[str, Any]:
         device = torch.device(engine.state.device)
         network, optimizer = engine.network, engine.optimizer
-        image = _plain(batch["image"], device)
-        labels = _plain(batch["anatomy_labels"], device)
-        known = _plain(batch["anatomy_known"], device)
-        unit_mask = _unwrap(network).draw_mask(image, mask_generator(self.seed, engine.state.iteration))
+        image = plain_tensor(batch["image"], device)
+        labels = plain_tensor(batch["anatomy_labels"], device)
+        known = plain_tensor(batch["anatomy_known"], device)
+        unit_mask = unwrap_ddp(network).draw_mask(image, mask_generator(self.seed, engine.state.iteration))
         network.train()
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, self.amp):
+        with bf16_autocast(device, self.amp):
             outputs = network(image, unit_mask)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         losses = self.loss_function(outputs, image, labels, known)
@@ -119,11 +103,11 @@ class PretrainEvalIteration:
     def __call__(self, engine: Engine, batch: dict[str, Any]) -> dict[str, Any]:
         device = torch.device(engine.state.device)
         network = engine.network
-        net = _unwrap(network)
-        image = _plain(batch["image"], device)
+        net = unwrap_ddp(network)
+        image = plain_tensor(batch["image"], device)
         network.eval()
         unit_mask = net.draw_mask(image, mask_generator(self.seed, engine.state.iteration))
-        with _autocast(device, self.amp):
+        with bf16_autocast(device, self.amp):
             outputs = network(image, unit_mask)
             unmasked = network(image, torch.zeros_like(unit_mask))
         masked_l1 = PretrainLoss.masked_l1(outputs["reconstruction"], image, outputs["pixel_mask"])

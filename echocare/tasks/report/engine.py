@@ -17,7 +17,7 @@ from ignite.engine import Engine
 from monai.engines.utils import IterationEvents
 
 from echocare.tasks.report.tokenizer import ReportTokenizer
-from echocare.tasks.pretrain.engine import _autocast, _plain, _unwrap
+from echocare.engines.iteration import bf16_autocast, plain_tensor, unwrap_ddp
 from echocare.tasks.supervised.writers import _PredictionWriter
 
 __all__ = ["ReportEvalIteration", "ReportTrainIteration", "ReportWriter"]
@@ -42,14 +42,14 @@ class ReportTrainIteration:
     def __call__(self, engine: Engine, batch: dict[str, Any]) -> dict[str, Any]:
         device = torch.device(engine.state.device)
         network, optimizer = engine.network, engine.optimizer
-        images = _plain(batch["images"], device)
-        tokens = _plain(batch["tokens"], device)
-        pad_id = _unwrap(network).pad_id
+        images = plain_tensor(batch["images"], device)
+        tokens = plain_tensor(batch["tokens"], device)
+        pad_id = unwrap_ddp(network).pad_id
         length = int((tokens != pad_id).sum(dim=1).max())
         tokens = tokens[:, :length]
         network.train()
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, self.amp):
+        with bf16_autocast(device, self.amp):
             logits = network(images, tokens[:, :-1])
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         loss = engine.loss_function(logits, tokens[:, 1:])
@@ -91,9 +91,9 @@ class ReportEvalIteration:
         device = torch.device(engine.state.device)
         network = engine.network
         network.eval()
-        images = _plain(batch["images"], device)
-        with _autocast(device, self.amp):
-            sequences, scores = _unwrap(network).generate(images, self.beam_size, self.max_length, self.length_penalty)
+        images = plain_tensor(batch["images"], device)
+        with bf16_autocast(device, self.amp):
+            sequences, scores = unwrap_ddp(network).generate(images, self.beam_size, self.max_length, self.length_penalty)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         n = len(sequences)
         files = [json.loads(f) for f in batch.get("image_files", ["[]"] * n)]
