@@ -12,7 +12,7 @@ from typing import Any
 from echocare.io.readers import UltrasoundReadError, iter_frames
 from echocare.ontology import AnatomyOntology, UnknownAnatomyError
 
-__all__ = ["DatalistError", "check_image_size", "list_inputs", "load_datalist", "raise_problems"]
+__all__ = ["DatalistError", "check_file", "check_image_size", "list_inputs", "load_datalist", "raise_problems"]
 
 #: The encoder needs sides divisible by this (patch 2, four 2x merges).
 SIDE_MULTIPLE = 32
@@ -35,7 +35,7 @@ def check_image_size(image_size: int | Sequence[int], multiple: int = SIDE_MULTI
     return sides  # type: ignore[return-value]
 
 
-def _check_file(path: str) -> str | None:
+def check_file(path: str) -> str | None:
     """None when ``path`` decodes with usable sides, else the problem."""
     try:
         frame = next(iter_frames(path))
@@ -124,7 +124,7 @@ def load_datalist(
         items.append(item)
     if to_decode:
         with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-            results = pool.map(_check_file, [path for _, path in to_decode])
+            results = pool.map(check_file, [path for _, path in to_decode])
             for (position, path), problem in zip(to_decode, results):
                 if problem is not None:
                     problems.append(f"item {position}: {path}: {problem}")

@@ -29,7 +29,7 @@ import torch
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
 
-from echocare.tasks.supervised.classification_metrics import _gather_rows
+from echocare.engines.distributed import gather_rows
 
 __all__ = ["REGRESSION_SCORE_NAMES", "RegressionScore", "regression_metrics", "regression_scores"]
 
@@ -135,7 +135,7 @@ class RegressionScore(Metric):
 
     def compute(self) -> float:
         pairs = torch.tensor(self._pairs, dtype=torch.float64, device=self._device).reshape(-1, 2)
-        pairs = _gather_rows(pairs).cpu().numpy()
+        pairs = gather_rows(pairs).cpu().numpy()
         self.pred, self.true = pairs[:, 0], pairs[:, 1]
         return float(regression_scores(self.pred, self.true)[self.name])
 

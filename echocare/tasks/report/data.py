@@ -23,7 +23,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from echocare.datasets.datalist import _check_file, load_datalist, raise_problems
+from echocare.datasets.datalist import check_file, load_datalist, raise_problems
 from echocare.tasks.supervised.data import subsample_training
 from echocare.tasks.report.tokenizer import ReportTokenizer
 
@@ -100,7 +100,7 @@ def load_report_datalist(
         items.append(_case_item(resolved, report, str(case)))
     if to_decode:
         with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-            for (position, path), problem in zip(to_decode, pool.map(_check_file, [p for _, p in to_decode])):
+            for (position, path), problem in zip(to_decode, pool.map(check_file, [p for _, p in to_decode])):
                 if problem is not None:
                     problems.append(f"item {position}: {path}: {problem}")
     raise_problems(datalist, key, problems)

@@ -28,6 +28,8 @@ import torch
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
 
+from echocare.engines.distributed import gather_rows
+
 __all__ = [
     "CLASSIFICATION_SCORE_NAMES",
     "ClassificationScore",
@@ -305,19 +307,6 @@ def _label_index(label: Any) -> int:
     return int(torch.argmax(t))
 
 
-def _gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 tensors whose number of rows may differ between processes."""
-    if idist.get_world_size() == 1:
-        return t
-    n = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
-    sizes = [int(s) for s in idist.all_gather(n)]
-    # torch.distributed.all_gather needs equal shapes: pad to the largest, then trim each part
-    pad = torch.zeros((max(sizes) - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-    gathered = idist.all_gather(torch.cat([t, pad]))
-    parts = gathered.reshape(len(sizes), max(sizes), *t.shape[1:])
-    return torch.cat([parts[i, :s] for i, s in enumerate(sizes)])
-
-
 class ClassificationScore(Metric):
     """One classification score over an epoch, as an Ignite metric.
 
@@ -373,7 +362,7 @@ class ClassificationScore(Metric):
             num_classes = int(idist.all_reduce(torch.tensor(probs.shape[1], device=self._device), op="MAX"))
             if probs.shape[1] != num_classes:
                 probs = probs.reshape(0, num_classes)
-            probs, labels = _gather_rows(probs), _gather_rows(labels)
+            probs, labels = gather_rows(probs), gather_rows(labels)
         return probs.cpu().numpy(), labels.cpu().numpy()
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
