@@ -287,6 +287,8 @@ def test_coordinate_channels_reach_the_decoder():
 # ----------------------------------------------------------------------------- bundle
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_bundle_trains_evaluates_infers_and_beats_the_mean_position_baseline(tmp_path: Path):
     data = tmp_path / "data"
     generate_demo_data("brain_landmark", data, n=30, seed=0, image_size=64)
@@ -328,6 +330,8 @@ def test_bundle_trains_evaluates_infers_and_beats_the_mean_position_baseline(tmp
     assert {"eval/summary.json", "eval/per_case.csv", "eval/landmark_errors.png"} <= artifacts
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_hc18_variant_on_real_data(real_data_dir: Path, tmp_path: Path):
     from echocare.datasets.converters import convert_datalist
 

@@ -198,6 +198,7 @@ def test_frame_norm_standardises_each_channel_across_the_batch() -> None:
         EchoCareRegressor("tiny", frame_norm="layer")
 
 
+@pytest.mark.slow
 def test_bundle_beats_the_mean_ef_baseline_on_the_phantom(tmp_path_factory, tmp_path: Path) -> None:
     """Train and evaluate through the bundle (train.yaml defaults: transformer over the frames,
     BatchNorm of the pooled frame features, smooth L1): on 40 validation patients the MAE is
@@ -238,6 +239,8 @@ def test_encoder_init_and_finetune_modes(tmp_path: Path) -> None:
     assert set(groups) == {"head"} and not any(p.requires_grad for p in net.encoder.parameters())
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_bundle_trains_evaluates_and_infers(phantom: Path, tmp_path: Path) -> None:
     from echocare.phantoms.supervised import _write_mp4
 
@@ -282,6 +285,8 @@ def test_bundle_trains_evaluates_and_infers(phantom: Path, tmp_path: Path) -> No
         assert record["unit"] == "percent" and record["frames_used"] == [0, 2, 5, 7] and math.isfinite(record["ef"])
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_real_data_hc18_circumference_runs(real_data_dir: Path, tmp_path: Path) -> None:
     from echocare.datasets.converters import convert_datalist
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ECHOCARE = [sys.executable, "-m", "echocare.cli"]
 
 
@@ -16,6 +18,7 @@ def run(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.C
     return result
 
 
+@pytest.mark.e2e
 def test_demo_data_writes_phantoms_and_datalist(tmp_path):
     result = run("demo-data", "--task", "pretrain", "--out", str(tmp_path / "d"), "--n", "12", "--image_size", "64")
     datalist = Path(result.stdout.strip().splitlines()[-1])
@@ -25,6 +28,8 @@ def test_demo_data_writes_phantoms_and_datalist(tmp_path):
     assert all((datalist.parent / item["image"]).is_file() for item in items)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_demo_short_run_prints_where_everything_is(tmp_path):
     out = tmp_path / "demo"
     result = run("demo", "--out", str(out), "--n", "40", "--epochs", "1", "--batch_size", "8")
@@ -44,6 +49,7 @@ def test_demo_short_run_prints_where_everything_is(tmp_path):
     assert len(client.get_metric_history(run_info.info.run_id, "train_loss")) == 4  # 32 training images / 8
 
 
+@pytest.mark.e2e
 def test_datalist_on_real_carotid(real_data_dir, tmp_path):
     out = tmp_path / "carotid.json"
     result = run("datalist", "carotid", "--root", str(real_data_dir / "carotid"), "--out", str(out))
@@ -62,6 +68,7 @@ def test_repeated_src_flags_reach_curate_as_one_list():
     assert merge_repeated_flag(["curate", "--src", "a"], "src") == ["curate", "--src", "a"]
 
 
+@pytest.mark.e2e
 def test_curate_takes_several_sources(tmp_path):
     from echocare.phantoms import generate_demo_data
 

@@ -308,6 +308,8 @@ def _tiny_seg_dataset(root: Path, n: int = 8) -> Path:
     return root
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_experiment_runs_resumes_and_compares(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """2 inits x 2 seeds (one fraction: the multi-fraction report is checked on the made-up
     store above) on ddti_seg; one run crashes the first time and is redone on the rerun."""

@@ -143,6 +143,8 @@ def test_bad_items_are_reported_with_their_names(tmp_path: Path) -> None:
     assert "class 2 of ellipse 0" in message and "1 ellipses but 0 classes" in message
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_bundle_beats_the_mean_ellipse_baseline(tmp_path: Path) -> None:
     """Train (4 epochs, tiny, 64 px), evaluate and infer from the command line, tracked in MLflow;
     the detector beats the mean training ellipse placed at the mean centre."""
@@ -206,6 +208,8 @@ def test_metadata_is_valid() -> None:
     assert (REPO / "bundles" / "focus_det" / "docs" / "README.md").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_hc18_variant_runs(real_data_dir: Path, tmp_path: Path) -> None:
     from echocare.datasets.converters import convert_datalist
 

@@ -292,6 +292,8 @@ class Server:
         self.handle.close()
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.timeout(1800)
 def test_server_serves_and_trains_bundles_offline(server_env, tmp_path):
     """The real server: /info/, a mask and class probabilities equal to the bundles' own
@@ -397,6 +399,7 @@ def _probe(server_env: Path, tmp_path: Path, reads: list) -> tuple[dict, list[np
     return report, [np.load(tmp_path / "probe" / f"read_{i}.npy") for i in range(len(reads))]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_server_env_versions_and_dicom_reads(server_env, tmp_path):
     """In the server environment: pydicom 2.4, numpy 1.26, our CPU torch, every echocare

@@ -181,6 +181,7 @@ def test_segmentation_of_a_study_folder(study, seg_checkpoint, tmp_path, capsys)
     assert (out / "predict_report.csv").read_text().count("\n") == len(rows) + 1
 
 
+@pytest.mark.e2e
 def test_max_frames_and_the_command_line(study, seg_checkpoint, tmp_path) -> None:
     out = tmp_path / "out"
     command = [sys.executable, "-m", "echocare.cli", "predict", "ddti_seg", "--input", str(study["cine"]),

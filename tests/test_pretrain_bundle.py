@@ -49,6 +49,8 @@ def trained(phantoms, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_training_writes_checkpoints_and_released_encoder(trained):
     models = trained / "models"
     assert (models / "model.pt").is_file() and (models / "checkpoint_final.pt").is_file()
@@ -63,6 +65,8 @@ def test_training_writes_checkpoints_and_released_encoder(trained):
     assert torch.equal(encoder.mask_token, flat["mask_token"])
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_mlflow_holds_losses_metrics_config_and_pictures(trained):
     client, runs = mlflow_runs(trained / "mlruns.db")
     assert [r.info.run_name for r in runs] == ["phantom_run"]
@@ -86,6 +90,8 @@ def test_mlflow_holds_losses_metrics_config_and_pictures(trained):
     assert {"models/model.pt", "models/encoder.pt"} <= models
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_validation_panel_shows_original_masked_and_reconstruction(trained):
     panel = np.asarray(Image.open(trained / "panels" / "latest.png"))
     # 8 validation images, one row each, three 64-pixel columns separated by 4-pixel gaps.
@@ -96,6 +102,8 @@ def test_validation_panel_shows_original_masked_and_reconstruction(trained):
     assert not np.array_equal(original, masked)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_inference_writes_a_panel_and_anatomy_per_image(trained, phantoms):
     bundle(
         "inferring", "--config_file", INFERENCE, "--network_size", "tiny", "--image_size", "64", "--mask_unit", "16",
@@ -117,6 +125,8 @@ def test_inference_writes_a_panel_and_anatomy_per_image(trained, phantoms):
         assert item["anatomy_path"] is None or item["anatomy_path"] in ontology.nodes
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_evaluation_writes_summary_per_case_and_mlflow(trained, phantoms):
     bundle(
         "evaluating", "--config_file", f"['{TRAIN}','{str(CONFIGS / 'evaluate.yaml')}']", *SMALL,
@@ -144,6 +154,8 @@ def _readable(path: Path) -> bool:
         return False
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_resume_after_kill_continues_from_last_checkpoint(phantoms, tmp_path):
     out = tmp_path / "resume"
     args = [
@@ -174,6 +186,7 @@ def test_resume_after_kill_continues_from_last_checkpoint(phantoms, tmp_path):
     assert steps[-1] == 16 and set(range(done + 1, 17)) <= set(steps)
 
 
+@pytest.mark.slow
 def test_multi_process_training_on_cpu(phantoms, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -203,6 +216,8 @@ REAL_SOURCES = {  # folder, image glob, anatomy path of every image there
 }
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_training_on_real_images(real_data_dir, tmp_path):
     items = []
     for folder, pattern, anatomy in REAL_SOURCES.values():
@@ -229,6 +244,8 @@ def test_training_on_real_images(real_data_dir, tmp_path):
     "problem",
     ["missing_datalist", "missing_image", "unreadable_image", "unknown_anatomy", "bad_image_size", "missing_pretrained"],
 )
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_bad_input_fails_before_training_with_the_file_named(problem, phantoms, tmp_path):
     items = [{"image": f"images/pretrain_{i:04d}.png", "anatomy": "thorax/breast"} for i in range(4)]
     datalist = tmp_path / "datalist.json"
@@ -266,6 +283,8 @@ def test_bad_input_fails_before_training_with_the_file_named(problem, phantoms, 
     assert "Engine run resuming" not in result.stdout + result.stderr  # nothing trained
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_inference_refuses_a_checkpoint_of_another_architecture(phantoms, tmp_path):
     wrong = tmp_path / "wrong.pt"
     torch.save({"model": build_encoder("tiny").state_dict()}, wrong)
@@ -279,6 +298,7 @@ def test_inference_refuses_a_checkpoint_of_another_architecture(phantoms, tmp_pa
     assert "missing keys" in result.stderr
 
 
+@pytest.mark.e2e
 def test_metadata_is_valid_against_our_schema(tmp_path):
     schema = REPO / "bundles" / "metadata_schema.json"
     result = subprocess.run(

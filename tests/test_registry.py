@@ -31,6 +31,8 @@ from echocare.tasks.supervised import EchoCareSegNet
 from echocare.networks import load_network_checkpoint
 from echocare.registry import RegistryError, checkpoint_sidecar, fetch_checkpoint, list_registered, promote, register_run
 
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # every test shares bundle training runs and a tracking server
+
 SMALL = ["--network_size", "tiny", "--image_size", "64", "--batch_size", "4", "--num_workers", "0", "--progress_bar", "False"]
 TRAIN = str(REPO / "bundles" / "musv_seg" / "configs" / "train.yaml")
 EVALUATE = str(REPO / "bundles" / "musv_seg" / "configs" / "evaluate.yaml")

@@ -82,6 +82,8 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", list(KEY_METRIC))
 def test_bundle_trains_evaluates_and_infers(name: str, datasets, tmp_path: Path) -> None:
     data = datasets[name]
@@ -160,6 +162,7 @@ def _params(network: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in network.named_parameters()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "frozen", "lora"])
 def test_finetune_mode_trains_exactly_its_parameters(mode: str, datasets, tmp_path: Path) -> None:
     """A bundle run from a known encoder: compare the saved network with the start."""
@@ -247,6 +250,7 @@ def test_checkpoint_for_another_class_count(tmp_path: Path) -> None:
         load_network_checkpoint(EchoCareSegNet("tiny", out_channels=2), tmp_path / "model.pt")  # evaluation is strict
 
 
+@pytest.mark.slow
 def test_multi_process_lora_training_on_cpu(datasets, tmp_path: Path) -> None:
     """torchrun, 2 CPU processes on gloo, LoRA: adapters exist before DDP wraps the network."""
     import os
@@ -271,6 +275,8 @@ def test_multi_process_lora_training_on_cpu(datasets, tmp_path: Path) -> None:
     assert isinstance(plain, EchoCareSegNet)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_bad_input_fails_before_training_with_the_file_named(datasets, tmp_path: Path) -> None:
     data = tmp_path / "bad"
     data.mkdir()
@@ -302,6 +308,8 @@ REAL_VARIANTS = [
 ]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("name,overlay,dataset,args", REAL_VARIANTS)
 def test_real_data_variant_runs(name, overlay, dataset, args, real_data_dir: Path, tmp_path: Path) -> None:
     from echocare.datasets.converters import convert_datalist

@@ -409,6 +409,7 @@ def _ddp_worker(local_rank: int, out_dir: str) -> None:
     np.savez(Path(out_dir) / f"rank{rank}.npz", value=value, probs=metric.probs, labels=metric.labels)
 
 
+@pytest.mark.slow
 def test_classification_score_gathers_unequal_shares_across_processes(tmp_path):
     with idist.Parallel(backend="gloo", nproc_per_node=2) as parallel:
         parallel.run(_ddp_worker, str(tmp_path))

@@ -145,6 +145,8 @@ def test_degraded_transform_is_fixed_per_file_in_validation() -> None:
 # ----------------------------------------------------------------------------- the bundle
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_bundle_trains_evaluates_infers_and_beats_identity(phantom, tmp_path) -> None:
     common = [*SMALL, "--dataset_dir", str(phantom), "--datalist", str(phantom / "datalist.json"), "--output_dir", str(tmp_path)]
     bundles_in_one_process(
@@ -181,6 +183,8 @@ def test_bundle_trains_evaluates_infers_and_beats_identity(phantom, tmp_path) ->
     assert enhanced.size == source.size and enhanced.mode == "L"
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_real_data_variant_runs(real_data_dir: Path, tmp_path: Path) -> None:
     common = [*SMALL, "--dataset_dir", str(real_data_dir), "--output_dir", str(tmp_path),
               "--max_training_per_dataset", "3", "--max_validation_per_dataset", "1"]

@@ -44,6 +44,8 @@ def test_phantom_layout_and_loading(tmp_path):
     assert len(cases) == 8 and all(json.loads(c["image_files"])[0].endswith("0.png") for c in cases)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_bundle_beats_constant_report(tmp_path):
     data = tmp_path / "data"
     datalist = generate_demo_data("usreport", data, n=120, seed=0, image_size=32)
@@ -118,6 +120,7 @@ def test_bundle_beats_constant_report(tmp_path):
         assert all("。" in r["report"] for r in csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_multi_process_training_gathers_the_report_metrics(tmp_path):
     """torchrun, 2 CPU processes on gloo: rank 0 alone reports and writes the tokenizer; the
     validation metrics of the DDP run (each process generated half of the reports) equal a
