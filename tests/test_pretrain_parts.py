@@ -14,7 +14,8 @@ from PIL import Image
 from echocare.tasks.pretrain import AnatomyLabeld, RandColorJitterd, RandGrayscaled, RandResizedCropd
 from echocare.datasets import DatalistError, ResumableSampler, check_image_size, list_inputs, load_datalist
 from echocare.engines import find_resume_checkpoint, write_panel
-from echocare.tasks.pretrain import AnatomyLevelAccuracy, MeanOfOutput
+from echocare.engines.metrics import MeanOfOutput
+from echocare.tasks.pretrain import AnatomyLevelAccuracy
 from echocare.ontology import UnknownAnatomyError, load_ontology
 
 

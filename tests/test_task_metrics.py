@@ -29,7 +29,7 @@ from echocare.tasks.supervised import (
     segmentation_scores,
     youden_threshold,
 )
-from echocare.tasks.pretrain import MeanOfOutput
+from echocare.engines.metrics import MeanOfOutput
 
 # ----------------------------------------------------------------------------- segmentation
 

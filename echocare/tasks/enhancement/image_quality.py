@@ -672,7 +672,7 @@ def enhancement_metrics(key_metric: bool) -> dict:
     """``{"psnr"}`` (the key metric, which picks the best checkpoint) or the others:
     ``ssim``, ``identity_psnr``, ``identity_ssim`` (the trivial baseline), as Ignite metrics
     averaging the per-item values of :class:`EnhancementScored`."""
-    from echocare.tasks.pretrain.metrics import MeanOfOutput
+    from echocare.engines.metrics import MeanOfOutput
 
     names = PAIRED_SCORES[:1] if key_metric else PAIRED_SCORES[1:]
     return {name: MeanOfOutput(key=name) for name in names}

@@ -34,7 +34,7 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.transforms import MapTransform
 
-from echocare.tasks.pretrain.metrics import MeanOfOutput
+from echocare.engines.metrics import MeanOfOutput
 from echocare.tasks.supervised.segmentation_metrics import class_key
 
 __all__ = [

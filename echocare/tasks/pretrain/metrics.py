@@ -1,6 +1,6 @@
 """Validation metrics of pretraining, as Ignite metrics over MONAI's decollated outputs.
 
-Both take ``engine.state.output`` as MONAI leaves it after decollation: a list of
+They take ``engine.state.output`` as MONAI leaves it after decollation: a list of
 per-image dicts.
 """
 
@@ -15,34 +15,11 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 from echocare.ontology import AnatomyOntology
 
-__all__ = ["AnatomyLevelAccuracy", "MeanOfOutput"]
+__all__ = ["AnatomyLevelAccuracy"]
 
 
 def _identity(output: Any) -> Any:
     return output
-
-
-class MeanOfOutput(Metric):
-    """Mean over images of a per-image value stored under ``key`` (e.g. ``masked_l1``)."""
-
-    def __init__(self, key: str, output_transform: Callable = _identity, device: str | torch.device = "cpu") -> None:
-        self.key = key
-        super().__init__(output_transform=output_transform, device=device)
-
-    @reinit__is_reduced
-    def reset(self) -> None:
-        self._sum = torch.tensor(0.0, dtype=torch.float64, device=self._device)
-        self._count = torch.tensor(0, dtype=torch.long, device=self._device)
-
-    @reinit__is_reduced
-    def update(self, output: Sequence[dict[str, Any]]) -> None:
-        for item in output:
-            self._sum += float(item[self.key])
-            self._count += 1
-
-    @sync_all_reduce("_sum", "_count")
-    def compute(self) -> float:
-        return float(self._sum / self._count) if int(self._count) else float("nan")
 
 
 class AnatomyLevelAccuracy(Metric):

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from ignite.metrics import Metric
 
-from echocare.tasks.pretrain.metrics import MeanOfOutput
+from echocare.engines.metrics import MeanOfOutput
 from echocare.tasks.supervised.segmentation_metrics import class_key
 
 __all__ = ["classification_metrics", "segmentation_metrics"]
