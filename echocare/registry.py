@@ -13,7 +13,8 @@ A registered version is a MONAI bundle folder, logged to its training run under
     configs/run_config.json   the executed config of the run (every override it trained with)
     docs/README.md, LICENSE
 
-The version's tags hold the same metrics (one tag per metric name, DESIGN's names), ``bundle``,
+The version's tags hold the same metrics (one tag per metric name, named as in
+docs/architecture.md, "Metric names"), ``bundle``,
 ``key_metric``, ``best_epoch`` and the run's ``network_size`` / ``image_size`` / ``class_names``
 params. Bundles load a version with ``checkpoint: models:/NAME@ALIAS`` or
 ``models:/NAME/VERSION`` (:func:`echocare.registered_models.fetch_checkpoint`, called by

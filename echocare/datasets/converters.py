@@ -13,7 +13,7 @@ Public API
     raised (a ``ValueError``) when a folder does not hold the expected layout; the message
     names the folder, what was expected and what was found.
 
-Datalist conventions (DESIGN.md, "Bundle conventions"): paths are relative to the dataset
+Datalist conventions (docs/architecture.md, "Datalist keys"): paths are relative to the dataset
 root (``dataset_dir``), coordinates are in pixels of the original image (x right, y down),
 angles in degrees (from +x towards +y, i.e. clockwise on screen). Every item carries a
 ``case`` key (patient, case or recording id). Splits are deterministic: the sorted case ids

@@ -1,7 +1,7 @@
 """Data of the oriented-ellipse detection bundle (``focus_det``): checked datalists, targets,
 augmentation and decoding of the network output to ellipses in original-image pixels.
 
-Items (DESIGN, "Datalist keys by task"): ``image``, ``ellipses`` [[cx, cy, semi_major,
+Items (docs/architecture.md, "Datalist keys"): ``image``, ``ellipses`` [[cx, cy, semi_major,
 semi_minor, angle_deg], ...] in pixels of the original image (x right, y down, pixel
 centres at integers, angle from +x towards +y) and ``classes`` [int, ...].
 

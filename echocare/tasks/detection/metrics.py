@@ -1,6 +1,6 @@
 """Oriented-ellipse detection metrics: rotated IoU, COCO-style AP, mAP and the cardiothoracic ratio.
 
-Conventions (DESIGN, "Datalist keys by task"): an ellipse is ``[cx, cy, semi_major,
+Conventions (docs/architecture.md, "Datalist keys"): an ellipse is ``[cx, cy, semi_major,
 semi_minor, angle]`` in pixels of the original image, x right, y down, the angle in degrees
 of the first semi-axis from +x towards +y. (The first semi-axis is usually the major one;
 nothing here relies on it.)

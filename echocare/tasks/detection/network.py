@@ -15,7 +15,7 @@ per output cell,
   it continuous where the angle is undefined (a circle is the zero vector).
 
 Coordinates: network pixels of the (resized) input, pixel centres at integers, x right,
-y down, angles in degrees from +x towards +y (DESIGN). Cell ``j`` holds the centres
+y down, angles in degrees from +x towards +y. Cell ``j`` holds the centres
 ``x + 0.5`` in ``[j stride, (j + 1) stride)``. Going to and from the original image's pixels
 is the data side's job (:mod:`echocare.tasks.detection.data`).
 

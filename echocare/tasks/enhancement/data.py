@@ -1,7 +1,7 @@
 """Datalists of the enhancement bundle (``usenhance``).
 
-Paired items are ``{"image": low quality, "target": high quality}`` (DESIGN, "Datalist keys
-by task"), as :func:`~echocare.datasets.converters.convert_usenhance` and the phantom write them.
+Paired items are ``{"image": low quality, "target": high quality}`` (docs/architecture.md,
+"Datalist keys"), as :func:`~echocare.datasets.converters.convert_usenhance` and the phantom write them.
 The real-data variant has high-quality images only: :func:`write_degradation_datalist`
 lists images of several datasets with their converters' patient-level splits, and the
 bundle makes each low-quality ``image`` from its ``target`` on the fly

@@ -3,7 +3,8 @@ Gaussian heatmap targets.
 
 Items are ``{"image", "landmarks": [[x, y], ...]}`` with a fixed number K of points in
 pixels of the original image (x right, y down; pixel centres at integer coordinates, as the
-converters write them), optional ``spacing`` [row mm, col mm] (DESIGN, "Datalist keys").
+converters write them), optional ``spacing`` [row mm, col mm] (docs/architecture.md,
+"Datalist keys").
 
 The network runs on a square grid of ``spatial_size`` (h, w) pixels; images are resized to
 it with area averaging, so the centre of grid pixel j is at original coordinate

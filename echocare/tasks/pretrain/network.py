@@ -1,6 +1,6 @@
 """The EchoCare pretraining network: masked image modelling plus anatomy-tree classification.
 
-DESIGN (Pretraining): the image is cut into ``mask_unit`` x ``mask_unit`` pixel units, a
+Pretraining: the image is cut into ``mask_unit`` x ``mask_unit`` pixel units, a
 fraction ``mask_ratio`` of them is masked at random, masked patch tokens are replaced by the
 encoder's ``mask_token``; a UNETR-style decoder rebuilds the image (its top skip sees only
 the masked input), and a classifier on the pooled deepest map scores every node of the

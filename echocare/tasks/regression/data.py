@@ -1,7 +1,7 @@
 """Data for the regression bundles: checked datalists of scalar targets, their normalisation
 and its inverse.
 
-Items (DESIGN "Datalist keys by task"): sequence regression ``{"image": sequence or video,
+Items (docs/architecture.md, "Datalist keys"): sequence regression ``{"image": sequence or video,
 "ef": percent, optional "ed_frame", "es_frame"}``; scalar regression ``{"image", "value",
 optional "spacing": [row_mm, col_mm]}``.
 

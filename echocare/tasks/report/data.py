@@ -1,7 +1,7 @@
 """Report-generation data: datalists of two-image cases with a report, inference inputs, the
 tokenizer trained on the training reports, and the transforms of the ``usreport`` bundle.
 
-Datalist items (DESIGN "Datalist keys by task", report): ``images`` [path, path] (one path is
+Datalist items (docs/architecture.md, "Datalist keys", report): ``images`` [path, path] (one path is
 repeated; more than two: the first two), ``report`` (text), optional ``case``. Loaded items
 are ``{"image": abs path, "image2": abs path, "image_files": JSON list of both, "report",
 "case"}``: the two images are read and resized separately (so MONAI's dictionary transforms

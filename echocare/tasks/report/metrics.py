@@ -62,7 +62,7 @@ __all__ = [
     "single_rouge_l",
 ]
 
-#: Names of :func:`report_scores`' results (DESIGN's metric names plus the findings details).
+#: Names of :func:`report_scores`' results (the metric names of docs/architecture.md plus the findings details).
 REPORT_METRIC_NAMES = (
     "bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l",
     "findings_f1", "findings_precision", "findings_recall", "findings_accuracy", "findings_macro_f1",

@@ -263,7 +263,7 @@ def multiclass_classification_scores(probs: Any, labels: Any) -> dict[str, float
 
 
 def classification_scores(probs: Any, labels: Any, class_names: Sequence[str] | None = None) -> dict[str, float]:
-    """Scores named as in DESIGN.md, chosen by the number of classes.
+    """Scores under the metric names of docs/architecture.md, chosen by the number of classes.
 
     Args:
         probs: (N, C) class probabilities; (N,) or (N, 1) is read as the positive-class

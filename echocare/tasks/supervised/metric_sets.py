@@ -1,4 +1,5 @@
-"""The metric set of each bundle kind, under DESIGN's names, as Ignite metrics for MONAI evaluators.
+"""The metric set of each bundle kind, as Ignite metrics for MONAI evaluators, named as in
+docs/architecture.md ("Metric names").
 
 MONAI's ``SupervisedEvaluator`` takes one key metric (which picks the best checkpoint) and
 a dict of additional ones; these functions give both halves from the bundle's classes.
