@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from echocare.experiments import markdown_table
 from echocare.registered_models import (
     CHECKPOINT_PATH,
     RegistryError,
@@ -335,7 +336,5 @@ def list_registered(
 
 def format_registry_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The rows of :func:`list_registered` as a Markdown table."""
-    from echocare.experiments import markdown_table
-
     columns = ["name", "version", "aliases", "bundle", "key_metric", "value", "best_epoch", "network_size", "run_id", "created"]
     return markdown_table(rows, columns)

@@ -34,7 +34,7 @@ _MOVED: dict[str, str] = {
     "datalist_info": "echocare.tasks.supervised.data",
     "detect_format": "echocare.io.readers",
     "expand_frames": "echocare.tasks.supervised.data",
-    "generate_demo_data": "echocare.phantoms.renderer",
+    "generate_demo_data": "echocare.phantoms.demo",
     "iter_frames": "echocare.io.readers",
     "list_inputs": "echocare.datasets.datalist",
     "load_datalist": "echocare.datasets.datalist",

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from echocare.io.readers import UltrasoundReadError, iter_frames
+from echocare.io.readers import SUPPORTED_SUFFIXES, UltrasoundReadError, iter_frames
 from echocare.ontology import AnatomyOntology, UnknownAnatomyError
 
 __all__ = ["DatalistError", "check_file", "check_image_size", "list_inputs", "load_datalist", "raise_problems"]
@@ -144,8 +144,6 @@ def list_inputs(
     Raises:
         DatalistError: the source does not exist or holds no readable kind of file.
     """
-    from echocare.io.readers import SUPPORTED_SUFFIXES
-
     source = Path(source)
     if source.is_dir():
         files = sorted(

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from echocare.visualize import overlay_rgb
+
 __all__ = [
     "Algorithm",
     "ClassificationResult",
@@ -335,8 +337,6 @@ def write_overlay_capture(
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MultiFrameTrueColorSecondaryCaptureImageStorage, generate_uid
-
-    from echocare.visualize import overlay_rgb
 
     masks = np.asarray(masks)
     frames = list(range(masks.shape[0])) if frames is None else [int(f) for f in frames]

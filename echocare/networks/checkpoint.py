@@ -11,15 +11,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from echocare.registered_models import fetch_checkpoint, is_registry_uri
 from echocare.networks.encoder import (
     EncoderWeightsError,
-    unwrap_state_dict,
     check_state_dict,
     encoder_of,
     load_pretrained,
     read_checkpoint,
+    unwrap_state_dict,
 )
+from echocare.networks.finetune import apply_lora, merge_lora
+from echocare.registered_models import fetch_checkpoint, is_registry_uri
 
 __all__ = ["HeadMismatchWarning", "initialise_network", "load_network_checkpoint", "merge_lora_state_dict"]
 
@@ -40,8 +41,6 @@ def merge_lora_state_dict(state: dict[str, torch.Tensor], network: nn.Module) ->
     """
     if not any(".lora_" in k for k in state) or any(".lora_" in k for k in network.state_dict()):
         return state
-    from echocare.networks.finetune import apply_lora, merge_lora
-
     rank = next(int(v.shape[0]) for k, v in state.items() if k.endswith("lora_q_A"))
     # A copy of the network's structure with adapters: load there, merge, read back.
     scratch = copy.deepcopy(network).cpu()

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from monai.transforms import MapTransform, Randomizable
 
 from echocare.datasets.datalist import load_datalist, raise_problems
-from echocare.tasks.supervised.data import subsample_training
 from echocare.tasks.detection.metrics import affine_ellipses, cardiothoracic_ratio, ellipse_iou_matrix
+from echocare.tasks.detection.network import decode_ellipses
+from echocare.tasks.supervised.data import subsample_training
 from echocare.tasks.supervised.segmentation_metrics import class_key
 
 __all__ = [
@@ -296,8 +297,6 @@ class DecodeEllipsesd(MapTransform):
         self.pred_key = pred_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from echocare.tasks.detection.network import decode_ellipses
-
         d = dict(data)
         pred = d[self.pred_key]
         ellipses, classes, scores = decode_ellipses(

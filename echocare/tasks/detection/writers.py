@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from echocare.tasks.detection.data import ellipse_rows
 from echocare.engines.handlers import item_source
-from echocare.tasks.supervised.writers import RunFileWriter, _PredictionWriter
+from echocare.tasks.detection.data import ellipse_rows
 from echocare.tasks.detection.metrics import cardiothoracic_ratio, ellipse_polygon
+from echocare.tasks.supervised.data import read_clip
+from echocare.tasks.supervised.writers import RunFileWriter, _PredictionWriter
 
 __all__ = ["EllipseOverlayWriter", "EllipsePredictionWriter", "draw_ellipses"]
 
@@ -30,8 +31,6 @@ _TRUE_COLOUR = (0, 255, 0)
 
 def _original_image(source: dict[str, Any], output: dict[str, Any]) -> np.ndarray:
     """The item's original frame as (H, W, 3) uint8 (read again from its file)."""
-    from echocare.tasks.supervised.data import read_clip
-
     path = item_source({**source, **output})
     frame = int(np.asarray(source.get("frame", 0)).reshape(-1)[0]) if source.get("frame") is not None else 0
     pixels = read_clip(path, [frame])[0]

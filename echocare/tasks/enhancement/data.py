@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from echocare.datasets.converters import convert_datalist
 from echocare.datasets.datalist import load_datalist, raise_problems
 from echocare.io.readers import UltrasoundReadError, read_ultrasound
 from echocare.tasks.supervised.data import subsample_training
@@ -121,8 +122,6 @@ def write_degradation_datalist(
     Returns:
         ``out`` as a string (so a bundle config can use the call as its ``datalist``).
     """
-    from echocare.datasets.converters import convert_datalist
-
     data_root = Path(data_root)
     lists: dict[str, list[dict[str, Any]]] = {"training": [], "validation": []}
     for name in datasets:

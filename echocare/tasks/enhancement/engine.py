@@ -22,10 +22,13 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
 
-from echocare.tasks.enhancement.degrade import degradation_at_level, degrade
 from echocare.engines.handlers import UniqueNames, item_source, write_panel
-from echocare.tasks.supervised.writers import _pairs, _PredictionWriter, is_rank0
+from echocare.io.readers import read_ultrasound
+from echocare.networks.encoder import build_encoder, load_encoder_weights
 from echocare.tasks.enhancement import image_quality as iq
+from echocare.tasks.enhancement.degrade import degradation_at_level, degrade
+from echocare.tasks.enhancement.network import grey
+from echocare.tasks.supervised.writers import _PredictionWriter, _pairs, is_rank0
 
 __all__ = [
     "BRISQUE_LEVELS",
@@ -75,8 +78,6 @@ class EnhancementIteration:
         self.adversarial_weight = float(adversarial_weight)
 
     def __call__(self, engine: Engine, batchdata: Mapping[str, Any]) -> dict[str, Any]:
-        from echocare.tasks.enhancement.network import grey
-
         image, target = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
         self.discriminator.to(image.device).train()
         engine.network.train()
@@ -102,8 +103,6 @@ class EnhancementIteration:
 def _grey_at_size(path: str, spatial_size: Sequence[int]) -> np.ndarray:
     """The first frame of an image file as an (H, W) grey float array in [0, 1] at
     ``spatial_size`` (area resampling, as the bundle's ``Resized``)."""
-    from echocare.io.readers import read_ultrasound
-
     frame = read_ultrasound(path, frames=0)[0].mean(axis=-1)  # (1, H, W, 3) -> (H, W)
     t = torch.from_numpy(np.ascontiguousarray(frame, dtype=np.float32))[None, None]
     return F.interpolate(t, size=tuple(int(s) for s in spatial_size), mode="area")[0, 0].numpy()
@@ -170,8 +169,6 @@ def fid_feature_extractor(
     if features_path:
         return iq.TorchScriptFeatures(features_path, device)
     if pretrained_path:
-        from echocare.networks.encoder import build_encoder, load_encoder_weights
-
         encoder = build_encoder(network_size)
         load_encoder_weights(encoder, pretrained_path)
         return iq.EncoderFeatures(encoder.to(device))

@@ -55,6 +55,9 @@ import numpy as np
 import torch
 from scipy import linalg, ndimage, optimize, special
 
+from echocare.engines.metrics import MeanOfOutput
+from echocare.networks.encoder import encoder_of
+
 __all__ = [
     "BrisqueModel",
     "EncoderFeatures",
@@ -592,8 +595,6 @@ class EncoderFeatures:
     name = "fid_echocare"
 
     def __init__(self, encoder: torch.nn.Module) -> None:
-        from echocare.networks.encoder import encoder_of
-
         self.encoder = encoder_of(encoder)
 
     @torch.no_grad()
@@ -672,7 +673,5 @@ def enhancement_metrics(key_metric: bool) -> dict:
     """``{"psnr"}`` (the key metric, which picks the best checkpoint) or the others:
     ``ssim``, ``identity_psnr``, ``identity_ssim`` (the trivial baseline), as Ignite metrics
     averaging the per-item values of :class:`EnhancementScored`."""
-    from echocare.engines.metrics import MeanOfOutput
-
     names = PAIRED_SCORES[:1] if key_metric else PAIRED_SCORES[1:]
     return {name: MeanOfOutput(key=name) for name in names}

@@ -26,8 +26,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from echocare.datasets.datalist import load_datalist, raise_problems
-from echocare.tasks.supervised.data import _first_frame_size, subsample_training
 from echocare.io.readers import UltrasoundReadError
+from echocare.tasks.supervised.data import _first_frame_size, datalist_info, subsample_training
 
 __all__ = [
     "BRAIN_LANDMARK_NAMES",
@@ -158,8 +158,6 @@ class LandmarkHeatmapd(MapTransform):
 
 def landmark_names_for(datalist: str | os.PathLike[str], default: Sequence[str] = ()) -> list[str]:
     """The datalist's ``landmark_names`` (the converters write them), else ``default``."""
-    from echocare.tasks.supervised.data import datalist_info
-
     names = datalist_info(datalist).get("landmark_names") if datalist else None
     return [str(n) for n in names] if isinstance(names, list) and names else list(default)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +34,8 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.transforms import MapTransform
 
 from echocare.engines.metrics import MeanOfOutput
+from echocare.tasks.landmarks.data import grid_to_original, load_landmark_datalist
+from echocare.tasks.landmarks.network import decode_heatmaps
 from echocare.tasks.supervised.segmentation_metrics import class_key
 
 __all__ = [
@@ -142,8 +143,6 @@ class LandmarkScored(MapTransform):
         self.spacing_key, self.report_mm, self.output_key = spacing_key, bool(report_mm), output_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from echocare.tasks.landmarks.data import grid_to_original
-        from echocare.tasks.landmarks.network import decode_heatmaps
 
         d = dict(data)
         heatmaps = torch.as_tensor(d[self.pred_key]).detach().float().cpu()
@@ -210,8 +209,6 @@ def mean_position_baseline(
     own size. Returns the dataset means of :func:`landmark_scores` (``mre_mm`` too when
     every item has a ``spacing``).
     """
-    from echocare.tasks.landmarks.data import load_landmark_datalist
-
     train = load_landmark_datalist(datalist, "training", base_dir=base_dir, with_sizes=True)
     evaluated = load_landmark_datalist(datalist, key, base_dir=base_dir, with_sizes=True)
     norm = np.mean(

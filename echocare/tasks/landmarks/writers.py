@@ -18,8 +18,12 @@ import torch
 from matplotlib.figure import Figure
 
 from echocare.engines.handlers import item_source
-from echocare.tasks.supervised.writers import RunFileWriter, _PredictionWriter
+from echocare.tasks.landmarks.data import grid_to_original
+from echocare.tasks.landmarks.network import decode_heatmaps
+from echocare.tasks.supervised.data import read_clip
 from echocare.tasks.supervised.segmentation_metrics import class_key
+from echocare.tasks.supervised.writers import RunFileWriter, _PredictionWriter
+from echocare.visualize import new_figure, save_figure
 
 __all__ = [
     "LandmarkOverlayWriter",
@@ -35,8 +39,6 @@ logger = logging.getLogger(__name__)
 def predicted_landmarks(heatmaps: Any, original_size: Any) -> torch.Tensor:
     """(K, h, w) heatmaps -> (K, 2) float64 points (x, y) in pixels of an image of
     ``original_size`` (H, W)."""
-    from echocare.tasks.landmarks.data import grid_to_original
-    from echocare.tasks.landmarks.network import decode_heatmaps
 
     hm = torch.as_tensor(heatmaps).detach().float().cpu()
     return grid_to_original(decode_heatmaps(hm[None])[0], tuple(hm.shape[-2:]), original_size)
@@ -61,8 +63,6 @@ def landmark_overlay_figure(
         image: the original image, (H, W), (1|3, H, W) or (H, W, 3) in [0, 1].
         pred, true: (K, 2) points (x, y) in the image's pixels; ``true`` may be None.
     """
-    from echocare.visualize import new_figure
-
     grey = _grey(image)
     h, w = grey.shape
     p = np.asarray(torch.as_tensor(pred, dtype=torch.float64))
@@ -91,8 +91,6 @@ def landmark_overlay_figure(
 
 def landmark_error_boxplot_figure(errors: dict[str, Sequence[float]], unit: str = "px") -> Figure:
     """Box plot of the radial errors of each landmark (one box per name, over images)."""
-    from echocare.visualize import new_figure
-
     names = list(errors)
     fig = new_figure(max(6.0, 0.35 * len(names) + 2.0), 4.5)
     ax = fig.add_subplot(1, 1, 1)
@@ -130,8 +128,6 @@ class LandmarkOverlayWriter(RunFileWriter):
         self.errors: dict[str, list[float]] = {n: [] for n in self.landmark_names}
 
     def write_pair(self, source: dict[str, Any], output: dict[str, Any]) -> None:
-        from echocare.tasks.supervised.data import read_clip
-        from echocare.visualize import save_figure
 
         merged = {**source, **output}
         for n in self.landmark_names:
@@ -147,8 +143,6 @@ class LandmarkOverlayWriter(RunFileWriter):
         save_figure(fig, self.output_dir / f"{name}.png")
 
     def finish(self) -> None:
-        from echocare.visualize import save_figure
-
         if self.boxplot_path is None or not any(self.errors.values()):
             return
         save_figure(landmark_error_boxplot_figure(self.errors), self.boxplot_path)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from echocare.tasks.regression.figures import save_bland_altman, save_regression_scatter
 from echocare.tasks.supervised.writers import RunFileWriter, _PredictionWriter
 
 __all__ = ["RegressionFigureWriter", "RegressionPredictionWriter"]
@@ -59,8 +60,6 @@ class RegressionFigureWriter(RunFileWriter):
         self.true.append(_value(output["true"]))
 
     def finish(self) -> None:
-        from echocare.tasks.regression.figures import save_bland_altman, save_regression_scatter
-
         if not self.pred:
             return
         save_regression_scatter(self.pred, self.true, self.output_dir / "scatter.png", unit=self.unit, name=self.name)

@@ -23,9 +23,10 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from echocare.datasets.datalist import check_file, load_datalist, raise_problems
-from echocare.tasks.supervised.data import subsample_training
+from echocare.datasets.datalist import check_file, list_inputs, load_datalist, raise_problems
 from echocare.tasks.report.tokenizer import ReportTokenizer
+from echocare.tasks.supervised.data import subsample_training
+from echocare.tasks.supervised.writers import is_rank0
 
 __all__ = [
     "ReportTokensd",
@@ -121,8 +122,6 @@ def list_report_cases(
     Raises:
         DatalistError: the source does not exist or holds no image.
     """
-    from echocare.datasets.datalist import list_inputs
-
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".json":
         return load_report_datalist(source, key, base_dir=base_dir, check_images=False, require_report=False)
@@ -155,8 +154,6 @@ def train_report_tokenizer(
     if reuse and path.is_file():
         logger.info("resume: reusing the tokenizer %s", path)
         return ReportTokenizer.load(path)
-    from echocare.tasks.supervised.writers import is_rank0
-
     tokenizer = ReportTokenizer.train(reports, min_count=min_count)
     if is_rank0():
         # Under DDP every process trains the same tokenizer from the same reports; rank 0 writes it.

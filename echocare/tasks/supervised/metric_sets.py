@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from ignite.metrics import Metric
 
 from echocare.engines.metrics import MeanOfOutput
+from echocare.tasks.supervised.classification_metrics import ClassificationScore
 from echocare.tasks.supervised.segmentation_metrics import class_key
 
 __all__ = ["classification_metrics", "segmentation_metrics"]
@@ -31,8 +32,6 @@ def classification_metrics(num_classes: int, key_metric: bool) -> dict[str, Metr
     """Two classes: key ``auc``; others ``f1``, ``accuracy``, ``sensitivity``, ``specificity``
     (at the Youden cut-off) and ``macro_f1``. More classes: key ``accuracy``; others
     ``macro_f1`` and ``balanced_accuracy``."""
-    from echocare.tasks.supervised.classification_metrics import ClassificationScore
-
     if int(num_classes) == 2:
         key, others = "auc", ["f1", "accuracy", "sensitivity", "specificity", "macro_f1"]
     else:
