@@ -102,7 +102,7 @@ def mermaid(edges: dict[tuple[str, str], dict[str, bool]]) -> str:
         present = [n for n in members if n in nodes]
         placed.update(present)
         if present:
-            lines.append(f'  subgraph {tier.replace(" ", "_")}["{tier}"]')
+            lines.append(f'  subgraph row_{tier.replace(" ", "_")}["{tier}"]')
             lines += [f'    {node_id(n)}["{n}"]' for n in present]
             lines.append("  end")
     lines += [f'  {node_id(n)}["{n}"]' for n in nodes if n not in placed]
