@@ -93,10 +93,22 @@ def test_moved_modules_exist_and_old_ones_are_gone():
         assert source_file(old) is None, f"{old} is still there"
 
 
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a Markdown page's headings."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(encoding="utf-8"), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 def test_relative_links_resolve():
-    for page in (DOC, REPO / "README.md"):
-        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
-            assert (page.parent / target).exists(), f"{page.relative_to(REPO)}: broken link {target}"
+    """Links between the repository's Markdown pages (README, docs, bundle READMEs) resolve,
+    anchors into docs/architecture.md included."""
+    pages = [p for p in REPO.rglob("*.md") if not any(x.startswith(".") or x == "mlruns" for x in p.relative_to(REPO).parts)]
+    for page in pages:
+        for target, anchor in re.findall(r"\]\(([^)#:]*)(?:#([^)]*))?\)", page.read_text(encoding="utf-8")):
+            where = (page.parent / target).resolve() if target else page
+            assert where.exists(), f"{page.relative_to(REPO)}: broken link {target}"
+            if anchor and where == DOC:
+                assert anchor in anchors(DOC), f"{page.relative_to(REPO)}: no #{anchor} in docs/architecture.md"
 
 
 def test_readme_links_the_architecture_page():
