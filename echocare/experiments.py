@@ -51,6 +51,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from echocare.tracking import check_tracking_server
+
 __all__ = [
     "LOWER_IS_BETTER",
     "GridCell",
@@ -390,13 +392,18 @@ def run_experiment(
     train_files = [str(configs / "train.yaml"), *overlays]
     eval_files = [str(configs / "train.yaml"), str(configs / "evaluate.yaml"), *overlays]
     out = Path(output_dir or Path("experiments") / _safe(name)).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     uri = _tracking_uri(tracking_uri, out)
+    check_tracking_server(uri)
+    # A missing dataset would fail every run of the grid, one subprocess after the other.
     common: dict[str, Any] = {}
     if dataset_dir:
         common["dataset_dir"] = str(Path(dataset_dir).expanduser().resolve())
+        if not Path(common["dataset_dir"]).is_dir():
+            raise FileNotFoundError(f"{dataset_dir}: no such dataset folder (--dataset_dir)")
     if datalist:
         common["datalist"] = str(Path(datalist).expanduser().resolve())
+        if not Path(common["datalist"]).is_file():
+            raise FileNotFoundError(f"{datalist}: no such datalist file (--datalist)")
     common.update(parse_overrides(bundle_args))
     common.update(parse_overrides(overrides))
     reserved = {"output_dir", "seed", "train_fraction", "pretrained_path", "tracking", "tracking_uri", "experiment_name", "run_name"}
@@ -405,8 +412,9 @@ def run_experiment(
         raise ValueError(f"{clash} are set by the grid itself; use --inits/--seeds/--train-fractions/--name/--output_dir")
     for label, path in parse_inits(inits):
         if path and not Path(path).is_file():
-            raise FileNotFoundError(f"init {label!r}: no such encoder file {path}")
+            raise FileNotFoundError(f"{path}: no such encoder file (init {label!r})")
 
+    out.mkdir(parents=True, exist_ok=True)  # only once the grid can start
     client = _client(uri)
     experiment_id = _experiment_id(client, name, create=True)
     cells = grid_cells(name, inits, seeds, train_fractions, out, bundle=bundle_name)
@@ -794,8 +802,9 @@ def compare_experiment(
     if not uri:
         store = folder / "mlruns.db"
         if not store.is_file():
-            raise FileNotFoundError(f"no MLflow store at {store}: pass --tracking-uri or --output_dir (the experiment's folder)")
+            raise FileNotFoundError(f"{store}: no MLflow store there; pass --tracking-uri or --output_dir (the experiment's folder)")
         uri = f"sqlite:///{store}"
+    check_tracking_server(uri)
     lower = infer_lower_is_better(metric) if lower_is_better is None else bool(lower_is_better)
     client = _client(uri)
     experiment_id = _experiment_id(client, experiment, create=False)

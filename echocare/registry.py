@@ -35,6 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from echocare.errors import EchoCareError
+from echocare.tracking import check_tracking_server
+
 __all__ = [
     "REGISTERED_MODEL_PATH",
     "RegistryError",
@@ -63,7 +66,7 @@ _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>
 _EXECUTED_CONFIG = re.compile(r"^config_\d{8}_\d{6}\.json$")
 
 
-class RegistryError(ValueError):
+class RegistryError(EchoCareError, ValueError):
     """A registry lookup or registration that cannot be done; the message names what is missing."""
 
 
@@ -86,6 +89,7 @@ def resolve_tracking_uri(tracking_uri: str | None = None, output_dir: str | Path
     Raises:
         RegistryError: none of them given, or a SQLite store whose file does not exist (MLflow
             would create an empty one, hiding a wrong path).
+        echocare.tracking.TrackingServerError: an http(s) store that does not answer.
     """
     from echocare.experiments import _tracking_uri
 
@@ -98,6 +102,7 @@ def resolve_tracking_uri(tracking_uri: str | None = None, output_dir: str | Path
         ) from None
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise RegistryError(f"{uri}: no MLflow store there (no such file; train with --tracking mlflow first?)")
+    check_tracking_server(uri)
     return uri
 
 
