@@ -92,9 +92,10 @@ SUPPORTED_SUFFIXES: frozenset[str] = frozenset(
 
 
 class UltrasoundReadError(ValueError):
-    """A file is missing, unreadable or of an unsupported kind.
+    """A file is missing, unreadable, of an unsupported kind, truncated, or has frames over
+    ``max_pixels``.
 
-    The message always starts with the file's path, then the problem, e.g.
+    The message is one line: the file's path, then the problem, e.g.
     ``"/data/x.dcm: DICOM has no pixel data"``.
     """
 
@@ -245,6 +246,8 @@ def _pillow_checks_off() -> Iterator[None]:
     Pillow warns above ``Image.MAX_IMAGE_PIXELS`` (89 M) and refuses above twice that,
     whatever the caller's ``max_pixels``: with both checks on, an image allowed by
     ``max_pixels`` could still be refused, or a refused one also warned about.
+    The limit is a module global: it is off only while this holds the lock, for a header
+    read or a frame seek (microseconds), or the decoding of a frame already checked.
     """
     from PIL import Image
 
