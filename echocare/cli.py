@@ -116,14 +116,23 @@ class EchoCareCLI:
         """Turn folders of mixed ultrasound sources into a pretraining set (images, datalist, report).
 
         SRC may be given several times (--src A --src B); MAPPING.yaml maps sources to anatomy paths.
+        OUT must be new, empty, or an earlier curate run's folder (resumed); never a source or inside one.
+        --max-pixels N (default 100000000): files with frames of more than N pixels fail before decoding.
+        --hide-source-paths: report.json and the journal name files by sha256("<source>/<path>")[:16].
+        Each file that failed is printed (failed: FILE: reason); exits with status 1 if any failed.
         """
         from echocare.data.curation import curate
 
         sources = [src] if isinstance(src, str) else list(src)
-        return str(
-            curate(sources, mapping=mapping, out=out, size=size, workers=workers, frame_step=frame_step,
-                   val_fraction=val_fraction, **options)
-        )
+        datalist = curate(sources, mapping=mapping, out=out, size=size, workers=workers, frame_step=frame_step,
+                          val_fraction=val_fraction, **options)
+        failed = json.loads((datalist.parent / "report.json").read_text())["failed"]
+        for item in failed:
+            print(f"failed: {item['file']}: {item['reason']}", file=sys.stderr)
+        if failed:
+            print(datalist)  # the result exists all the same
+            sys.exit(1)
+        return str(datalist)
 
     def experiment(
         self,
@@ -460,7 +469,7 @@ def _string_flag(argv: list[str], flag: str) -> list[str]:
 #: Flags whose values are paths, addresses or folder names, passed on as typed: python-fire reads
 #: ``--src 2024`` as the int 2024 and ``--out True`` as a bool. So are flags ending in one of
 #: :data:`PATH_FLAG_SUFFIXES` (``--output_dir``, ``--dataset-dir``, ``--tracking-uri``, ``--bundle_root``).
-PATH_FLAGS = frozenset({"src", "input", "out", "root", "mapping", "datalist", "checkpoint", "bundle", "onnx_model",
+PATH_FLAGS = frozenset({"src", "input", "out", "root", "mapping", "datalist", "checkpoint", "config", "bundle", "onnx_model",
                         "name", "experiment"})
 PATH_FLAG_SUFFIXES = ("_dir", "_path", "_file", "_uri", "_root")
 #: Flags that become lists of strings (repeatable), handled by :func:`merge_repeated_flag` / :func:`_list_flag`.
@@ -504,12 +513,16 @@ def quote_path_arguments(argv: list[str]) -> list[str]:
         key, has_value, value = arg.lstrip("-").partition("=")
         key = key.replace("-", "_")  # fire's spelling: --output-dir is output_dir
         takes_next = not has_value and i + 1 < len(argv) and not _is_flag(argv[i + 1])
-        if not _is_path_flag(key) or key in _LIST_FLAGS or not arg.startswith("--"):
+        if not arg.startswith("--") or not _is_path_flag(key):
             out.extend(argv[i : i + 1 + takes_next])
             i += 1 + takes_next
             continue
         if not has_value and not takes_next:
             raise UsageError(f"--{key}: needs a value (a path)")
+        if key in _LIST_FLAGS:
+            out.extend(argv[i : i + 1 + takes_next])
+            i += 1 + takes_next
+            continue
         out.append(f"--{key}={json.dumps(argv[i + 1] if takes_next else value)}")
         i += 1 + takes_next
     return out
