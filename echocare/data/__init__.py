@@ -12,6 +12,7 @@ from echocare.data.readers import (
 )
 from echocare.data.phantom import PRETRAIN_ANATOMIES, generate_demo_data, make_phantom_image
 from echocare.data.samplers import ResumableSampler
+from echocare.data.skipping import SKIPPED_KEY, SkipUnreadableDataset, skipped_row
 from echocare.data.transforms import LoadUltrasound, LoadUltrasoundd
 from echocare.data.supervised import (
     ClassLabeld,

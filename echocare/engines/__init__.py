@@ -1,11 +1,13 @@
 """Ignite glue: iteration functions, handlers, MLflow helpers."""
 
 from echocare.engines.handlers import (
+    BestModelState,
     EncoderExporter,
     EvaluationReport,
     MLflowArtifactLogger,
     PretrainPredictionWriter,
     ReconstructionPanelWriter,
+    ResumeError,
     SamplerEpochSetter,
     find_mlflow_handler,
     find_resume_checkpoint,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
+from echocare.data.skipping import skipped_row
 from echocare.engines.handlers import UniqueNames, item_source
 
 __all__ = [
@@ -185,7 +186,11 @@ class _PredictionWriter(RunFileWriter):
     """Shared part of the inference writers: naming after the input (and frame), the index
     files ``predictions.json`` / ``predictions.csv`` (one row per result: the record's plain
     fields) when the run completes. Subclasses write one input's files in ``write_item``
-    and return its record."""
+    and return its record.
+
+    An input that :class:`~echocare.data.SkipUnreadableDataset` could not load gets its row
+    ``{"image", ["frame",] "status": "skipped", "reason"}`` in both index files (and a
+    warning naming it) instead of files."""
 
     def __init__(self, output_dir: str | os.PathLike[str], class_names: Sequence[str]) -> None:
         self.class_names = list(class_names)
@@ -202,6 +207,11 @@ class _PredictionWriter(RunFileWriter):
 
     def write_pair(self, source: dict[str, Any], output: dict[str, Any]) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        skipped = skipped_row(source)
+        if skipped is not None:  # an input its dataset could not load: its row, no files
+            logger.warning("skipped %s", skipped["reason"])
+            self.records.append(skipped)
+            return
         self.records.append(self.write_item(source, output))
 
     def write_item(self, source: dict[str, Any], output: dict[str, Any]) -> dict[str, Any]:
