@@ -133,7 +133,8 @@ def test_expected_errors_print_one_line_and_exit_2(tmp_path, capsys) -> None:
     assert (code, err) == (2, f"error: {root}: expected a dataset folder; found no such folder\n")
 
     code, _, err = _exit_code(capsys, "experiment", "nosuch_bundle", "--name", "n", "--output_dir", str(tmp_path / "e"))
-    assert code == 2 and err.startswith("error: bundle 'nosuch_bundle' not found in ") and err.count("\n") == 1
+    assert code == 2 and err.startswith("error: nosuch_bundle: no such bundle in ") and "ddti_seg, echocare_pretrain" in err
+    assert err.count("\n") == 1
 
     datalist = tmp_path / "missing.json"
     code, _, err = _exit_code(capsys, "experiment", "ddti_seg", "--name", "n", "--datalist", str(datalist),
@@ -151,6 +152,8 @@ def test_expected_errors_print_one_line_and_exit_2(tmp_path, capsys) -> None:
 
     code, _, err = _exit_code(capsys, "curate", "--src", str(tmp_path), "--out")
     assert (code, err) == (2, "error: --out: needs a value (a path)\n")
+    code, _, err = _exit_code(capsys, "predict", "ddti_seg", "--input", "--out", str(tmp_path / "p"))  # a shell variable left empty
+    assert (code, err) == (2, "error: --input: needs a value (a path)\n")
 
 
 def test_a_batch_with_failed_items_exits_1(tmp_path, capsys) -> None:
