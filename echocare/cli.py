@@ -12,6 +12,11 @@
     echocare registry list [--name NAME] [--tracking-uri URI | --output-dir OUT]
     echocare registry promote NAME VERSION ALIAS [--tracking-uri URI | --output-dir OUT]
     echocare predict BUNDLE --input PATH [--input PATH ...] --out DIR [--checkpoint CKPT] [--config OVERLAY] [--max-frames N]
+
+A refused command prints ``error: <file>: <problem>`` and exits 2; a batch with failed items prints
+``failed: <file>: <problem>`` per item and exits 1. ``--debug`` (anywhere) or ``ECHOCARE_DEBUG=1`` shows
+the traceback instead. Path values are taken as typed (``--out 2024`` is the folder 2024). An http(s)
+``--tracking-uri`` (or ``MLFLOW_TRACKING_URI``) that does not answer within 5 s fails, named, before any work.
 """
 
 from __future__ import annotations
