@@ -497,7 +497,7 @@ class _Task:
     path: str  # file on disk (the archive for a zip member)
     member: str | None = None  # zip member name
     problem: str | None = None  # known unreadable before decoding (bad zip)
-    skip: str | None = None  # not an image/video/DICOM (listed as skipped)
+    skip: str | None = None  # why it is listed as skipped, unread (not an image, link loop, unsafe zip name)
     skip_frames: frozenset[int] = field(default_factory=frozenset)
 
 
@@ -720,7 +720,7 @@ def _retry_alone(task: _Task, cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
         try:
             return solo.submit(_worker_run, task, cfg).result()
         except BrokenProcessPool:
-            logger.warning("%s: %s", task.display, LOST_WORKER)
+            logger.warning("%s (reported as failed)", LOST_WORKER)  # no path: hide_source_paths
             return {"fmt": None, "units": [], "error": LOST_WORKER}
 
 
@@ -907,10 +907,12 @@ def curate(
     given = [str(s) for s in sources]
     if not given:
         raise CurationError("no source given (--src DIR)")
-    src_paths = [Path(s).expanduser().resolve() for s in given]
+    # realpath, not Path.resolve: that raises RuntimeError on a symbolic link loop.
+    src_paths = [Path(os.path.realpath(os.path.expanduser(s))) for s in given]
     for s, g in zip(src_paths, given):
         if not s.exists():
-            raise CurationError(f"{g}: source not found")
+            link = " (a broken or looping symbolic link)" if os.path.islink(os.path.expanduser(g)) else ""
+            raise CurationError(f"{g}: source not found{link}")
     size, workers, frame_step = int(size), max(1, int(workers)), int(frame_step)
     if size < 8:
         raise CurationError(f"size must be at least 8, got {size}")
