@@ -258,7 +258,8 @@ def batch_infer_fields(infer_fields: Mapping[str, Validator]) -> dict[str, Valid
 #: The batch inference schema of the segmentation and classification infer tasks.
 BATCH_INFER_FIELDS = batch_infer_fields(INFER_FIELDS)
 
-#: What the train task (``EchoCareTrain``) reads; ``gpus`` is set by MONAI Label's task runner.
+#: What the train task (``EchoCareTrain``) reads; ``gpus`` and ``local_rank`` are set by MONAI
+#: Label's background task runner (``monailabel.interfaces.utils.app``).
 TRAIN_FIELDS: dict[str, Validator] = {
     "model": safe_name,
     "max_epochs": integer(1, 100_000),
@@ -271,6 +272,7 @@ TRAIN_FIELDS: dict[str, Validator] = {
     "tracking_experiment_name": optional(safe_name),
     "run_name": optional(safe_name),
     "gpus": gpus,
+    "local_rank": integer(0, 1023),
 }
 
 
