@@ -80,6 +80,7 @@ def test_dataset_skips_unreadable_items_and_writer_lists_them(tmp_path: Path) ->
     assert bad["reason"].startswith(str(folder / "not_an_image.png"))
     with (tmp_path / "out" / "predictions.csv").open() as handle:
         rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["image", "frame", "mean", "status", "reason"]  # the outputs' columns first
     assert [(Path(r["image"]).name, r["status"], r["reason"]) for r in rows] == [
         (Path(r["image"]).name, r.get("status", ""), r.get("reason", "")) for r in records
     ]

@@ -222,7 +222,9 @@ class _PredictionWriter(RunFileWriter):
         (self.output_dir / "predictions.json").write_text(json.dumps(self.records, ensure_ascii=False, indent=1), encoding="utf-8")
         flat = [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in self.records]
         if flat:
-            fields = list(dict.fromkeys(k for row in flat for k in row))  # every column, first-seen order
+            # every column in first-seen order, the outputs' before those of skipped rows (status, reason)
+            ordered = sorted(flat, key=lambda row: row.get("status") == "skipped")
+            fields = list(dict.fromkeys(k for row in ordered for k in row))
             with (self.output_dir / "predictions.csv").open("w", newline="", encoding="utf-8") as handle:
                 writer = csv.DictWriter(handle, fieldnames=fields)
                 writer.writeheader()
