@@ -22,8 +22,10 @@ def bundle_dir(name: str) -> str:
     for root in (BUNDLES_DIR, Path.cwd() / "bundles"):
         if (root / name / "configs").is_dir():
             return str(root / name)
+    known = sorted(p.parent.name for p in BUNDLES_DIR.glob("*/configs") if p.is_dir())
     raise FileNotFoundError(
-        f"bundle {name!r} not found in {BUNDLES_DIR} or ./bundles; pass --bundle_root explicitly"
+        f"{name}: no such bundle in {BUNDLES_DIR} or ./bundles (known: {', '.join(known) or 'none'}); "
+        "give a bundle folder, or pass --bundle_root explicitly"
     )
 
 

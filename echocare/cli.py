@@ -12,17 +12,27 @@
     echocare registry list [--name NAME] [--tracking-uri URI | --output-dir OUT]
     echocare registry promote NAME VERSION ALIAS [--tracking-uri URI | --output-dir OUT]
     echocare predict BUNDLE --input PATH [--input PATH ...] --out DIR [--checkpoint CKPT] [--config OVERLAY] [--max-frames N]
+
+A refused command prints ``error: <file>: <problem>`` and exits 2; a batch with failed items prints
+``failed: <file>: <problem>`` per item and exits 1. ``--debug`` (anywhere) or ``ECHOCARE_DEBUG=1`` shows
+the traceback instead. Path values are taken as typed (``--out 2024`` is the folder 2024). An http(s)
+``--tracking-uri`` (or ``MLFLOW_TRACKING_URI``) that does not answer within 5 s fails, named, before any work.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import sys
 import time
 from pathlib import Path
 
 import fire
 
 from echocare.bundle import bundle_dir
+from echocare.errors import EchoCareError
+from echocare.tracking import check_tracking_server
 
 __all__ = ["EchoCareCLI", "main"]
 
@@ -47,13 +57,10 @@ class RegistryCLI:
     ) -> None:
         """Register training run RUN's best checkpoint, with its bundle's configs, metadata and metrics, as a new
         version of model NAME; --alias (e.g. champion) points at it."""
-        from echocare.registry import RegistryError, register_run
+        from echocare.registry import register_run
 
-        try:
-            result = register_run(str(run), str(name), alias=str(alias) if alias else None,
-                                  tracking_uri=tracking_uri, output_dir=output_dir)
-        except RegistryError as error:
-            raise SystemExit(f"echocare registry register: {error}") from None
+        result = register_run(str(run), str(name), alias=str(alias) if alias else None,
+                              tracking_uri=tracking_uri, output_dir=output_dir)
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
         target = f"models:/{result['name']}@{result['alias']}" if result["alias"] else f"models:/{result['name']}/{result['version']}"
         print(f"registered {result['name']} version {result['version']}" + (f" (@{result['alias']})" if result["alias"] else "")
@@ -62,22 +69,16 @@ class RegistryCLI:
 
     def list(self, name: str | None = None, tracking_uri: str | None = None, output_dir: str | None = None) -> None:
         """Every version of every registered model (or of --name NAME): aliases, bundle, key metric, run."""
-        from echocare.registry import RegistryError, format_registry_table, list_registered
+        from echocare.registry import format_registry_table, list_registered
 
-        try:
-            rows = list_registered(tracking_uri=tracking_uri, output_dir=output_dir, name=str(name) if name else None)
-        except RegistryError as error:
-            raise SystemExit(f"echocare registry list: {error}") from None
+        rows = list_registered(tracking_uri=tracking_uri, output_dir=output_dir, name=str(name) if name else None)
         print(format_registry_table(rows) if rows else "no registered models")
 
     def promote(self, name: str, version: int, alias: str, tracking_uri: str | None = None, output_dir: str | None = None) -> None:
         """Point ALIAS (e.g. champion) of model NAME at VERSION."""
-        from echocare.registry import RegistryError, promote
+        from echocare.registry import promote
 
-        try:
-            result = promote(str(name), version, str(alias), tracking_uri=tracking_uri, output_dir=output_dir)
-        except RegistryError as error:
-            raise SystemExit(f"echocare registry promote: {error}") from None
+        result = promote(str(name), version, str(alias), tracking_uri=tracking_uri, output_dir=output_dir)
         moved = f" (was version {result['previous']})" if result["previous"] is not None else ""
         print(f"{result['name']}@{result['alias']} -> version {result['version']}{moved}")
 
@@ -120,14 +121,23 @@ class EchoCareCLI:
         """Turn folders of mixed ultrasound sources into a pretraining set (images, datalist, report).
 
         SRC may be given several times (--src A --src B); MAPPING.yaml maps sources to anatomy paths.
+        OUT must be new, empty, or an earlier curate run's folder (resumed); never a source or inside one.
+        --max-pixels N (default 100000000): files with frames of more than N pixels fail before decoding.
+        --hide-source-paths: report.json and the journal name files by sha256("<source>/<path>")[:16].
+        Each file that failed is printed (failed: FILE: reason); exits with status 1 if any failed.
         """
         from echocare.datasets.curation import curate
 
         sources = [src] if isinstance(src, str) else list(src)
-        return str(
-            curate(sources, mapping=mapping, out=out, size=size, workers=workers, frame_step=frame_step,
-                   val_fraction=val_fraction, **options)
-        )
+        datalist = curate(sources, mapping=mapping, out=out, size=size, workers=workers, frame_step=frame_step,
+                          val_fraction=val_fraction, **options)
+        failed = json.loads((datalist.parent / "report.json").read_text())["failed"]
+        for item in failed:
+            print(f"failed: {item['file']}: {item['reason']}", file=sys.stderr)
+        if failed:
+            print(datalist)  # the result exists all the same
+            sys.exit(1)
+        return str(datalist)
 
     def experiment(
         self,
@@ -213,6 +223,7 @@ class EchoCareCLI:
         config: str | list[str] | None = None,
         max_frames: int | None = None,
         override: str | list[str] | None = None,
+        max_pixels: int | None = None,
         **bundle_args: object,
     ) -> None:
         """Run BUNDLE (segmentation or classification) on images, DICOM files, study folders, videos.
@@ -222,12 +233,15 @@ class EchoCareCLI:
         or STEM_sc.dcm, a Secondary Capture overlay where highdicom cannot make a SEG, with the reason; STEM_sr.dcm,
         a Structured Report of the classes or segmented areas), predict_report.json/.csv (one row per input).
         --checkpoint CKPT (default the bundle's models/model.pt); --config OVERLAY (variant overlays);
-        --max-frames N: only the first N frames of multi-frame inputs; --override ID=VALUE and any other --ID VALUE
-        (e.g. --network_size tiny --image_size 128 --device cpu) go to the bundle.
+        --max-frames N: only the first N frames of multi-frame inputs; --max-pixels N: inputs with frames of more
+        than N pixels (height x width, from the header; default, and at most, 100000000) fail before decoding;
+        --override ID=VALUE and any other --ID VALUE (e.g. --network_size tiny --image_size 128 --device cpu) go to
+        the bundle.
         A bad input is reported on one line (failed: PATH: reason) and skipped; exits with status 1 if any failed.
         """
         import sys
 
+        from echocare.io.readers import DEFAULT_MAX_PIXELS
         from echocare.experiments import parse_overrides
         from echocare.predict import predict
 
@@ -235,6 +249,7 @@ class EchoCareCLI:
             bundle, input, out, checkpoint=checkpoint, config=config,
             max_frames=None if max_frames is None else int(max_frames),
             overrides={**parse_overrides(override or []), **bundle_args},
+            max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels),
         )
         if any(r.status == "failed" for r in rows):
             sys.exit(1)
@@ -345,7 +360,7 @@ class EchoCareCLI:
             "  pictures:     {} (validation panels per epoch), {}/*.png (inference)\n"
             "  predictions:  {} ({} images; region correct on {}/{} labelled)\n"
             "  MLflow store: {} (experiment echocare_demo, run {})\n"
-            "  open the MLflow UI:  {} ui --backend-store-uri sqlite:///{}".format(
+            "  open the MLflow UI:  {} ui --backend-store-uri sqlite:///{} --host 127.0.0.1".format(
                 time.time() - start,
                 out_dir,
                 out_dir / "models" / "encoder.pt",
@@ -436,12 +451,18 @@ def _list_flag(argv: list[str], flag: str) -> list[str]:
     return argv
 
 
+def _is_flag(arg: str) -> bool:
+    """A flag as python-fire sees one: ``--name[=value]`` or ``-n``, not a negative number."""
+    return arg.startswith("--") or re.match(r"^-[a-zA-Z]", arg) is not None
+
+
 def _string_flag(argv: list[str], flag: str) -> list[str]:
-    """Every ``--FLAG V`` as ``--FLAG="V"``, which python-fire keeps as the string V."""
+    """Every ``--FLAG V`` as ``--FLAG="V"``, which python-fire keeps as the string V (a bare ``--FLAG``,
+    followed by another flag or nothing, is left for fire)."""
     out, i = [], 0
     while i < len(argv):
         arg = argv[i]
-        if arg == f"--{flag}" and i + 1 < len(argv):
+        if arg == f"--{flag}" and i + 1 < len(argv) and not _is_flag(argv[i + 1]):
             out.append(f"--{flag}={json.dumps(argv[i + 1])}")
             i += 2
             continue
@@ -450,17 +471,178 @@ def _string_flag(argv: list[str], flag: str) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    import sys
+#: Flags whose values are paths, addresses or folder names, passed on as typed: python-fire reads
+#: ``--src 2024`` as the int 2024 and ``--out True`` as a bool. So are flags ending in one of
+#: :data:`PATH_FLAG_SUFFIXES` (``--output_dir``, ``--dataset-dir``, ``--tracking-uri``, ``--bundle_root``).
+PATH_FLAGS = frozenset({"src", "input", "out", "root", "mapping", "datalist", "checkpoint", "config", "bundle", "onnx_model",
+                        "name", "experiment"})
+PATH_FLAG_SUFFIXES = ("_dir", "_path", "_file", "_uri", "_root")
+#: Flags that become lists of strings (repeatable), handled by :func:`merge_repeated_flag` / :func:`_list_flag`.
+_LIST_FLAGS = frozenset({"src", "input", "config", "override"})
+#: Commands whose first positional argument is a bundle name or folder.
+_BUNDLE_COMMANDS = frozenset({"experiment", "predict", "export"})
 
-    args = merge_repeated_flag(list(sys.argv[1:] if argv is None else argv), "src")
-    args = merge_repeated_flag(args, "input")  # echocare predict --input A --input B
+
+def _is_path_flag(key: str) -> bool:
+    return key in PATH_FLAGS or key.endswith(PATH_FLAG_SUFFIXES)
+
+
+class UsageError(ValueError):
+    """A command line that cannot mean what its user wants (a path flag without its path)."""
+
+
+def quote_path_arguments(argv: list[str]) -> list[str]:
+    """Path flags' values, and the BUNDLE of ``experiment``/``predict``/``export``, as quoted strings.
+
+    ``--out 2024``, ``--out=2024`` and ``--output-dir True`` become ``--out="2024"`` and
+    ``--output_dir="True"``, which python-fire hands over as the strings ``2024`` and ``True``
+    (folders named so), where it would otherwise pass the int 2024 and the bool True. Repeatable
+    flags (:data:`_LIST_FLAGS`) are left to :func:`merge_repeated_flag`; everything after a bare
+    ``--`` (fire's own flags) is left alone.
+
+    Raises:
+        UsageError: a path flag without a value (``--out`` last, or followed by another flag).
+    """
+    out, i, positionals = [], 0, []
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return [*out, *argv[i:]]
+        if not _is_flag(arg):
+            command = positionals[0] if positionals else None
+            quoted = len(positionals) == 1 and command in _BUNDLE_COMMANDS
+            positionals.append(arg)
+            out.append(json.dumps(arg) if quoted else arg)
+            i += 1
+            continue
+        key, has_value, value = arg.lstrip("-").partition("=")
+        key = key.replace("-", "_")  # fire's spelling: --output-dir is output_dir
+        takes_next = not has_value and i + 1 < len(argv) and not _is_flag(argv[i + 1])
+        if not arg.startswith("--") or not _is_path_flag(key):
+            out.extend(argv[i : i + 1 + takes_next])
+            i += 1 + takes_next
+            continue
+        if not has_value and not takes_next:
+            raise UsageError(f"--{key}: needs a value (a path)")
+        if key in _LIST_FLAGS:
+            out.extend(argv[i : i + 1 + takes_next])
+            i += 1 + takes_next
+            continue
+        out.append(f"--{key}={json.dumps(argv[i + 1] if takes_next else value)}")
+        i += 1 + takes_next
+    return out
+
+
+def _prepare_arguments(argv: list[str]) -> list[str]:
+    """The command line as python-fire should read it: repeated flags merged into lists, paths as strings."""
+    args = quote_path_arguments(argv)
+    for flag in ("src", "input"):  # echocare curate --src A --src B, echocare predict --input A --input B
+        merged = merge_repeated_flag(args, flag)
+        args = merged if merged is not args else _string_flag(args, flag)
     for flag in ("override", "config"):  # echocare experiment: always a list, so fire keeps '#' in ids
         args = _list_flag(args, flag)
-    if args[:1] == ["registry"]:  # run ids and names stay strings (fire reads "1234e5..." as a number)
-        for flag in ("run", "name", "alias"):
+    if args[:1] == ["registry"]:  # run ids and aliases stay strings (fire reads "1234e5..." as a number)
+        for flag in ("run", "alias"):
             args = _string_flag(args, flag)
-    fire.Fire(EchoCareCLI, command=args, name="echocare")
+    return args
+
+
+def _tracking_uri_argument(argv: list[str]) -> str | None:
+    """The value of ``--tracking-uri``/``--tracking_uri`` on a prepared command line (the last one wins, as in fire)."""
+    found = None
+    for arg in argv:
+        if arg == "--":
+            break
+        if arg.startswith("--tracking_uri="):
+            found = json.loads(arg.split("=", 1)[1])
+    return found
+
+
+def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
+    """Whether ``--debug`` (or ``--debug=BOOL``) is on the command line or ``ECHOCARE_DEBUG`` is set
+    to a true value; and the command line without ``--debug``."""
+    from echocare.bundle import as_bool
+
+    debug = os.environ.get("ECHOCARE_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+    rest = []
+    for arg in argv:
+        if arg == "--debug":
+            debug = True
+        elif arg.startswith("--debug="):
+            debug = debug or as_bool(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    return debug, rest
+
+
+def _expected_error_types() -> tuple[type[BaseException], ...]:
+    """What a user can cause (bad input, missing file, refused request), as opposed to a bug.
+
+    The project's errors subclass :class:`~echocare.errors.EchoCareError` or ``ValueError``
+    (``UltrasoundReadError``, ``CurationError``, ``RegistryError``, ...); ``OSError`` covers missing
+    files and unreachable servers. MLflow's and the exporter's errors count where their modules are
+    loaded (only the commands using them import them).
+    """
+    types: list[type[BaseException]] = [EchoCareError, OSError, ValueError]
+    for module, name in (("mlflow.exceptions", "MlflowException"), ("echocare.networks.export", "ExportError")):
+        if module in sys.modules:
+            types.append(getattr(sys.modules[module], name))
+    return tuple(types)
+
+
+def _expected_error(error: BaseException) -> BaseException | None:
+    """The innermost expected error along ``error``'s causes: MONAI wraps an error raised while
+    evaluating a bundle config in a ``RuntimeError("Failed to evaluate ...")``."""
+    expected, found, seen = _expected_error_types(), None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, expected):
+            found = error
+        error = error.__cause__
+    return found
+
+
+def error_line(error: BaseException) -> str:
+    """``<file>: <problem>`` on one line: an ``OSError`` with a file name as ``NAME: strerror``,
+    others as their message with line breaks joined by ``; ``."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    else:
+        text = str(error) or type(error).__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the ``echocare`` command line ``argv`` (default ``sys.argv[1:]``).
+
+    An expected error (:func:`_expected_error_types`) prints ``error: <file>: <problem>`` on one
+    line to stderr and exits with status 2; any other exception (a bug) prints ``error:`` with its
+    type and message and exits with status 1. ``--debug`` anywhere on the command line, or
+    ``ECHOCARE_DEBUG=1``, lets the exception through with its traceback instead. Commands that
+    finish a batch with failed items print ``failed: <file>: <problem>`` per item and exit 1.
+    """
+    debug, args = _debug_requested(list(sys.argv[1:] if argv is None else argv))
+    try:
+        args = _prepare_arguments(args)
+        # A server named on the command line is probed before any work (predict checks every input
+        # first, experiment creates its folders): a wrong address fails in seconds, named.
+        check_tracking_server(_tracking_uri_argument(args))
+        fire.Fire(EchoCareCLI, command=args, name="echocare")
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as error:
+        if debug:
+            raise
+        expected = _expected_error(error)
+        if expected is not None:
+            print(f"error: {error_line(expected)}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(f"error: {type(error).__name__}: {error_line(error)} (an unexpected error: rerun with --debug "
+              "or ECHOCARE_DEBUG=1 for the traceback, and report it)", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ NIfTI at the input's size) or class probabilities (JSON) per input frame, and
 ``predictions.json``, in ``<out>/predictions/``. This module then:
 
 * collects the inputs (files, folders searched recursively including suffix-less DICOM
-  files of PACS exports, datalist JSON files), checks each one (header, then every frame the
-  bundle will read) and reports a bad one on one line, ``failed: PATH: reason``, and leaves it
-  out so the run goes on;
+  files of PACS exports, datalist JSON files), checks each one with the readers' own checks
+  (header: frame size against ``max_pixels``, frames a video can deliver against those it
+  declares; then every frame the bundle will read) and reports a bad one on one line,
+  ``failed: PATH: reason``, and leaves it out so the run goes on;
 * optionally keeps the first ``max_frames`` frames of each multi-frame input;
 * for DICOM inputs, writes into ``<out>/dicom/``: a DICOM SEG (segmentation bundles) or, where
   highdicom cannot make a SEG from the source, a Secondary Capture overlay with the reason
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from echocare.bundle import resolve_bundle, resolve_overlays
+from echocare.io.readers import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     from echocare.io import dicom_writer as dicom_out
@@ -110,15 +112,16 @@ def collect_inputs(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Path],
     return unique, failures, notes
 
 
-def _check_frames(path: Path, count: int | None) -> None:
+def _check_frames(path: Path, count: int | None, max_pixels: int) -> None:
     """Decode the first ``count`` frames of ``path`` (all with None): what the bundle will read.
 
     Raises:
-        UltrasoundReadError: a frame cannot be decoded.
+        UltrasoundReadError: a frame cannot be decoded, is larger than ``max_pixels``, or the
+        file ends before ``count`` frames (or, with None, before the frames it declares).
     """
     from echocare.io.readers import iter_frames
 
-    for _ in islice(iter_frames(path), count):
+    for _ in islice(iter_frames(path, max_pixels=max_pixels), count):
         pass
 
 
@@ -270,6 +273,7 @@ def predict(
     max_frames: int | None = None,
     overrides: dict[str, Any] | None = None,
     echo: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[InputResult]:
     """Run bundle ``bundle`` on ``inputs`` and write its results, DICOM ones included, to ``out``.
 
@@ -289,6 +293,13 @@ def predict(
             ``batch_size``, ``num_workers``, ...).
         echo: print one line per failed input and per Secondary Capture fallback, and a
             summary.
+        max_pixels: inputs with frames of more pixels (height x width, from the header) fail
+            before anything is decoded. At most the readers' default, 100 M
+            (:data:`echocare.io.readers.DEFAULT_MAX_PIXELS`), which the bundle's own loader
+            applies: a larger value would let an input past this check only to stop the bundle.
+
+    Raises:
+        ValueError: ``max_frames`` below 1 or ``max_pixels`` outside 1..100 M.
 
     Returns:
         One :class:`InputResult` per input (also in ``predict_report.json``).
@@ -302,11 +313,18 @@ def predict(
     task, meta = _bundle_task(configs)
     if max_frames is not None and int(max_frames) < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    if isinstance(max_pixels, bool) or not 1 <= int(max_pixels) <= DEFAULT_MAX_PIXELS:
+        raise ValueError(
+            f"max_pixels must be between 1 and {DEFAULT_MAX_PIXELS:,} (the bundle's reader refuses larger frames), "
+            f"got {max_pixels}"
+        )
+    max_pixels = int(max_pixels)
     out = Path(out).resolve()
     predictions_dir, dicom_dir = out / "predictions", out / "dicom"
     out.mkdir(parents=True, exist_ok=True)
 
-    # 1. Inputs: found, of a known kind, with a readable header.
+    # 1. Inputs: found, of a known kind, with a readable header within max_pixels, and (for
+    #    video) the frames it declares there to read: the bundle's datalist counts on them.
     raw = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     files, failed, notes = collect_inputs(raw)
     for note in notes:
@@ -316,7 +334,7 @@ def predict(
         row = rows[path] = InputResult(str(path))
         try:
             row.format = detect_format(path)
-            row.num_frames = count_frames(path)
+            row.num_frames = count_frames(path, max_pixels=max_pixels)
         except UltrasoundReadError as exc:
             row.status, row.reason = "failed", exc.problem
     readable = [p for p, r in rows.items() if r.status == "ok"]
@@ -349,7 +367,7 @@ def predict(
         try:
             if not items:
                 raise UltrasoundReadError(path, "the bundle's datalist left it out (see the warning above)")
-            _check_frames(path, None if per_clip else len(items))
+            _check_frames(path, None if per_clip else len(items), max_pixels)
             row.frames = len(items)
         except UltrasoundReadError as exc:
             row.status, row.reason = "failed", exc.problem

@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 
 from echocare.bundle import tracking_uri as bundle_tracking_uri
+from echocare.errors import EchoCareError
+from echocare.tracking import check_tracking_server
 
 __all__ = [
     "CHECKPOINT_PATH",
@@ -34,7 +36,7 @@ CHECKPOINT_PATH = "models/model.pt"
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 
-class RegistryError(ValueError):
+class RegistryError(EchoCareError, ValueError):
     """A registry lookup or registration that cannot be done; the message names what is missing."""
 
 
@@ -57,6 +59,7 @@ def resolve_tracking_uri(tracking_uri: str | None = None, output_dir: str | Path
     Raises:
         RegistryError: none of them given, or a SQLite store whose file does not exist (MLflow
             would create an empty one, hiding a wrong path).
+        echocare.tracking.TrackingServerError: an http(s) store that does not answer.
     """
     try:
         uri = bundle_tracking_uri(output_dir, tracking_uri)
@@ -67,6 +70,7 @@ def resolve_tracking_uri(tracking_uri: str | None = None, output_dir: str | Path
         ) from None
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise RegistryError(f"{uri}: no MLflow store there (no such file; train with --tracking mlflow first?)")
+    check_tracking_server(uri)
     return uri
 
 

@@ -279,7 +279,10 @@ def test_bundle_trains_evaluates_and_infers(phantom: Path, tmp_path: Path) -> No
     assert {"eval/summary.json", "eval/per_case.csv", "eval/scatter.png", "eval/bland_altman.png"} <= artifacts
 
     predictions = {Path(p["image"]).name: p for p in json.loads((tmp_path / "predictions" / "predictions.json").read_text())}
-    assert set(predictions) == {"loop.mp4", "cine.dcm"}  # the broken file is reported and skipped
+    assert set(predictions) == {"loop.mp4", "cine.dcm", "broken.mp4"}
+    broken = predictions.pop("broken.mp4")  # the broken file is skipped, listed with its reason
+    assert broken["status"] == "skipped" and broken["reason"].startswith(str(inputs / "broken.mp4"))
+    assert not (tmp_path / "predictions" / "broken.json").exists()
     for name, stem in (("loop.mp4", "loop"), ("cine.dcm", "cine")):
         record = json.loads((tmp_path / "predictions" / f"{stem}.json").read_text())
         assert record["unit"] == "percent" and record["frames_used"] == [0, 2, 5, 7] and math.isfinite(record["ef"])

@@ -3,8 +3,10 @@ failures, resume after a kill, and a run on a mix of real data."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -436,3 +438,270 @@ def test_real_data_mix(tmp_path, real_data_dir):
         assert name in exact  # the same pixels in another encoding
     assert set(dicoms) - reported, "some DICOM must have been kept"
     assert kept_units == len(all_items(datalist)) == len(os.listdir(out / "images"))
+
+
+# ----------------------------------------------------------------------- data safety
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path -> bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def hidden_name(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def test_out_that_is_not_a_curation_folder_or_overlaps_a_source_is_refused(tmp_path):
+    src = tmp_path / "src"
+    for k in range(2):
+        save(src / f"scan{k}.png", phantom(60 + k, 80))
+    dataset = tmp_path / "dataset"  # somebody's dataset: must come out untouched
+    for k in range(2):
+        save(dataset / "images" / f"case{k}.png", phantom(70 + k, 80))
+    (dataset / "labels.csv").write_text("case0,1\n")
+    before = tree(dataset)
+    with pytest.raises(CurationError) as info:
+        curate([str(src)], None, str(dataset), size=SIZE, **QUIET)
+    message = str(info.value)
+    assert message.startswith(f"{dataset}: ") and "not empty" in message and "\n" not in message
+    assert tree(dataset) == before
+
+    originals = tree(src)
+    cases = {
+        str(src): "is the source folder",  # --src D --out D
+        str(src / "curated"): "inside the source folder",  # out inside a source
+    }
+    link = tmp_path / "link_to_src"
+    link.symlink_to(src, target_is_directory=True)
+    cases[str(link)] = "is the source folder"  # the same folder through a link
+    for out, problem in cases.items():
+        with pytest.raises(CurationError, match=problem) as info:
+            curate([str(src)], None, out, size=SIZE, **QUIET)
+        assert str(info.value).startswith(f"{out}: ") and "\n" not in str(info.value)
+        assert tree(src) == originals
+    assert not (src / "curated").exists()
+
+    # A curation folder (it holds a journal) that contains a source: refused too.
+    out = tmp_path / "out"
+    curate([str(src)], None, str(out), size=SIZE, **QUIET)
+    done = tree(out)
+    with pytest.raises(CurationError, match="^" + re.escape(f"{out}: contains the source folder")):
+        curate([str(out / "images")], None, str(out), size=SIZE, **QUIET)
+    assert tree(out) == done
+    file_out = tmp_path / "a_file"
+    file_out.write_text("mine\n")
+    with pytest.raises(CurationError, match="not a folder"):
+        curate([str(src)], None, str(file_out), size=SIZE, **QUIET)
+    assert file_out.read_text() == "mine\n"
+
+
+def test_only_files_the_journal_records_are_removed(tmp_path):
+    src_a, src_b = tmp_path / "a", tmp_path / "b"
+    for k in range(2):
+        save(src_a / f"scan{k}.png", phantom(80 + k, 80))
+    save(src_b / "other.png", phantom(90, 80))
+    shutil.copy(src_a / "scan0.png", src_b / "dup.png")  # dropped: its written image is removed
+    out = tmp_path / "out"
+    curate([str(src_a), str(src_b)], None, str(out), size=SIZE, overlay=True, **QUIET)
+    datalist, report = load_outputs(out)
+    kept = sorted(Path(it["image"]).name for it in all_items(datalist))
+    assert report["kept"] == 3 and len(report["dropped"]["exact_duplicate"]) == 1
+    assert sorted(os.listdir(out / "images")) == kept
+    # A user's files beside the outputs, and a temporary file a killed worker left for
+    # a journaled output.
+    (out / "images" / "mine.png").write_bytes(b"user data")
+    (out / "overlays" / "notes.txt").write_text("user notes\n")
+    stray = out / "images" / f".{kept[0]}.12345.tmp"
+    stray.write_bytes(b"partial")
+    curate([str(src_a), str(src_b)], None, str(out), size=SIZE, overlay=True, **QUIET)  # resume
+    assert (out / "images" / "mine.png").read_bytes() == b"user data"
+    assert (out / "overlays" / "notes.txt").read_text() == "user notes\n"
+    assert not stray.exists()
+    assert sorted(os.listdir(out / "images")) == sorted(kept + ["mine.png"])
+    # A restart discards what the old journal wrote, and nothing else.
+    curate([str(src_a)], None, str(out), size=SIZE, overlay=True, restart=True, **QUIET)
+    datalist, report = load_outputs(out)
+    kept_a = sorted(Path(it["image"]).name for it in all_items(datalist))
+    assert report["kept"] == 2 and set(kept_a) < set(kept)
+    assert sorted(os.listdir(out / "images")) == sorted(kept_a + ["mine.png"])
+    assert (out / "overlays" / "notes.txt").read_text() == "user notes\n"
+
+
+def _dying_process(real, marker: Path):
+    def process(task, cfg):
+        if task.key.endswith("killer.png"):
+            with open(marker, "a") as fh:
+                fh.write(f"{os.getpid()}\n")
+            os.kill(os.getpid(), signal.SIGKILL)  # as an out-of-memory kill would
+        return real(task, cfg)
+
+    return process
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_killed_mid_file_is_retried_once_then_reported_and_the_job_finishes(tmp_path, monkeypatch):
+    import echocare.datasets.curation as curation
+
+    if "fork" not in __import__("multiprocessing").get_all_start_methods():
+        pytest.skip("the patched per-file function reaches the workers through fork")
+    src = tmp_path / "src"
+    for k in range(6):
+        save(src / f"scan{k}.png", phantom(100 + k, 80))
+    save(src / "killer.png", phantom(110, 80))
+    attempts = tmp_path / "attempts"
+    monkeypatch.setattr(curation, "_process", _dying_process(curation._process, attempts))
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    curate([str(src)], None, str(out), size=SIZE, workers=2, **QUIET)
+    assert time.monotonic() - t0 < 60
+    datalist, report = load_outputs(out)
+    assert len(attempts.read_text().split()) == 2  # tried, then retried once alone
+    assert [Path(f["file"]).name for f in report["failed"]] == ["killer.png"]
+    assert "worker process" in report["failed"][0]["reason"]
+    assert report["kept"] == 6 and len(os.listdir(out / "images")) == 6
+    journal = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+    assert sorted(Path(r["d"]).name for r in journal if r.get("done")) == sorted(
+        [f"scan{k}.png" for k in range(6)] + ["killer.png"])
+
+
+def test_symlink_loops_in_a_source_are_reported_and_skipped(tmp_path):
+    src = tmp_path / "src"
+    save(src / "a.png", phantom(120, 80))
+    save(src / "sub" / "b.png", phantom(121, 80))
+    (src / "sub" / "up").symlink_to("..", target_is_directory=True)  # a folder loop
+    (src / "self").symlink_to("self")  # a link to itself
+    out = tmp_path / "out"
+    curate([str(src)], None, str(out), size=SIZE, **QUIET)
+    datalist, report = load_outputs(out)
+    assert report["kept"] == 2 and report["units"] == 2
+    assert report["dropped_counts"]["exact_duplicate"] == 0  # the loop was not walked
+    skipped = {Path(s["file"]).relative_to(src).as_posix(): s["reason"] for s in report["skipped"]}
+    assert sorted(skipped) == ["self", "sub/up"]
+    assert all("symbolic link loop" in reason for reason in skipped.values())
+    # a --src that is itself a looping link: one line naming it, not a RuntimeError
+    with pytest.raises(CurationError, match="^" + re.escape(f"{src / 'self'}: source not found (a broken or looping "
+                                                             "symbolic link)") + "$"):
+        curate([str(src / "self")], None, str(tmp_path / "out2"), **QUIET)
+
+
+def test_unsafe_zip_member_names_are_listed_as_skipped(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    with zipfile.ZipFile(src / "scans.zip", "w") as zf:
+        zf.writestr("../evil.png", _png_bytes(phantom(130, 80)))
+        zf.writestr("/abs.png", _png_bytes(phantom(131, 80)))
+        zf.writestr("inner/ok.png", _png_bytes(phantom(132, 80)))
+    out = tmp_path / "out"
+    curate([str(src)], None, str(out), size=SIZE, **QUIET)
+    datalist, report = load_outputs(out)
+    assert report["kept"] == 1 and report["failed"] == []
+    skipped = {s["file"].split("!", 1)[1]: s["reason"] for s in report["skipped"]}
+    assert sorted(skipped) == ["../evil.png", "/abs.png"]
+    assert all("unsafe name" in reason for reason in skipped.values())
+    assert not (tmp_path / "evil.png").exists() and not Path("/abs.png").exists()
+
+
+def test_overlay_shows_no_source_pixel_outside_the_echo_region(tmp_path):
+    screen = with_ui(phantom(3, 200, geometry="sector", organ="abdomen/liver"), top=60, left=70)
+    _, mask = detect_echo_region(screen)
+    save(tmp_path / "src" / "screen.png", screen)
+    dl = curate([str(tmp_path / "src")], None, str(tmp_path / "out"), size=SIZE, overlay=True, **QUIET)
+    (item,) = all_items(json.loads(dl.read_text()))
+    overlay = np.asarray(Image.open(tmp_path / "out" / "overlays" / Path(item["image"]).name))
+    outside = overlay[~mask]
+    colours = {tuple(int(c) for c in px) for px in np.unique(outside, axis=0)}
+    colours.discard((255, 0, 0))  # the region's box
+    assert len(colours) == 1, sorted(colours)[:5]  # one flat colour: no text, bar or banner left
+    assert (overlay[20:50, 6:150] == overlay[0, 0]).all()  # the burned-in "text"
+    assert (overlay[mask] == screen[mask]).all(axis=-1).mean() > 0.9  # the echo data is shown
+
+
+def test_hide_source_paths_keeps_source_names_out_of_every_output(tmp_path):
+    src = tmp_path / "DoeJane_1970"
+    save(src / "Smith^John" / "DoeJane_scan.png", phantom(140, 80))
+    save(src / "Smith^John" / "DoeJane_second.png", phantom(141, 80))
+    shutil.copy(src / "Smith^John" / "DoeJane_scan.png", src / "DoeJane_copy.png")
+    (src / "Smith^John" / "DoeJane_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    (src / "DoeJane_notes.txt").write_text("notes\n")
+    with zipfile.ZipFile(src / "DoeJane.zip", "w") as zf:
+        zf.writestr("DoeJane_zipped.png", _png_bytes(phantom(142, 80)))
+    mapping = tmp_path / "mapping.yaml"
+    mapping.write_text("DoeJane_1970: thorax/breast\n")
+    out = tmp_path / "out"
+    curate([str(src)], str(mapping), str(out), size=SIZE, overlay=True, hide_source_paths=True,
+           val_fraction=0.5, **QUIET)
+    datalist, report = load_outputs(out)
+    assert report["kept"] == 3 and len(report["failed"]) == 1
+    assert {it["anatomy"] for it in all_items(datalist)} == {"thorax/breast"}  # the mapping still applies
+    # sha256("<source folder name>/<path inside it>")[:16]; DoeJane_copy.png comes first (sorted)
+    assert report["failed"][0]["file"] == hidden_name("DoeJane_1970/Smith^John/DoeJane_broken.png")
+    assert report["dropped"]["exact_duplicate"][0]["file"] == hidden_name("DoeJane_1970/Smith^John/DoeJane_scan.png")
+    assert report["skipped"][0]["file"] == hidden_name("DoeJane_1970/DoeJane_notes.txt")
+    assert list(report["counts"]["source"]) == [hidden_name("DoeJane_1970")]
+    for p in out.rglob("*"):
+        for text in (str(p.relative_to(out)), p.read_bytes().decode("latin-1") if p.is_file() else ""):
+            for secret in ("DoeJane", "Smith", str(tmp_path)):
+                assert secret not in text, (p, secret)
+    first = snapshot(out)
+    curate([str(src)], str(mapping), str(out), size=SIZE, overlay=True, hide_source_paths=True,
+           val_fraction=0.5, **QUIET)  # a rerun resumes from the hidden journal
+    assert snapshot(out) == first
+
+
+def huge_png(path: Path, side: int, level: int = 128) -> Path:
+    """A single-colour ``side`` x ``side`` grey PNG, written row by row (no big array): a few
+    hundred KB on disk that decode to ``side**2`` pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(6), b"\x00" + bytes([level]) * side  # filter byte, then the pixels
+    idat = b"".join(packer.compress(row * min(500, side - y)) for y in range(0, side, 500)) + packer.flush()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def _rss_kb(field: str) -> int | None:
+    """``VmRSS`` / ``VmHWM`` (peak) of this process in kB, from /proc (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def test_max_pixels_refuses_a_huge_image_before_decoding_and_the_batch_goes_on(tmp_path, capsys):
+    from echocare.cli import main
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    for k in range(2):
+        save(src / f"scan{k}.png", phantom(150 + k, 80))
+    huge = huge_png(src / "huge.png", 12000)  # 144 M pixels: 1.7 GB as float32 RGB, 144 MB as 8-bit grey
+    assert huge.stat().st_size < 1_000_000
+    try:  # reset the peak RSS (VmHWM) to the current RSS, so the peak below is this run's
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        before = _rss_kb("VmRSS")
+    except OSError:
+        before = None
+    with pytest.raises(SystemExit) as exited:  # through the command line: --max-pixels reaches the reader
+        main(["curate", "--src", str(src), "--out", str(out), "--size", str(SIZE), "--progress", "false",
+              "--max-pixels", "20000000"])
+    if before is not None:
+        grown_mb = (_rss_kb("VmHWM") - before) / 1024
+        assert grown_mb < 100, grown_mb
+    assert exited.value.code == 1  # a batch with a failed item
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("failed:")] == [
+        f"failed: {huge}: frame of 12000x12000 = 144,000,000 pixels is over the max_pixels limit of 20,000,000 "
+        "pixels per frame"]
+    datalist, report = load_outputs(out)
+    assert [Path(f["file"]).name for f in report["failed"]] == ["huge.png"]
+    assert report["kept"] == 2 and len(os.listdir(out / "images")) == 2
+    with pytest.raises(CurationError, match="max_pixels"):
+        curate([str(src)], None, str(tmp_path / "out2"), max_pixels=0, **QUIET)

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -292,101 +293,126 @@ class Server:
         self.handle.close()
 
 
-@pytest.mark.slow
-@pytest.mark.e2e
-@pytest.mark.timeout(1800)
-def test_server_serves_and_trains_bundles_offline(server_env, tmp_path):
-    """The real server: /info/, a mask and class probabilities equal to the bundles' own
-    inference here, a DICOM frame, labels saved and a 1-epoch train request in MLflow, then
-    the retrained checkpoint served; stopped at the end."""
-    studies, masks = _studies(tmp_path / "studies")
-    output_root = tmp_path / "outputs"
-    _save_checkpoints(output_root)
-    server = Server(server_env, studies, output_root, tmp_path / "server.log", "ddti_seg,busbra_cls,musv_seg")
+class Served:
+    """The module's running server and its folders."""
+
+    def __init__(self, server: Server, info: dict, root: Path, studies: Path, masks: dict[str, np.ndarray]) -> None:
+        self.server, self.info, self.root, self.studies, self.masks = server, info, root, studies, masks
+        self.output_root = root / "outputs"
+
+
+@pytest.fixture(scope="module")
+def served(server_env, tmp_path_factory):
+    """One server for the module (it is slow to start): ddti_seg and busbra_cls with seeded
+    checkpoints, musv_seg without, on phantom images and DICOMs; stopped at the end."""
+    root = tmp_path_factory.mktemp("monailabel")
+    studies, masks = _studies(root / "studies")
+    _save_checkpoints(root / "outputs")
+    # viewer sessions (POST /session/) are kept in the test's folder, not in ~/.cache
+    saved = os.environ.get("MONAI_LABEL_SESSION_PATH")
+    os.environ["MONAI_LABEL_SESSION_PATH"] = str(root / "sessions")
     try:
-        info = server.wait_ready()
-        # musv_seg has no checkpoint: listed as a train task only
-        assert set(info["models"]) == {"ddti_seg", "busbra_cls"}, server.tail()
-        assert set(info["trainers"]) == {"ddti_seg", "busbra_cls", "musv_seg"}
-        assert info["models"]["ddti_seg"]["labels"] == {"nodule": 1}
-        assert info["models"]["busbra_cls"]["type"] == "classification"
-
-        # segmentation: a PNG of class indices at the image's own size, as the bundle predicts here
-        mask = np.asarray(Image.open(io.BytesIO(_request(f"{server.url}/infer/ddti_seg?image=us1&output=image",
-                                                         method="POST"))))
-        assert mask.shape == (72, 88) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
-        from echocare.tasks.supervised.writers import probabilities_to_mask
-
-        probs, item = _bundle_predict("ddti_seg", output_root, studies / "us1.png")
-        expected = probabilities_to_mask(probs, item["original_size"])
-        assert (mask == expected).mean() > 0.999, server.tail()
-
-        # an uploaded multi-frame DICOM, frame 2
-        body, headers = _multipart({"params": json.dumps({"frame": 2})}, {"file": studies / "cine.dcm"})
-        frame_mask = np.asarray(Image.open(io.BytesIO(_request(f"{server.url}/infer/ddti_seg?output=image", body, headers))))
-        probs, item = _bundle_predict("ddti_seg", output_root, studies / "cine.dcm", frame=2)
-        assert frame_mask.shape == (64, 80)
-        assert (frame_mask == probabilities_to_mask(probs, item["original_size"])).mean() > 0.999
-
-        # an unreadable upload: HTTP 422 naming the problem
-        (tmp_path / "broken.png").write_bytes(b"not an image at all")
-        body, headers = _multipart({}, {"file": tmp_path / "broken.png"})
-        with pytest.raises(urllib.error.HTTPError) as error:
-            _request(f"{server.url}/infer/ddti_seg?output=image", body, headers)
-        assert error.value.code == 422 and "cannot decode image" in error.value.read().decode()
-
-        # classification: probabilities as the bundle predicts here
-        result = json.loads(_request(f"{server.url}/infer/busbra_cls?image=still&output=json", method="POST"))
-        params = result.get("params", result)
-        probs, _ = _bundle_predict("busbra_cls", output_root, studies / "still.dcm")
-        np.testing.assert_allclose([params["probabilities"][n] for n in ("BI-RADS 2", "BI-RADS 3", "BI-RADS 4", "BI-RADS 5")],
-                                   probs.reshape(-1).numpy(), atol=1e-4)
-        assert params["label"] == ["BI-RADS 2", "BI-RADS 3", "BI-RADS 4", "BI-RADS 5"][int(probs.argmax())]
-
-        # annotators save final labels (one of the wrong size, and a class label under its own
-        # tag); a 1-epoch train request runs the bundle's train.yaml in MLflow on the good masks
-        Image.fromarray(np.zeros((10, 12), np.uint8)).save(tmp_path / "label_us3.png")
-        (tmp_path / "label_us0.json").write_text(json.dumps({"label": "BI-RADS 3"}))
-        for image_id, name, tag in (("us0", "label_us0.png", "final"), ("us1", "label_us1.png", "final"),
-                                    ("us2", "label_us2.png", "final"), ("us3", "label_us3.png", "final"),
-                                    ("us0", "label_us0.json", "busbra_cls")):
-            if name.endswith(".png") and image_id in masks and image_id != "us3":
-                Image.fromarray(masks[image_id]).save(tmp_path / name)
-            body, headers = _multipart({"params": "{}"}, {"label": tmp_path / name})
-            _request(f"{server.url}/datastore/label?image={image_id}&tag={tag}", body, headers, method="PUT")
-        checkpoint = output_root / "ddti_seg" / "models" / "model.pt"
-        before = checkpoint.stat().st_mtime
-        request = json.dumps({"max_epochs": 1, "val_split": 0.34, "run_name": "from_annotators"}).encode()
-        _request(f"{server.url}/train/ddti_seg", request, {"Content-Type": "application/json"}, method="POST")
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            status = json.loads(_request(f"{server.url}/train/"))
-            if status.get("status") in ("DONE", "ERROR"):
-                break
-            time.sleep(2)
-        assert status.get("status") == "DONE", f"{status}\n{server.tail()}"
-        stats = json.loads((output_root / "ddti_seg" / "monailabel" / "train_stats.json").read_text())
-        assert stats["training"] == 2 and stats["validation"] == 1
-        assert len(stats["skipped"]) == 1 and "us3.png is 10x12 pixels but its image" in stats["skipped"][0]
-        datalist = json.loads((output_root / "ddti_seg" / "monailabel" / "datalist.json").read_text())
-        used = sorted(Path(item["image"]).name for item in datalist["training"] + datalist["validation"])
-        assert used == ["us0.png", "us1.png", "us2.png"]
-        assert checkpoint.stat().st_mtime > before
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(f"sqlite:///{output_root / 'ddti_seg' / 'mlruns.db'}")
-        runs = client.search_runs([client.get_experiment_by_name("ddti_seg").experiment_id])
-        assert [r.info.run_name for r in runs] == ["from_annotators"]
-        assert "mean_dice" in runs[0].data.metrics and runs[0].info.status == "FINISHED"
-
-        # the retrained checkpoint is what the server now serves
-        mask = np.asarray(Image.open(io.BytesIO(_request(f"{server.url}/infer/ddti_seg?image=us3&output=image",
-                                                         method="POST"))))
-        probs, item = _bundle_predict("ddti_seg", output_root, studies / "us3.png")
-        assert (mask == probabilities_to_mask(probs, item["original_size"])).mean() > 0.999
+        server = Server(server_env, studies, root / "outputs", root / "server.log", "ddti_seg,busbra_cls,musv_seg")
+    finally:
+        if saved is None:
+            os.environ.pop("MONAI_LABEL_SESSION_PATH")
+        else:
+            os.environ["MONAI_LABEL_SESSION_PATH"] = saved
+    try:
+        yield Served(server, server.wait_ready(), root, studies, masks)
     finally:
         server.stop()
     assert server.process.returncode is not None
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.timeout(1800)
+def test_server_serves_and_trains_bundles_offline(served, tmp_path):
+    """The real server: /info/, a mask and class probabilities equal to the bundles' own
+    inference here, a DICOM frame, labels saved and a 1-epoch train request in MLflow, then
+    the retrained checkpoint served."""
+    server, studies, masks, output_root = served.server, served.studies, served.masks, served.output_root
+    info = served.info
+    # musv_seg has no checkpoint: listed as a train task only
+    assert set(info["models"]) == {"ddti_seg", "busbra_cls"}, server.tail()
+    assert set(info["trainers"]) == {"ddti_seg", "busbra_cls", "musv_seg"}
+    assert info["models"]["ddti_seg"]["labels"] == {"nodule": 1}
+    assert info["models"]["busbra_cls"]["type"] == "classification"
+
+    # segmentation: a PNG of class indices at the image's own size, as the bundle predicts here
+    mask = np.asarray(Image.open(io.BytesIO(_request(f"{server.url}/infer/ddti_seg?image=us1&output=image",
+                                                     method="POST"))))
+    assert mask.shape == (72, 88) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    from echocare.tasks.supervised.writers import probabilities_to_mask
+
+    probs, item = _bundle_predict("ddti_seg", output_root, studies / "us1.png")
+    expected = probabilities_to_mask(probs, item["original_size"])
+    assert (mask == expected).mean() > 0.999, server.tail()
+
+    # an uploaded multi-frame DICOM, frame 2
+    body, headers = _multipart({"params": json.dumps({"frame": 2})}, {"file": studies / "cine.dcm"})
+    frame_mask = np.asarray(Image.open(io.BytesIO(_request(f"{server.url}/infer/ddti_seg?output=image", body, headers))))
+    probs, item = _bundle_predict("ddti_seg", output_root, studies / "cine.dcm", frame=2)
+    assert frame_mask.shape == (64, 80)
+    assert (frame_mask == probabilities_to_mask(probs, item["original_size"])).mean() > 0.999
+
+    # an unreadable upload: HTTP 422 naming the problem
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    body, headers = _multipart({}, {"file": tmp_path / "broken.png"})
+    with pytest.raises(urllib.error.HTTPError) as error:
+        _request(f"{server.url}/infer/ddti_seg?output=image", body, headers)
+    assert error.value.code == 422 and "cannot decode image" in error.value.read().decode()
+
+    # classification: probabilities as the bundle predicts here
+    result = json.loads(_request(f"{server.url}/infer/busbra_cls?image=still&output=json", method="POST"))
+    params = result.get("params", result)
+    probs, _ = _bundle_predict("busbra_cls", output_root, studies / "still.dcm")
+    np.testing.assert_allclose([params["probabilities"][n] for n in ("BI-RADS 2", "BI-RADS 3", "BI-RADS 4", "BI-RADS 5")],
+                               probs.reshape(-1).numpy(), atol=1e-4)
+    assert params["label"] == ["BI-RADS 2", "BI-RADS 3", "BI-RADS 4", "BI-RADS 5"][int(probs.argmax())]
+
+    # annotators save final labels (one of the wrong size, and a class label under its own
+    # tag); a 1-epoch train request runs the bundle's train.yaml in MLflow on the good masks
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(tmp_path / "label_us3.png")
+    (tmp_path / "label_us0.json").write_text(json.dumps({"label": "BI-RADS 3"}))
+    for image_id, name, tag in (("us0", "label_us0.png", "final"), ("us1", "label_us1.png", "final"),
+                                ("us2", "label_us2.png", "final"), ("us3", "label_us3.png", "final"),
+                                ("us0", "label_us0.json", "busbra_cls")):
+        if name.endswith(".png") and image_id in masks and image_id != "us3":
+            Image.fromarray(masks[image_id]).save(tmp_path / name)
+        body, headers = _multipart({"params": "{}"}, {"label": tmp_path / name})
+        _request(f"{server.url}/datastore/label?image={image_id}&tag={tag}", body, headers, method="PUT")
+    checkpoint = output_root / "ddti_seg" / "models" / "model.pt"
+    before = checkpoint.stat().st_mtime
+    request = json.dumps({"max_epochs": 1, "val_split": 0.34, "run_name": "from_annotators"}).encode()
+    _request(f"{server.url}/train/ddti_seg", request, {"Content-Type": "application/json"}, method="POST")
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = json.loads(_request(f"{server.url}/train/"))
+        if status.get("status") in ("DONE", "ERROR"):
+            break
+        time.sleep(2)
+    assert status.get("status") == "DONE", f"{status}\n{server.tail()}"
+    stats = json.loads((output_root / "ddti_seg" / "monailabel" / "train_stats.json").read_text())
+    assert stats["training"] == 2 and stats["validation"] == 1
+    assert len(stats["skipped"]) == 1 and "us3.png is 10x12 pixels but its image" in stats["skipped"][0]
+    datalist = json.loads((output_root / "ddti_seg" / "monailabel" / "datalist.json").read_text())
+    used = sorted(Path(item["image"]).name for item in datalist["training"] + datalist["validation"])
+    assert used == ["us0.png", "us1.png", "us2.png"]
+    assert checkpoint.stat().st_mtime > before
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{output_root / 'ddti_seg' / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ddti_seg").experiment_id])
+    assert [r.info.run_name for r in runs] == ["from_annotators"]
+    assert "mean_dice" in runs[0].data.metrics and runs[0].info.status == "FINISHED"
+
+    # the retrained checkpoint is what the server now serves
+    mask = np.asarray(Image.open(io.BytesIO(_request(f"{server.url}/infer/ddti_seg?image=us3&output=image",
+                                                     method="POST"))))
+    probs, item = _bundle_predict("ddti_seg", output_root, studies / "us3.png")
+    assert (mask == probabilities_to_mask(probs, item["original_size"])).mean() > 0.999
 
 
 def _probe(server_env: Path, tmp_path: Path, reads: list) -> tuple[dict, list[np.ndarray]]:
@@ -433,3 +459,137 @@ def test_server_env_versions_and_dicom_reads(server_env, tmp_path):
         assert array.shape == here.shape, path.name
         # the same decoders (Pillow, pylibjpeg) under both: equal to within one 8-bit level
         assert np.abs(array - here).max() <= 1 / 255 + 1e-6, path.name
+
+
+# ------------------------------------------------------------------ request values are data (#15)
+
+
+def _refused(url: str, data: bytes | None = None, headers: dict | None = None, method: str = "POST") -> tuple[int, str]:
+    """The HTTP status and ``detail`` of a request the server must refuse."""
+    with pytest.raises(urllib.error.HTTPError) as error:
+        _request(url, data, headers, method=method)
+    return error.value.code, json.loads(error.value.read().decode())["detail"]
+
+
+def _train_payloads(marker: Path) -> list[tuple[str, dict]]:
+    """(field, train request) pairs, each trying to ``touch marker`` through the bundle config."""
+    touch = f"__import__('os').system('touch {marker}')"
+    return [
+        ("device", {"device": f"cpu') if {touch} else torch.device('cpu"}),
+        ("run_name", {"run_name": f"${touch}"}),
+        ("tracking_uri", {"tracking_uri": f"${touch}"}),
+        ("tracking_experiment_name", {"tracking_experiment_name": "@device"}),
+        ("label_tag", {"label_tag": "../../final"}),
+        ("pretrained_path", {"pretrained_path": f"${touch}"}),
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_server_train_requests_run_no_code(served):
+    """Injection payloads in POST /train (with final labels saved, so a request that got through
+    would run the bundle): run_sync requests answer 422 naming the field, an asynchronous one
+    is refused before it is queued (no train task exists afterwards), and the payload's file
+    never appears; a batch infer request likewise."""
+    server, marker = served.server, served.root / "pwned_train"
+    for image_id in ("us0", "us1"):
+        Image.fromarray(served.masks[image_id]).save(served.root / f"final_{image_id}.png")
+        body, headers = _multipart({}, {"label": served.root / f"final_{image_id}.png"})
+        _request(f"{server.url}/datastore/label?image={image_id}&tag=final", body, headers, method="PUT")
+    json_type = {"Content-Type": "application/json"}
+    for field, body in _train_payloads(marker):
+        code, detail = _refused(f"{server.url}/train/musv_seg?run_sync=true",
+                                json.dumps({"max_epochs": 1, **body}).encode(), json_type)
+        assert code == 422 and detail.startswith(f"{field}: "), (field, code, detail)
+    queued = _train_tasks(server)
+    code, detail = _refused(f"{server.url}/train/musv_seg", json.dumps(_train_payloads(marker)[0][1]).encode(), json_type)
+    assert code == 422 and detail.startswith("device: ") and "use cpu, cuda or cuda:N" in detail
+    assert _train_tasks(server) == queued  # nothing was queued
+    code, detail = _refused(f"{server.url}/batch/infer/ddti_seg?run_sync=true",
+                            json.dumps({"label_tag": "../../x", "device": "cpu"}).encode(), json_type)
+    assert code == 422 and detail.startswith("label_tag: ")
+    assert not marker.exists()
+
+
+def _train_tasks(server: Server) -> list[dict]:
+    """The train tasks MONAI Label has run or queued (GET /train/ answers 404 when there are none)."""
+    try:
+        return json.loads(_request(f"{server.url}/train/?all=true", method="GET"))
+    except urllib.error.HTTPError as error:
+        assert error.code == 404, error.read()
+        return []
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_server_infer_requests_are_checked(served):
+    """POST /infer: a device payload, a traversing label tag, an unknown field and a server
+    path as the image answer 422 naming the field, and write nothing; a plain request answers."""
+    server, root = served.server, served.root
+    marker = root / "pwned_infer"
+    before = sorted(path.relative_to(root) for path in (root / "studies").rglob("*"))
+    cases = [
+        ("device", {"device": f"cpu') if __import__('os').system('touch {marker}') else ('cpu"}),
+        ("label_tag", {"label_tag": "../../../escaped", "save_label": True}),
+        ("roi_size", {"roi_size": [8, 8]}),
+        ("image", {"image": str(REPO / "setup.cfg")}),
+        ("image", {"image": "../studies/us0"}),
+    ]
+    for field, params in cases:
+        body, headers = _multipart({"params": json.dumps(params)}, {})
+        code, detail = _refused(f"{server.url}/infer/ddti_seg?image=us0&output=json", body, headers)
+        assert code == 422 and detail.startswith(f"{field}: "), (field, code, detail)
+    body, headers = _multipart({"params": json.dumps({"frame": 0, "device": "cpu"})}, {})
+    result = json.loads(_request(f"{server.url}/infer/ddti_seg?image=us1&output=json", body, headers))
+    assert result["size"] == [72, 88] and result["frame"] == 0
+    assert not marker.exists() and not (root.parent / "escaped").exists()
+    assert sorted(path.relative_to(root) for path in (root / "studies").rglob("*")) == before
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_server_uploads_stay_in_the_studies_folder(served):
+    """PUT /datastore: traversing image ids and label tags, absolute ids, files of other kinds
+    and an upload over an existing study are refused; a viewer session archive is not unpacked;
+    a plain upload lands in the folder."""
+    server, root, studies = served.server, served.root, served.studies
+    image = root / "scan.png"
+    Image.fromarray(np.full((20, 24), 128, np.uint8)).save(image)
+    (root / "main.py").write_text("print('replaced')\n")
+    (root / "train.yaml").write_text("device: $print(1)\n")
+    original = (studies / "us0.png").read_bytes()
+    escaped = [os.path.normpath(studies / "../../escaped_image.png"), str(root / "abs_image.png"),
+               os.path.normpath(studies / "labels" / "../../../escaped_tag" / "us0.png"), str(studies / "main.py"),
+               str(studies / "labels" / "final" / "us0.yaml"), str(root / "escaped_session.png")]
+    cases = [
+        ("image", "datastore/?image=../../escaped_image", {"file": image}),
+        ("image", f"datastore/image?image={root / 'abs_image'}", {"file": image}),
+        ("tag", "datastore/label?image=us0&tag=../../../escaped_tag", {"label": image}),
+        ("file", "datastore/image", {"file": root / "main.py"}),
+        ("label", "datastore/label?image=us0&tag=final", {"label": root / "train.yaml"}),
+    ]
+    for field, path, files in cases:
+        body, headers = _multipart({}, files)
+        code, detail = _refused(f"{server.url}/{path}", body, headers, method="PUT")
+        assert code == 422 and detail.startswith(f"{field}: "), (path, code, detail)
+    code, detail = _refused(f"{server.url}/datastore/label?id=us0&tag=../final", method="DELETE")
+    assert code == 422 and detail.startswith("tag: ")
+    body, headers = _multipart({}, {"file": image})
+    code, detail = _refused(f"{server.url}/datastore/image?image=us0", body, headers, method="PUT")
+    assert code == 409 and detail.startswith("image: 'us0' is already in the studies folder")
+    assert (studies / "us0.png").read_bytes() == original
+    # a viewer session archive with a member that climbs out of the folder it is unpacked to
+    archive, content = root / "session.tar", image.read_bytes()
+    with tarfile.open(archive, "w") as tar:
+        member = tarfile.TarInfo("../" * 12 + str(root / "escaped_session.png").lstrip("/"))
+        member.size = len(content)
+        tar.addfile(member, io.BytesIO(content))
+    body, headers = _multipart({}, {"files": archive})
+    code, detail = _refused(f"{server.url}/session/?uncompress=true", body, headers, method="PUT")
+    assert code == 422 and detail.startswith("uncompress: ")
+    assert not any(os.path.lexists(path) for path in escaped)
+
+    body, headers = _multipart({}, {"file": image})
+    assert json.loads(_request(f"{server.url}/datastore/image?image=new_scan", body, headers, method="PUT")) == {
+        "image": "new_scan"}
+    assert (studies / "new_scan.png").read_bytes() == image.read_bytes()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from dicom_helpers import write_dicom
 from PIL import Image
 from pydicom.uid import generate_uid
-from test_readers import write_video
+from test_readers import cut_video, png_header_only, write_video
 
 from echocare.tasks.supervised import EchoCareClassifier, EchoCareSegNet
 from echocare.predict import predict
@@ -195,6 +196,54 @@ def test_max_frames_and_the_command_line(study, seg_checkpoint, tmp_path) -> Non
     assert row["frames"] == 2 and row["num_frames"] == 3
     sc = pydicom.dcmread(row["secondary_capture"])
     assert int(sc.NumberOfFrames) == 2 and list(sc.SourceImageSequence[0].ReferencedFrameNumber) == [1, 2]
+
+
+def test_precheck_fails_truncated_and_huge_inputs(seg_checkpoint, tmp_path, capsys) -> None:
+    """A truncated faststart MP4 (its index still declares 60 frames) and images over max_pixels fail the
+    pre-check with one line each and are skipped before inference; the DICOM still gets its SEG and SR,
+    the report has every input, and the command exits 1. (The MP4 passed the check before and then
+    stopped the bundle mid-run, losing every output.)"""
+    from echocare.cli import main
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    dicom = write_dicom(inputs / "single.dcm", _blob(48, 64)[0], "MONOCHROME2", NumberOfFrames=1,
+                        **_patient_and_study(PixelSpacing=[0.1, 0.2]))
+    full = write_video(tmp_path / "full.mp4", 60, "libx264", options={"movflags": "faststart"})
+    clip = cut_video(full, inputs / "clip.mp4")
+    huge = png_header_only(inputs / "huge.png", 12000, 12000)  # over the default 100 M pixels
+    Image.fromarray(_blob(100, 120)[0]).save(inputs / "large.png")  # over --max-pixels 5000
+    out = tmp_path / "out"
+    argv = ["predict", "ddti_seg", "--input", str(inputs), "--out", str(out), "--checkpoint", str(seg_checkpoint),
+            "--max-pixels", "5000", *[a for k, v in SMALL.items() for a in (f"--{k}", str(v))]]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 1
+    printed = capsys.readouterr().out
+
+    report = {Path(r["input"]).name: r for r in json.loads((out / "predict_report.json").read_text())}
+    assert set(report) == {"single.dcm", "clip.mp4", "huge.png", "large.png"}
+    assert report["clip.mp4"]["status"] == "failed"
+    assert re.fullmatch(r"only \d+ of the 60 frames it declares can be read \(the file is truncated or corrupt\)",
+                        report["clip.mp4"]["reason"])
+    assert report["huge.png"]["reason"] == ("frame of 12000x12000 = 144,000,000 pixels is over the max_pixels limit "
+                                            "of 5,000 pixels per frame")
+    assert report["large.png"]["reason"] == ("frame of 120x100 = 12,000 pixels is over the max_pixels limit of "
+                                             "5,000 pixels per frame")
+    failed = sorted(line for line in printed.splitlines() if line.startswith("failed:"))
+    assert failed == sorted(f"failed: {report[n]['input']}: {report[n]['reason']}" for n in ("clip.mp4", "huge.png",
+                                                                                           "large.png"))
+    # Only the DICOM reached the bundle, and its results were written.
+    row = report["single.dcm"]
+    assert row["status"] == "ok" and row["frames"] == 1
+    seg, sr = pydicom.dcmread(row["seg"]), pydicom.dcmread(row["sr"])
+    assert seg.SOPClassUID == SEG_STORAGE and sr.SOPClassUID == COMPREHENSIVE_3D_SR
+    assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == (
+        pydicom.dcmread(dicom).SOPInstanceUID)
+    assert [Path(r["image"]).name for r in json.loads((out / "predictions" / "predictions.json").read_text())] == [
+        "single.dcm"]
+    with pytest.raises(ValueError, match="max_pixels must be between 1 and 100,000,000"):
+        predict("ddti_seg", [dicom], tmp_path / "out2", max_pixels=100_000_001)
 
 
 def _probabilities(sr) -> list[list[float]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -420,15 +421,16 @@ class TestImages:
 # ---------------------------------------------------------------------------- video
 
 
-def write_video(path: Path, n: int, codec: str, h: int = 48, w: int = 64) -> Path:
+def write_video(path: Path, n: int, codec: str, h: int = 48, w: int = 64, options: dict | None = None) -> Path:
+    """``n`` frames of ``h`` x ``w``; ``options`` go to the muxer (e.g. ``{"movflags": "faststart"}``)."""
     import av
 
-    with av.open(str(path), "w") as out:
+    with av.open(str(path), "w", options=options or {}) as out:
         stream = out.add_stream(codec, rate=25)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         for k in range(n):
             img = np.zeros((h, w, 3), np.uint8)
-            img[: h // 2] = 20 + 20 * k  # brightness rises with time; top half only
+            img[: h // 2] = (20 + 20 * k) % 256  # brightness rises with time (12 frames); top half only
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             for packet in stream.encode(frame):
                 out.mux(packet)
@@ -486,3 +488,222 @@ def test_nifti(tmp_path):
     assert out.shape == (4, 40, 60, 3)
     assert out[2, 0, 30, 0] == pytest.approx((255 // 3) / 255)
     assert len(list(iter_frames(tmp_path / "c.nii", step=2))) == 2
+
+
+# ------------------------------------------------------------- truncated files (#15)
+
+
+def cut_video(full: Path, cut: Path, fraction: float = 0.6) -> Path:
+    """A copy of ``full`` cut inside its media data: ``fraction`` of the bytes after the MP4
+    ``mdat`` box header (the AVI ``movi`` list), as an interrupted copy leaves it."""
+    data = full.read_bytes()
+    start = max(data.find(b"mdat"), data.find(b"movi"))
+    assert start > 0
+    cut.write_bytes(data[: start + int((len(data) - start) * fraction)])
+    return cut
+
+
+@pytest.mark.parametrize("suffix,codec,options", [(".mp4", "libx264", {"movflags": "faststart"}), (".avi", "mpeg4", None)])
+def test_truncated_video_is_not_read_short(tmp_path, suffix, codec, options):
+    """An MP4 with its index at the front (faststart) or an AVI, cut short, still declares all 60
+    frames: every reader says how many of them it can read, or (allow_partial) warns and reads them."""
+    import re
+    import warnings
+
+    full = write_video(tmp_path / f"full{suffix}", 60, codec, options=options)
+    if options:
+        data = full.read_bytes()
+        assert data.find(b"moov") < data.find(b"mdat")  # faststart: the sample index comes first
+    p = cut_video(full, tmp_path / f"cut{suffix}")
+    name = re.escape(str(p))
+    short = rf"^{name}: only (\d+) of the 60 frames it declares can be read \(the file is truncated or corrupt\)$"
+
+    with pytest.raises(UltrasoundReadError, match=short) as err:
+        read_ultrasound(p)
+    readable = int(re.match(short, str(err.value)).group(1))
+    assert 0 < readable < 60
+    with pytest.raises(UltrasoundReadError, match=short):
+        read_metadata(p)
+    with pytest.raises(UltrasoundReadError, match=short):
+        count_frames(p)
+    with pytest.raises(UltrasoundReadError, match=short):
+        read_ultrasound(p, frames=[0])  # a selection is resolved against the frames there are
+    # Streaming: the frames that are there come first, the error at the end of the stream.
+    streamed = []
+    with pytest.raises(UltrasoundReadError, match=short):
+        for frame in iter_frames(p):
+            streamed.append(frame)
+    assert len(streamed) == readable
+
+    expected = read_ultrasound(full)[:readable]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        partial, meta = read_ultrasound(p, allow_partial=True, with_metadata=True)
+    assert [str(w.message) for w in caught if w.category is UserWarning] == [
+        f"{p}: only {readable} of the 60 frames it declares can be read (the file is truncated or corrupt); "
+        f"reading the {readable}"
+    ]
+    assert partial.shape == (readable, 48, 64, 3) and meta["num_frames"] == readable
+    np.testing.assert_allclose(partial, expected, atol=1e-6)
+    np.testing.assert_array_equal(np.stack(streamed), partial)
+    with pytest.warns(UserWarning, match=short[1:-1]):
+        assert read_metadata(p, allow_partial=True)["num_frames"] == readable
+    with pytest.warns(UserWarning, match=short[1:-1]):
+        last = read_ultrasound(p, frames=-1, allow_partial=True)
+    np.testing.assert_allclose(last[0], expected[-1], atol=1e-6)
+    with pytest.warns(UserWarning, match=short[1:-1]):
+        assert len(list(iter_frames(p, allow_partial=True))) == readable
+
+
+def test_truncated_mp4_without_faststart_cannot_be_opened(tmp_path):
+    """Without faststart the MP4 index is at the end: a cut file has none, and says so."""
+    p = cut_video(write_video(tmp_path / "full.mp4", 60, "libx264"), tmp_path / "cut.mp4")
+    for read in (read_ultrasound, read_metadata, lambda q: next(iter_frames(q))):
+        with pytest.raises(UltrasoundReadError, match=rf"^{re.escape(str(p))}: cannot open video \("):
+            read(p)
+
+
+def _rle_dicom(path: Path, frames: int = 2) -> Path:
+    """An RLE Lossless multi-frame DICOM, encoded by pydicom."""
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    stack = np.stack([gradient() // (k + 1) for k in range(frames)])
+    p = write_dicom(path, stack, "MONOCHROME2", NumberOfFrames=frames)
+    ds = pydicom.dcmread(p)
+    ds.compress(RLELossless)
+    ds.save_as(p)
+    return p
+
+
+def test_truncated_compressed_dicom_says_truncated(tmp_path):
+    """pydicom drops the Pixel Data element a file ends inside of: that is truncated pixel
+    data, not "no pixel data"; an uncompressed one says how many frames are complete."""
+    full = _rle_dicom(tmp_path / "rle.dcm")
+    np.testing.assert_allclose(read_ultrasound(full)[1, ..., 0], (gradient() // 2) / 255.0, atol=1e-6)
+    data = full.read_bytes()
+    cut = tmp_path / "rle_cut.dcm"
+    cut.write_bytes(data[: len(data) - 100])
+    message = rf"^{re.escape(str(cut))}: truncated pixel data: the file ends inside its compressed pixel data$"
+    with pytest.warns(UserWarning, match="End of file reached"):  # pydicom's own warning
+        with pytest.raises(UltrasoundReadError, match=message):
+            read_ultrasound(cut)
+
+    native = write_dicom(tmp_path / "native.dcm", np.stack([gradient()] * 3), "MONOCHROME2", NumberOfFrames=3)
+    data = native.read_bytes()
+    (tmp_path / "native_cut.dcm").write_bytes(data[: len(data) - 2400 - 10])  # into the third frame
+    with pytest.raises(UltrasoundReadError, match=r"native_cut\.dcm: truncated pixel data: 4,790 of 7,200 bytes, "
+                                                  r"1 of the 3 frames it declares$"):
+        read_ultrasound(tmp_path / "native_cut.dcm")
+
+
+@pytest.mark.parametrize("name", ["OBXXXX1A_rle_2frame.dcm", "pydicom_examples_ybr_color.dcm", "US1_J2KR.dcm",
+                                  "JPGLosslessP14SV1_1s_1f_8b.dcm"])
+def test_truncated_real_compressed_dicom(real_data_dir, tmp_path, name):
+    data = (real_data_dir / D / name).read_bytes()
+    cut = tmp_path / name
+    cut.write_bytes(data[: int(len(data) * 0.7)])
+    with pytest.warns(UserWarning, match="End of file reached"):
+        with pytest.raises(UltrasoundReadError, match="truncated pixel data") as err:
+            read_ultrasound(cut)
+    assert "no pixel data" not in str(err.value)
+
+
+def test_truncated_nifti(tmp_path):
+    import nibabel as nib
+
+    cine = np.stack([gradient().T] * 4, axis=-1)  # (X, Y, T)
+    for suffix in (".nii", ".nii.gz"):
+        nib.save(nib.Nifti1Image(cine, np.eye(4)), tmp_path / f"c{suffix}")
+        data = (tmp_path / f"c{suffix}").read_bytes()
+        cut = tmp_path / f"cut{suffix}"
+        cut.write_bytes(data[: len(data) * 2 // 3])
+        with pytest.raises(UltrasoundReadError, match=rf"^{re.escape(str(cut))}: truncated") as err:
+            read_ultrasound(cut)
+        assert "\n" not in str(err.value)
+    # An uncompressed .nii's size is checked from its header: its metadata says so too.
+    with pytest.raises(UltrasoundReadError, match=r"cut\.nii: truncated voxel data: [\d,]+ of 9,600 bytes$"):
+        read_metadata(tmp_path / "cut.nii")
+
+
+# ----------------------------------------------------------------- max_pixels (#15)
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that declares ``width`` x ``height`` grey pixels and holds none (a few dozen bytes):
+    what a reader sees before it decodes anything."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("side", [12000, 20000])
+def test_max_pixels_refuses_a_huge_png_before_decoding(tmp_path, side):
+    """12000² passed Pillow's limit (with a warning) and was decoded (6.3 GB); 20000² raised
+    Pillow's DecompressionBombError past the readers. Both are refused from the header."""
+    p = png_header_only(tmp_path / "huge.png", side, side)
+    message = (rf"^{re.escape(str(p))}: frame of {side}x{side} = {side * side:,} pixels is over the max_pixels "
+               rf"limit of 100,000,000 pixels per frame$")
+    for read in (read_ultrasound, read_metadata, lambda q: next(iter_frames(q)), count_frames):
+        with pytest.raises(UltrasoundReadError, match=message):
+            read(p)
+
+
+def test_max_pixels_replaces_pillows_limit(tmp_path, monkeypatch):
+    """Pillow's decompression-bomb check agrees with max_pixels: an image that max_pixels allows is
+    read without Pillow's warning or error, whatever PIL.Image.MAX_IMAGE_PIXELS says."""
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow would refuse 100x100 (> 2000)
+    Image.fromarray(gradient(100, 100)).save(tmp_path / "g.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning would fail the test
+        out = read_ultrasound(tmp_path / "g.png")
+    assert out.shape == (1, 100, 100, 3) and out[0, 0, 50, 0] == pytest.approx(1.0)
+    assert read_ultrasound(tmp_path / "g.png", max_pixels=10_000).shape == (1, 100, 100, 3)
+    with pytest.raises(UltrasoundReadError, match=r"g\.png: frame of 100x100 = 10,000 pixels is over the max_pixels "
+                                                  r"limit of 9,999 pixels per frame$"):
+        read_ultrasound(tmp_path / "g.png", max_pixels=9_999)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # restored
+    # Every frame of a multi-frame TIFF is checked (they may differ in size).
+    Image.fromarray(gradient(10, 10)).save(tmp_path / "m.tif", save_all=True,
+                                           append_images=[Image.fromarray(gradient(40, 50))])
+    assert [f.shape for f in iter_frames(tmp_path / "m.tif", max_pixels=2000)] == [(10, 10, 3), (40, 50, 3)]
+    frames = iter_frames(tmp_path / "m.tif", max_pixels=1999)
+    assert next(frames).shape == (10, 10, 3)
+    with pytest.raises(UltrasoundReadError, match=r"m\.tif: frame of 50x40 = 2,000 pixels is over"):
+        next(frames)
+
+
+def test_max_pixels_dicom_video_nifti(tmp_path):
+    import nibabel as nib
+    import pydicom
+
+    dcm = write_dicom(tmp_path / "g.dcm", gradient(), "MONOCHROME2")  # 40 rows x 60 columns
+    video = write_video(tmp_path / "v.mp4", 3, "libx264")  # 48 x 64
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(gradient().T), np.eye(4)), tmp_path / "g.nii.gz")
+    cases = [(dcm, 60, 40), (video, 64, 48), (tmp_path / "g.nii.gz", 60, 40)]
+    for path, width, height in cases:
+        limit = width * height
+        assert read_ultrasound(path, max_pixels=limit).shape[1:] == (height, width, 3)
+        refused = rf"{re.escape(path.name)}: frame of {width}x{height} = {limit:,} pixels is over the max_pixels limit of {limit - 1:,}"
+        for read in (read_ultrasound, read_metadata, lambda q, **k: next(iter_frames(q, **k))):
+            with pytest.raises(UltrasoundReadError, match=refused):
+                read(path, max_pixels=limit - 1)
+    # The DICOM header's Rows x Columns is checked before its pixel data is looked at.
+    ds = pydicom.dcmread(dcm)
+    ds.Rows = ds.Columns = 30000
+    ds.save_as(tmp_path / "huge.dcm")
+    with pytest.raises(UltrasoundReadError, match=r"huge\.dcm: frame of 30000x30000 = 900,000,000 pixels is over"):
+        read_ultrasound(tmp_path / "huge.dcm")
+    for bad in (0, -5, 1.5, True):
+        with pytest.raises(ValueError, match="max_pixels must be a positive integer or None"):
+            read_ultrasound(dcm, max_pixels=bad)
+    assert read_ultrasound(dcm, max_pixels=None).shape == (1, 40, 60, 3)

@@ -199,15 +199,15 @@ def test_clips_from_folders_tiffs_dicoms_and_stills(tmp_path: Path) -> None:
     assert clip_frame_count(tmp_path / "cine.dcm") == 3
 
 
-def test_expand_frames_one_item_per_frame_and_skips_bad_files(tmp_path: Path) -> None:
+def test_expand_frames_one_item_per_frame_and_keeps_bad_files_for_their_row(tmp_path: Path) -> None:
     write_dicom(tmp_path / "cine.dcm", np.stack([np.full((24, 32), 50 * k, np.uint8) for k in range(3)]), "MONOCHROME2")
     _png(tmp_path / "still.png", np.zeros((24, 32), np.uint8))
     (tmp_path / "broken.png").write_bytes(b"not an image")
     items = [{"image": str(tmp_path / n)} for n in ("cine.dcm", "broken.png", "still.png")]
-    with pytest.warns(UserWarning, match=r"skipped: .*broken\.png"):
-        out = expand_frames(items)
+    out = expand_frames(items)
+    # the broken file stays one item: the inference dataset skips it and lists it with its reason
     assert [(Path(i["image"]).name, i["frame"], i["num_frames"]) for i in out] == [
-        ("cine.dcm", 0, 3), ("cine.dcm", 1, 3), ("cine.dcm", 2, 3), ("still.png", 0, 1)
+        ("cine.dcm", 0, 3), ("cine.dcm", 1, 3), ("cine.dcm", 2, 3), ("broken.png", 0, 1), ("still.png", 0, 1)
     ]
     frame = LoadFramed("image")(out[2])
     assert frame["image"].shape == (3, 24, 32)

@@ -3,7 +3,7 @@ classification bundles as classifiers, each with a train task on the annotators'
 
 Start it from the repository root, in the server environment (``apps/monailabel/setup_env.sh``):
 
-    monailabel start_server --app apps/monailabel --studies STUDIES --conf models all
+    monailabel start_server --app apps/monailabel --studies STUDIES --host 127.0.0.1 --conf models all
 
 ``--conf`` keys:
 
@@ -16,6 +16,11 @@ Start it from the repository root, in the server environment (``apps/monailabel/
 
 A model whose checkpoint does not exist yet is left out of ``/info/`` (MONAI Label lists
 valid models only) and logged; its train task is there, and creates the checkpoint.
+
+Request values are data: every infer, batch infer and train request is checked against its
+task's schema (``request_fields``, see ``lib/validation.py``) before it runs or is queued, and
+answered HTTP 422 naming the field when refused; uploads stay inside the studies folder
+(``lib/datastore.py``). See ``docs/security.md``.
 """
 
 from __future__ import annotations
@@ -23,11 +28,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
+from collections.abc import Mapping
+from typing import Any
 
+from fastapi import HTTPException
 from monailabel.config import settings
-from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
+from monailabel.utils.async_tasks.task import AsyncTask
 
 # MONAI Label imports this file as a module; the app's own package (lib) sits beside it.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -35,8 +44,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import echocare  # noqa: E402
 from echocare.io.readers import SUPPORTED_SUFFIXES
 from lib.bundles import TASKS, bundle_overrides, selected_models  # noqa: E402
+from lib.datastore import StudiesDatastore, UploadSessions  # noqa: E402
 from lib.infer import EchoCareInfer  # noqa: E402
 from lib.train import EchoCareTrain  # noqa: E402
+from lib.validation import RequestFieldError, batch_infer_fields, validate_request  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +67,7 @@ class EchoCareApp(MONAILabelApp):
             description="EchoCare ultrasound foundation model: segmentation and classification bundles",
             version=echocare.__version__,
         )
+        _check_requests_before_queueing()
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
@@ -63,7 +75,18 @@ class EchoCareApp(MONAILabelApp):
         # Every kind of file the project's readers take (images, DICOMs, videos, NIfTI), in
         # lower and upper case (scanners export "IMG_0001.JPG" and "IM0001.DCM").
         patterns = sorted({f"*{s}" for s in SUPPORTED_SUFFIXES} | {f"*{s.upper()}" for s in SUPPORTED_SUFFIXES})
-        return LocalDatastore(self.studies, extensions=patterns, auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD)
+        return StudiesDatastore(
+            self.studies,
+            extensions=patterns,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def _load_sessions(self, load: bool = False) -> UploadSessions | None:
+        # MONAI Label's own loader, with sessions that refuse archives (see UploadSessions)
+        if not load:
+            return None
+        return UploadSessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY)
 
     def init_infers(self) -> dict[str, EchoCareInfer]:
         infers = {}
@@ -76,6 +99,89 @@ class EchoCareApp(MONAILabelApp):
 
     def init_trainers(self) -> dict[str, EchoCareTrain]:
         return {name: EchoCareTrain(name, self.overrides[name]) for name in self.models}
+
+    def checked_request(self, method: str, request: Mapping[str, Any]) -> dict[str, Any]:
+        """``request`` for ``method`` (``infer``, ``batch_infer`` or ``train``) checked against
+        its model's task schema (``request_fields``); an infer image must be an image of the
+        studies folder or a file MONAI Label stored from an upload.
+
+        Raises:
+            HTTPException: 404 for an unknown model; 422 ``"<field>: <problem>"`` for an unknown
+                field or a refused value.
+        """
+        model = request.get("model")
+        tasks = self._trainers if method == "train" else self._infers
+        task = tasks.get(model) if isinstance(model, str) else None
+        if task is None:
+            raise HTTPException(status_code=404, detail=f"model: no {method} task {model!r}; "
+                                                        f"this app serves {sorted(tasks)}")
+        fields = task.request_fields
+        if method == "batch_infer":
+            fields = batch_infer_fields(fields)
+        try:
+            checked = validate_request(fields, request)
+            if method == "infer":
+                self._check_infer_files(checked)
+        except RequestFieldError as error:
+            raise HTTPException(status_code=422, detail=str(error)) from None
+        return checked
+
+    def _check_infer_files(self, request: Mapping[str, Any]) -> None:
+        """An ``image`` id names an image of the studies folder; an ``image`` or ``label`` path
+        is one MONAI Label's routes stored an upload at (the temporary folder, the sessions)."""
+        image = request.get("image")
+        if isinstance(image, str) and not os.path.isabs(image) and not self.datastore().get_image_uri(image):
+            raise RequestFieldError("image", f"no image {image!r} in the studies folder")
+        upload_dirs = [tempfile.gettempdir()]
+        if self._sessions is not None:
+            upload_dirs.append(self._sessions.store_path)
+        upload_dirs = [os.path.realpath(d) for d in upload_dirs]
+        for key in ("image", "label"):
+            path = request.get(key)
+            if isinstance(path, str) and os.path.isabs(path):
+                real = os.path.realpath(path)
+                if not os.path.isfile(real) or not any(os.path.commonpath([real, d]) == d for d in upload_dirs):
+                    raise RequestFieldError(key, f"{path!r} is neither an image id of the studies folder nor "
+                                                 "an uploaded file")
+
+    def infer(self, request: Mapping[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        return super().infer(self.checked_request("infer", request), datastore)
+
+    def batch_infer(self, request: Mapping[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        # every image's request is the checked batch request plus what MONAI Label sets per
+        # image (ids from the studies folder), so it goes to the unchecked infer
+        checked = self.checked_request("batch_infer", request)
+        return self._batch_infer(checked, datastore if datastore else self.datastore(), super().infer)
+
+    def train(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        return super().train(self.checked_request("train", request))
+
+
+def _check_requests_before_queueing() -> None:
+    """Make MONAI Label check train and batch infer requests before it queues them.
+
+    ``POST /train/<model>`` and ``POST /batch/infer/<model>`` go through ``AsyncTask.run``,
+    which either runs the request at once (``run_sync=true``, through the app's ``train`` /
+    ``batch_infer``, which check it) or queues it for a background process, whose failure
+    would only show as status ERROR. Checking in ``AsyncTask.run`` answers a refused request
+    with HTTP 422 naming the field, before anything is queued or run. Installed once per process.
+    """
+    run = AsyncTask.run
+    if getattr(run, "echocare_checked", False):
+        return
+
+    def checked_run(method: str, request: Any = None, params: Any = None, force_sync: bool = False,
+                    enqueue: bool = False) -> Any:
+        from monailabel.interfaces.utils.app import app_instance
+
+        instance = app_instance()
+        if method in ("train", "batch_infer") and isinstance(instance, EchoCareApp):
+            # the request AsyncTask.run builds: the route's request, then the body's parameters
+            instance.checked_request(method, {**(request or {}), **(params or {})})
+        return run(method, request=request, params=params, force_sync=force_sync, enqueue=enqueue)
+
+    checked_run.echocare_checked = True  # type: ignore[attr-defined]
+    AsyncTask.run = staticmethod(checked_run)  # type: ignore[method-assign]
 
 
 __all__ = ["EchoCareApp", "TASKS"]

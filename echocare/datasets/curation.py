@@ -34,13 +34,29 @@ point and rerun gives the same files as an uninterrupted one. ``datalist.json``,
 Memory stays flat as the input grows: files are enumerated lazily, frames are streamed,
 only a bounded number of files is in flight, and the main process keeps only hashes.
 
+Safety: curate writes only into a new or empty ``OUT``, or one holding its own journal
+(a resume); an ``OUT`` that is, is inside or contains a source is refused
+(:class:`CurationError`, one line ``"<OUT>: <problem>"``). The only files it removes are
+outputs its journal records (a dropped unit's image, a killed worker's temporary file,
+and with ``restart`` everything the old journal lists). One bad file never costs the
+batch: unreadable files, symbolic link loops and zip members with unsafe names
+(absolute, ``..``) are reported; a worker process that dies (killed, out of memory) has
+its files retried once, each alone, and the file that kills its worker again is reported
+as failed.
+
 Privacy: nothing read from a DICOM other than pixels reaches any output. Output names
-are hashes of the source-relative path and frame index; reports name the user's own
-source paths and the readers' error messages, never DICOM attributes.
+are hashes of the source-relative path and frame index; overlays show a flat colour
+outside the echo region (no burned-in text survives). Reports name the user's own source
+paths and the readers' error messages, never DICOM attributes; with
+``hide_source_paths`` they (and the journal) name a file by
+``sha256("<source folder name>/<path inside it>[!<zip member>]")[:16]`` instead, sources
+by ``sha256(name)[:16]``, and error messages have the path replaced by that hash.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import errno
 import fnmatch
 import hashlib
 import io
@@ -50,19 +66,30 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import tempfile
+import threading
 import time
 import zipfile
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from echocare.io.readers import SUPPORTED_SUFFIXES, UltrasoundReadError, detect_format, iter_frames
+from echocare.io.readers import (
+    DEFAULT_MAX_PIXELS,
+    SUPPORTED_SUFFIXES,
+    UltrasoundReadError,
+    detect_format,
+    iter_frames,
+)
+from echocare.errors import EchoCareError
 
 __all__ = [
     "curate",
@@ -93,10 +120,14 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "restart": False,  # discard an existing journal in OUT instead of resuming it
     "fsync_every": 64,  # journal lines between fsyncs
     "max_in_flight": 0,  # files queued to workers at once (0: 4 x workers)
+    "hide_source_paths": False,  # outputs name source files by sha256("<source>/<path>")[:16], never by path
+    "max_pixels": DEFAULT_MAX_PIXELS,  # larger frames (height x width) are refused from the header; "none": no limit
     "_delay": 0.0,  # seconds of sleep per file in the worker (tests of kill and resume)
 }
 
 JOURNAL = "progress.jsonl"
+#: The journal of a run being discarded (``restart``): it lists the outputs still to remove.
+_DISCARDED_JOURNAL = ".progress.jsonl.discarded"
 _JOURNAL_VERSION = 1
 #: Suffixes of files that are not images (documentation, tables, ...): listed as skipped.
 _NOT_MEDIA = {".txt", ".csv", ".tsv", ".json", ".yaml", ".yml", ".md", ".rst", ".xml", ".html", ".htm",
@@ -105,8 +136,9 @@ _NOT_MEDIA = {".txt", ".csv", ".tsv", ".json", ".yaml", ".yml", ".md", ".rst", "
 _DROP_REASONS = ("blank", "binary", "exact_duplicate", "near_duplicate")
 
 
-class CurationError(ValueError):
-    """A problem with the curation inputs (sources, mapping, options, output folder)."""
+class CurationError(EchoCareError, ValueError):
+    """A problem with the curation inputs (sources, mapping, options, output folder): one line,
+    ``"<file or folder>: <problem>"`` (the command prints it as ``error: ...`` and exits 2)."""
 
 
 # --------------------------------------------------------------------------- options
@@ -128,7 +160,7 @@ def _options(options: dict[str, Any]) -> dict[str, Any]:
         known = ", ".join(k for k in DEFAULT_OPTIONS if not k.startswith("_"))
         raise CurationError(f"unknown curate option(s) {', '.join(unknown)}; known: {known}")
     opts = {**DEFAULT_OPTIONS, **options}
-    for name in ("overlay", "crop", "progress", "restart"):
+    for name in ("overlay", "crop", "progress", "restart", "hide_source_paths"):
         opts[name] = _as_bool(opts[name], name)
     for name in ("near_duplicate_threshold", "seed", "min_pixels", "fsync_every", "max_in_flight"):
         try:
@@ -138,6 +170,16 @@ def _options(options: dict[str, Any]) -> dict[str, Any]:
     if opts["near_duplicate_threshold"] > 32:
         raise CurationError("option near_duplicate_threshold: at most 32 bits (of 64)")
     opts["_delay"] = float(opts["_delay"])
+    limit = opts["max_pixels"]
+    if limit is None or (isinstance(limit, str) and limit.strip().lower() == "none"):
+        opts["max_pixels"] = None
+    else:
+        try:
+            opts["max_pixels"] = int(limit)
+        except (TypeError, ValueError):
+            raise CurationError(f"option max_pixels: expected a number of pixels or none, got {limit!r}") from None
+        if isinstance(limit, bool) or opts["max_pixels"] < 1:
+            raise CurationError(f"option max_pixels: expected a positive number of pixels or none, got {limit!r}")
     excl = opts["exclude"]
     if excl is None or excl == "":
         opts["exclude"] = []
@@ -422,12 +464,18 @@ def _save_png_atomic(array: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
+#: Colour of an overlay outside the echo region: flat, so that no burned-in text (names,
+#: dates, IDs) survives there.
+_OVERLAY_OUTSIDE = (60, 0, 60)
+
+
 def _overlay(rgb: np.ndarray, box: tuple[int, int, int, int], mask: np.ndarray) -> np.ndarray:
-    """The original with the region tinted outside (dimmed), its outline green, its box red."""
+    """The (H, W, 3) uint8 original inside the region (an (H, W) bool mask), one flat colour
+    outside it, the region's outline green, its bounding box red."""
     from scipy import ndimage as ndi
 
     out = rgb.copy()
-    out[~mask] = (out[~mask] * 0.4).astype(np.uint8) + np.array([60, 0, 0], np.uint8)
+    out[~mask] = _OVERLAY_OUTSIDE
     edge = mask & ~ndi.binary_erosion(mask, iterations=max(1, max(rgb.shape[:2]) // 300))
     out[edge] = (0, 255, 0)
     y0, y1, x0, x1 = box
@@ -449,7 +497,7 @@ class _Task:
     path: str  # file on disk (the archive for a zip member)
     member: str | None = None  # zip member name
     problem: str | None = None  # known unreadable before decoding (bad zip)
-    skip: str | None = None  # not an image/video/DICOM (listed as skipped)
+    skip: str | None = None  # why it is listed as skipped, unread (not an image, link loop, unsafe zip name)
     skip_frames: frozenset[int] = field(default_factory=frozenset)
 
 
@@ -462,10 +510,12 @@ def _source_labels(sources: list[Path]) -> list[str]:
     return labels
 
 
-def _walk(root: Path, skip_dirs: set[Path]) -> Iterator[str]:
-    """Relative posix paths of the files under ``root``: entries sorted by name, folders
-    recursed in place, hidden entries ignored."""
-    def rec(folder: Path, prefix: str) -> Iterator[str]:
+def _walk(root: Path, skip_dirs: set[str]) -> Iterator[tuple[str, str | None]]:
+    """``(relative posix path, None)`` for the files under ``root``, and ``(relative path,
+    reason)`` for entries that cannot be followed (a symbolic link loop, a broken link):
+    entries sorted by name, folders recursed in place, hidden entries ignored. A link to a
+    folder above it is not followed (it would list the same files forever)."""
+    def rec(folder: str, prefix: str, above: frozenset[str]) -> Iterator[tuple[str, str | None]]:
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
@@ -475,17 +525,34 @@ def _walk(root: Path, skip_dirs: set[Path]) -> Iterator[str]:
             if e.name.startswith(".") or e.name == "__MACOSX":
                 continue
             rel = prefix + e.name
-            if e.is_dir():
-                if Path(e.path).resolve() in skip_dirs:
-                    continue
-                yield from rec(Path(e.path), rel + "/")
-            elif e.is_file():
-                yield rel
+            try:
+                is_dir = e.is_dir()
+                is_file = not is_dir and e.is_file()
+            except OSError as exc:  # ELOOP: a link to itself, or a cycle of links
+                yield rel, ("symbolic link loop: not followed" if exc.errno == errno.ELOOP
+                            else f"cannot read ({exc.strerror})")
+                continue
+            if is_dir:
+                real = os.path.realpath(e.path)
+                if real in above:
+                    yield rel, "symbolic link loop (a link to a folder above it): not followed"
+                elif real not in skip_dirs:
+                    yield from rec(e.path, rel + "/", above | {real})
+            elif is_file:
+                yield rel, None
+            elif e.is_symlink():
+                yield rel, "broken symbolic link"
 
     if root.is_file():
-        yield root.name
+        yield root.name, None
     else:
-        yield from rec(root, "")
+        yield from rec(str(root), "", frozenset({os.path.realpath(root)}))
+
+
+def _unsafe_member(name: str) -> bool:
+    """Whether a zip member's name is absolute or climbs out of the archive (``..``)."""
+    name = name.replace("\\", "/")
+    return name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in name.split("/")
 
 
 def _file_kind(name: str) -> str | None:
@@ -503,15 +570,18 @@ def _file_kind(name: str) -> str | None:
 
 def _tasks(sources: list[Path], labels: list[str], given: list[str], out: Path,
            exclude: list[str]) -> Iterator[_Task]:
-    skip_dirs = {out.resolve()}
+    skip_dirs = {os.path.realpath(out)}  # a link in a source to OUT
     for src, label, shown in zip(sources, labels, given):
         base = Path(shown) if src.is_dir() else Path(shown).parent
-        for rel in _walk(src, skip_dirs):
+        for rel, unreadable in _walk(src, skip_dirs):
             key = f"{label}/{rel}"
             if any(fnmatch.fnmatchcase(rel, g) or fnmatch.fnmatchcase(key, g) for g in exclude):
                 continue
             path = src / rel if src.is_dir() else src
             display = str(base / rel)
+            if unreadable is not None:
+                yield _Task(key, display, str(path), skip=unreadable)
+                continue
             if rel.lower().endswith(".zip"):
                 try:
                     with zipfile.ZipFile(path) as zf:
@@ -521,10 +591,15 @@ def _tasks(sources: list[Path], labels: list[str], given: list[str], out: Path,
                     continue
                 for m in members:
                     parts = m.split("/")
-                    if any(p.startswith(".") or p == "__MACOSX" for p in parts):
+                    unsafe = _unsafe_member(m)
+                    if not unsafe and any(p.startswith(".") or p == "__MACOSX" for p in parts):
                         continue
                     mkey = f"{key}!{m}"
                     if any(fnmatch.fnmatchcase(f"{rel}!{m}", g) or fnmatch.fnmatchcase(mkey, g) for g in exclude):
+                        continue
+                    if unsafe:  # listed, never extracted or read
+                        yield _Task(mkey, f"{display}!{m}", str(path), member=m,
+                                    skip="unsafe name in zip archive (absolute path or '..'): not extracted")
                         continue
                     skip = _file_kind(parts[-1])
                     if skip is None and m.lower().endswith(".zip"):
@@ -561,7 +636,7 @@ def _process(task: _Task, cfg: dict[str, Any]) -> dict[str, Any]:
                 return result
         try:
             result["fmt"] = detect_format(path)
-            for i, frame in enumerate(iter_frames(path, step=cfg["frame_step"])):
+            for i, frame in enumerate(iter_frames(path, step=cfg["frame_step"], max_pixels=cfg["max_pixels"])):
                 fr = i * cfg["frame_step"]
                 if fr in task.skip_frames:
                     continue
@@ -608,32 +683,107 @@ def _process_frame(key: str, fr: int, frame: np.ndarray, cfg: dict[str, Any]) ->
     return {"fr": fr, "st": "candidate", "n": name, "sha": sha, "ph": ph, "box": [box[0], box[1], box[2], box[3]]}
 
 
-def _worker_run(args: tuple[_Task, dict[str, Any]]) -> dict[str, Any]:
-    return _process(*args)
+def _worker_run(task: _Task, cfg: dict[str, Any]) -> dict[str, Any]:
+    return _process(task, cfg)  # looked up at call time, in the worker
+
+
+#: The error of a file whose worker process died twice while reading it.
+LOST_WORKER = ("a worker process died while reading this file (killed by the system, e.g. out of memory, "
+               "or crashed); retried once, alone")
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: exit once the main process ``parent`` is gone (killed, e.g. out of
+    memory), instead of waiting idle forever on the task queue as an orphan."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="curate-parent-watch", daemon=True).start()
+
+
+def _new_pool(workers: int, ctx: Any) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+
+def _done(result: dict[str, Any]) -> Future:
+    future: Future = Future()
+    future.set_result(result)
+    return future
+
+
+def _retry_alone(task: _Task, cfg: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """``task`` in a pool of its own: its result, or the ``LOST_WORKER`` error if it kills
+    that worker too."""
+    with _new_pool(1, ctx) as solo:
+        try:
+            return solo.submit(_worker_run, task, cfg).result()
+        except BrokenProcessPool:
+            logger.warning("%s (reported as failed)", LOST_WORKER)  # no path: hide_source_paths
+            return {"fmt": None, "units": [], "error": LOST_WORKER}
 
 
 def _ordered_map(tasks: Iterable[_Task], cfg: dict[str, Any], workers: int, ahead: int
                  ) -> Iterator[tuple[_Task, dict[str, Any]]]:
-    """(task, result) in task order; with workers > 1 at most ``ahead`` files in flight."""
+    """(task, result) in task order; with workers > 1 at most ``ahead`` files in flight.
+
+    A worker that dies (SIGKILL, out-of-memory kill, crash) breaks the pool and loses every
+    file in flight: each lost file is retried once in a pool of its own, in order (so only
+    the file that kills its worker again fails, with ``LOST_WORKER``), then the run goes on
+    with a new pool. Results already received are kept.
+    """
     if workers <= 1:
         for t in tasks:
             yield t, (_process(t, cfg) if t.skip is None and t.problem is None else {})
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
-    with ctx.Pool(workers) as pool:
-        pending: deque = deque()
+    pool = _new_pool(workers, ctx)
+    pending: deque[tuple[_Task, Future | None]] = deque()
+
+    def recover() -> None:
+        nonlocal pool
+        pool.shutdown(wait=True)  # settles every future of the broken pool
+        lost = [i for i, (_, f) in enumerate(pending) if f is not None and _lost(f)]
+        logger.warning("a curate worker process died; retrying the %d file(s) it had in flight", len(lost))
+        for i in lost:
+            pending[i] = (pending[i][0], _done(_retry_alone(pending[i][0], cfg, ctx)))
+        pool = _new_pool(workers, ctx)
+
+    def submit(task: _Task) -> Future:
+        try:
+            return pool.submit(_worker_run, task, cfg)
+        except BrokenProcessPool:  # a worker died since the last look
+            recover()
+            return pool.submit(_worker_run, task, cfg)
+
+    def pop() -> tuple[_Task, dict[str, Any]]:
+        head = pending[0][1]
+        if head is not None and _lost(head, wait=True):
+            recover()
+        task, future = pending.popleft()
+        return task, (future.result() if future is not None else {})
+
+    try:
         for t in tasks:
-            if t.skip is None and t.problem is None:
-                pending.append((t, pool.apply_async(_worker_run, ((t, cfg),))))
-            else:
-                pending.append((t, None))
+            pending.append((t, submit(t) if t.skip is None and t.problem is None else None))
             while len(pending) > ahead or (pending and pending[0][1] is None):
-                t0, r = pending.popleft()
-                yield t0, (r.get() if r is not None else {})
+                yield pop()
         while pending:
-            t0, r = pending.popleft()
-            yield t0, (r.get() if r is not None else {})
+            yield pop()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _lost(future: Future, wait: bool = False) -> bool:
+    """Whether ``future`` lost its file to a broken pool (not done counts as lost once the
+    pool is shut down). ``wait``: wait for it to settle first."""
+    if wait:
+        concurrent.futures.wait([future])
+    if not future.done() or future.cancelled():
+        return True
+    return isinstance(future.exception(), BrokenProcessPool)
 
 
 # --------------------------------------------------------------------------- journal
@@ -738,15 +888,18 @@ def curate(
             ``validation``, chosen by a hash of the source path salted by ``seed``.
         **options: see :data:`DEFAULT_OPTIONS` (``near_duplicate_threshold``,
             ``overlay``, ``seed``, ``min_pixels``, ``crop``, ``exclude``, ``progress``,
-            ``restart``, ``fsync_every``, ``max_in_flight``).
+            ``restart``, ``fsync_every``, ``max_in_flight``, ``hide_source_paths``,
+            ``max_pixels``: frames above it are reported as failed, never decoded).
 
     Returns:
         Path of ``OUT/datalist.json``.
 
     Raises:
         CurationError: missing source, bad mapping (names the file and key), bad option,
-            or an ``OUT`` journal written with other settings (rerun with
-            ``restart=True`` or another ``OUT``).
+            an ``OUT`` that is not curate's to write (not empty and no journal, not a
+            folder, or is/inside/containing a source), or an ``OUT`` journal written with
+            other settings (rerun with ``restart=True`` or another ``OUT``). The message
+            is one line, starting with the file or folder concerned.
     """
     opts = _options(options)
     if isinstance(sources, (str, os.PathLike)):
@@ -754,10 +907,12 @@ def curate(
     given = [str(s) for s in sources]
     if not given:
         raise CurationError("no source given (--src DIR)")
-    src_paths = [Path(s).expanduser().resolve() for s in given]
+    # realpath, not Path.resolve: that raises RuntimeError on a symbolic link loop.
+    src_paths = [Path(os.path.realpath(os.path.expanduser(s))) for s in given]
     for s, g in zip(src_paths, given):
         if not s.exists():
-            raise CurationError(f"source not found: {g}")
+            link = " (a broken or looping symbolic link)" if os.path.islink(os.path.expanduser(g)) else ""
+            raise CurationError(f"{g}: source not found{link}")
     size, workers, frame_step = int(size), max(1, int(workers)), int(frame_step)
     if size < 8:
         raise CurationError(f"size must be at least 8, got {size}")
@@ -774,13 +929,17 @@ def curate(
     labels = _source_labels(src_paths)
 
     out_dir = Path(out)
+    _check_out(out_dir, src_paths, given)
+    if opts["restart"] or (out_dir / _DISCARDED_JOURNAL).exists():
+        _discard_run(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     if opts["overlay"]:
         (out_dir / "overlays").mkdir(exist_ok=True)
 
+    hide = opts["hide_source_paths"]
     settings = {
         "version": _JOURNAL_VERSION,
-        "sources": [str(s) for s in src_paths],
+        "sources": [_hidden(str(s)) if hide else str(s) for s in src_paths],
         "size": size,
         "frame_step": frame_step,
         "near_duplicate_threshold": opts["near_duplicate_threshold"],
@@ -789,13 +948,17 @@ def curate(
         "overlay": opts["overlay"],
         "exclude": opts["exclude"],
     }
+    if hide:
+        # With hidden paths the journal keeps no path to resolve the anatomy from at the
+        # end: each unit's anatomy is journaled when it is decided, so a resume must use
+        # the same mapping.
+        settings["hide_source_paths"] = True
+        settings["mapping"] = _hidden(json.dumps(amap, sort_keys=True))
     journal = _Journal(out_dir / JOURNAL, opts["fsync_every"])
-    if opts["restart"] and journal.path.exists():
-        journal.path.unlink()
     records = journal.read()
     if records and records[0].get("settings") != settings:
         raise CurationError(
-            f"{out_dir} holds a curation run with other settings ({journal.path}); use another --out, "
+            f"{out_dir}: holds a curation run with other settings ({JOURNAL}); use another --out, "
             "or --restart true to start over"
         )
     if not records:
@@ -818,14 +981,19 @@ def curate(
     resumed = bool(done_files or done_units)
 
     cfg = {"frame_step": frame_step, "size": size, "out": str(out_dir), "overlay": opts["overlay"],
-           "crop": opts["crop"], "min_pixels": opts["min_pixels"], "_delay": opts["_delay"]}
+           "crop": opts["crop"], "min_pixels": opts["min_pixels"], "max_pixels": opts["max_pixels"],
+           "_delay": opts["_delay"]}
+
+    def journal_key(task: _Task) -> str:
+        return _hidden(task.key) if hide else task.key
 
     def pending() -> Iterator[_Task]:
         for t in _tasks(src_paths, labels, given, out_dir, opts["exclude"]):
-            if t.key in done_files:
+            key = journal_key(t)
+            if key in done_files:
                 continue
-            if t.key in done_units:
-                t.skip_frames = frozenset(done_units[t.key])
+            if key in done_units:
+                t.skip_frames = frozenset(done_units[key])
             yield t
 
     total = sum(1 for _ in _tasks(src_paths, labels, given, out_dir, opts["exclude"]))
@@ -840,11 +1008,12 @@ def curate(
         logger.info("resuming %s: %d file(s) already done", out_dir, len(done_files))
     try:
         for task, result in _ordered_map(pending(), cfg, workers, ahead):
-            base = {"k": task.key, "d": task.display}
+            key = journal_key(task)
+            base = {"k": key, "d": key if hide else task.display}
             if task.skip is not None:
                 journal.write({**base, "done": True, "skip": task.skip})
             elif task.problem is not None:
-                journal.write({**base, "done": True, "err": task.problem})
+                journal.write({**base, "done": True, "err": _scrub(task.problem, task, key) if hide else task.problem})
             else:
                 fmt = result["fmt"]
                 for u in result["units"]:
@@ -861,12 +1030,18 @@ def curate(
                             rec["st"] = "kept"
                             seen_sha[u["sha"]] = u["n"]
                             index.add(u["ph"], u["n"])
-                        if rec["st"] != "kept":
-                            _remove_outputs(out_dir, u["n"])
+                            if hide:  # what _finish would otherwise read from the path
+                                source, rel = task.key.split("/", 1)
+                                rec.update(a=resolve_anatomy(amap, source, rel), s=_hidden(source),
+                                           g=_hidden(task.key.split("!", 1)[0]))
                     else:
                         rec["st"] = u["st"]
                     journal.write(rec)
-                journal.write({**base, "done": True, "fmt": fmt, "err": result["error"]})
+                    if rec["st"] in ("exact_duplicate", "near_duplicate"):
+                        # Written by this run's worker and journaled as dropped: remove it.
+                        _remove_outputs(out_dir, rec["n"])
+                error = result["error"]
+                journal.write({**base, "done": True, "fmt": fmt, "err": _scrub(error, task, key) if hide else error})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(kept=len(seen_sha), refresh=False)
@@ -878,12 +1053,112 @@ def curate(
     return _finish(out_dir, journal, amap, onto, labels, val_fraction, opts["seed"], settings)
 
 
+def _hidden(text: str) -> str:
+    """What ``hide_source_paths`` shows instead of a source path or name: ``sha256(text)[:16]``."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _scrub(message: str | None, task: _Task, hidden: str) -> str | None:
+    """``message`` (a reader's error) with every spelling of the task's file replaced by ``hidden``."""
+    if not message:
+        return message
+    names = {task.path, os.path.realpath(task.path), task.display, task.key, os.path.basename(task.path)}
+    if task.member:
+        names |= {task.member, task.member.rsplit("/", 1)[-1]}
+    for name in sorted((n for n in names if n), key=len, reverse=True):  # longest first: whole paths
+        message = message.replace(name, hidden)
+    return message
+
+
+def _check_out(out: Path, sources: list[Path], given: list[str]) -> None:
+    """Refuse an output folder that curate could damage.
+
+    Raises:
+        CurationError: ``out`` is, is inside or contains a source (real paths compared, links
+            resolved), exists and is not a folder, or is a non-empty folder without a
+            curation journal (curate did not create it). One line: ``"<out>: <problem>"``.
+    """
+    real_out = Path(os.path.realpath(out))
+    for src, shown in zip(sources, given):
+        real_src = Path(os.path.realpath(src))
+        kind = "folder" if real_src.is_dir() else "file"
+        problem = None
+        if real_out == real_src:
+            problem = f"is the source {kind}"
+        elif real_out.is_relative_to(real_src):
+            problem = f"inside the source {kind}"
+        elif real_src.is_relative_to(real_out):
+            problem = f"contains the source {kind}"
+        if problem:
+            raise CurationError(f"{out}: {problem} {shown}; give an --out outside every --src")
+    if not os.path.lexists(out):
+        return
+    if not out.is_dir():
+        raise CurationError(f"{out}: exists and is not a folder")
+    with os.scandir(out) as entries:
+        empty = next(entries, None) is None
+    if not empty and not _holds_journal(out):
+        raise CurationError(f"{out}: not empty and holds no curation journal ({JOURNAL}); curate writes only "
+                            "into a new or empty folder, or resumes its own run there")
+
+
+def _holds_journal(out: Path) -> bool:
+    """Whether ``out`` holds a curation journal: its first line is the settings record (or
+    the file is empty: killed before that line), or a journal being discarded."""
+    if (out / _DISCARDED_JOURNAL).is_file():
+        return True
+    try:
+        with open(out / JOURNAL, "rb") as fh:
+            first = fh.readline()
+        return not first or "settings" in json.loads(first)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def _remove_outputs(out_dir: Path, name: str) -> None:
+    """Remove the image and overlay of the output ``name`` (a journaled name) if present."""
     for sub in ("images", "overlays"):
         try:
             (out_dir / sub / name).unlink()
         except FileNotFoundError:
             pass
+
+
+#: ``_save_png_atomic``'s temporary file of an output: ``.<name>.<pid>.tmp``.
+_TMP_OUTPUT = re.compile(r"^\.(?P<name>[0-9a-f]{24}\.png)\.\d+\.tmp$")
+
+
+def _remove_journaled(out_dir: Path, remove: set[str], written: set[str]) -> None:
+    """Remove the outputs named in ``remove``, and the temporary files of the outputs named in
+    ``written`` (left by a worker killed mid-write); both sets come from the journal, so
+    nothing curate did not write is touched."""
+    for name in remove:
+        _remove_outputs(out_dir, name)
+    for sub in ("images", "overlays"):
+        folder = out_dir / sub
+        if not folder.is_dir():
+            continue
+        with os.scandir(folder) as entries:
+            stray = [e.path for e in entries if (m := _TMP_OUTPUT.match(e.name)) and m["name"] in written]
+        for path in stray:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+def _discard_run(out_dir: Path) -> None:
+    """Start over (``restart``): remove every output the journal in ``out_dir`` records, then
+    the journal. The journal is renamed first, so a run killed while discarding finishes the
+    discard when rerun (and the folder still counts as curate's own)."""
+    discarded = out_dir / _DISCARDED_JOURNAL
+    if (out_dir / JOURNAL).exists():
+        os.replace(out_dir / JOURNAL, discarded)
+    if not discarded.exists():
+        return
+    names = {rec["n"] for rec in _Journal(discarded, 1).read() if "n" in rec}
+    _remove_journaled(out_dir, names, names)
+    discarded.unlink()
 
 
 def _finish(out_dir: Path, journal: _Journal, amap: dict[str, str | None], onto: Any, labels: list[str],
@@ -894,6 +1169,8 @@ def _finish(out_dir: Path, journal: _Journal, amap: dict[str, str | None], onto:
     failed: list[dict[str, str]] = []
     skipped: list[dict[str, str]] = []
     counts: dict[str, Counter] = {k: Counter() for k in ("region", "organ", "source", "modality")}
+    written: set[str] = set()  # every output name the journal records as written by a worker
+    dropped_names: set[str] = set()
     units = 0
     for rec in journal.iter_records():
         if "settings" in rec:
@@ -902,18 +1179,25 @@ def _finish(out_dir: Path, journal: _Journal, amap: dict[str, str | None], onto:
         if "fr" in rec:
             units += 1
             st = rec["st"]
+            if "n" in rec:
+                written.add(rec["n"])
             if st == "kept":
-                source, rel = key.split("/", 1)
-                anatomy = resolve_anatomy(amap, source, rel)
+                if "s" in rec:  # hide_source_paths: journaled when decided, the key is a hash
+                    source, anatomy, file_key = rec["s"], rec.get("a"), rec["g"]
+                else:
+                    source, rel = key.split("/", 1)
+                    anatomy, file_key = resolve_anatomy(amap, source, rel), key.split("!", 1)[0]
                 item: dict[str, Any] = {"image": f"images/{rec['n']}"}
                 if anatomy:
                     item["anatomy"] = anatomy
-                items.append((key.split("!", 1)[0], item))
+                items.append((file_key, item))
                 counts["region"][onto.truncate(anatomy, 0) or "(none)"] += 1
                 counts["organ"][onto.truncate(anatomy, 1) or "(none)"] += 1
                 counts["source"][source] += 1
                 counts["modality"][rec.get("fmt") or "unknown"] += 1
             else:
+                if "n" in rec:
+                    dropped_names.add(rec["n"])
                 entry: dict[str, Any] = {"file": rec["d"], "frame": rec["fr"]}
                 if "of" in rec:
                     entry["duplicate_of"] = f"images/{rec['of']}"
@@ -935,18 +1219,10 @@ def _finish(out_dir: Path, journal: _Journal, amap: dict[str, str | None], onto:
         val_files.discard(file_keys[-1])
     datalist = {"training": [it for fk, it in items if fk not in val_files],
                 "validation": [it for fk, it in items if fk in val_files]}
-    kept_names = {it["image"].split("/", 1)[1] for _, it in items}
 
-    # Stray outputs: dropped units written by a worker before a kill, temp files.
-    for sub in ("images", "overlays"):
-        folder = out_dir / sub
-        if folder.is_dir():
-            for entry in os.scandir(folder):
-                if entry.name not in kept_names:
-                    try:
-                        os.unlink(entry.path)
-                    except FileNotFoundError:
-                        pass
+    # Stray outputs: dropped units whose removal a kill interrupted, temporary files of a
+    # worker killed mid-write. Only names the journal records; nothing else in OUT.
+    _remove_journaled(out_dir, dropped_names, written)
 
     report = {
         "kept": len(items),

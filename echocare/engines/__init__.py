@@ -2,11 +2,13 @@
 
 from echocare.engines.distributed import gather_rows
 from echocare.engines.handlers import (
+    BestModelState,
     EncoderExporter,
     EvaluationReport,
     MLflowArtifactLogger,
     PretrainPredictionWriter,
     ReconstructionPanelWriter,
+    ResumeError,
     SamplerEpochSetter,
     UniqueNames,
     find_mlflow_handler,

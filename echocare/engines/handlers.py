@@ -13,18 +13,21 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import MLFlowHandler
+from monai.handlers import CheckpointSaver, MLFlowHandler
 from PIL import Image
 
 from echocare.datasets.samplers import ResumableSampler
+from echocare.datasets.skipping import skipped_row
 from echocare.networks.encoder import encoder_of, encoder_state_dict
 
 __all__ = [
+    "BestModelState",
     "EncoderExporter",
     "EvaluationReport",
     "MLflowArtifactLogger",
     "PretrainPredictionWriter",
     "ReconstructionPanelWriter",
+    "ResumeError",
     "SamplerEpochSetter",
     "find_resume_checkpoint",
     "find_mlflow_handler",
@@ -35,14 +38,23 @@ logger = logging.getLogger(__name__)
 _ITERATION_IN_NAME = re.compile(r"(?:iteration|epoch)=(\d+)")
 
 
-def _trainer_iteration(path: Path) -> int | None:
-    """The trainer iteration stored in a checkpoint, or None when the file is unreadable
-    (e.g. cut short by a crash while it was being written)."""
+class ResumeError(RuntimeError):
+    """``resume`` was asked for but no checkpoint can be resumed from: the message names the
+    models folder and each checkpoint's problem."""
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    """Why a training checkpoint cannot be resumed from (cut short by a crash while it was
+    being written, not a checkpoint, no trainer state), or None when it can."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        return int(state["trainer"]["iteration"])
-    except Exception:  # truncated or foreign files raise many types
-        return None
+    except Exception as error:  # truncated or foreign files raise many types
+        return f"cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+    try:
+        int(state["trainer"]["iteration"])
+    except Exception:
+        return "holds no trainer state (not a training checkpoint of this bundle)"
+    return None
 
 
 def find_resume_checkpoint(models_dir: str | os.PathLike[str], resume: bool) -> str | None:
@@ -51,8 +63,13 @@ def find_resume_checkpoint(models_dir: str | os.PathLike[str], resume: bool) -> 
     Candidates are the interval checkpoints (``checkpoint_iteration=N.pt``) and the final
     one (``checkpoint_final.pt``). A file that cannot be read (a crash while it was being
     written) is skipped with a warning, falling back to the previous one. Returns None
-    when ``resume`` is false; when it is true and there is nothing to resume, logs a
+    when ``resume`` is false; when it is true and there is no checkpoint at all, logs a
     warning and returns None (a fresh start).
+
+    Raises:
+        ResumeError: ``resume`` is true and there are checkpoints but none can be read:
+            training from scratch would silently drop them, so the message names
+            ``models_dir`` and each file's problem.
     """
     if not resume:
         return None
@@ -60,12 +77,82 @@ def find_resume_checkpoint(models_dir: str | os.PathLike[str], resume: bool) -> 
     for path in Path(models_dir).glob("checkpoint*.pt"):
         match = _ITERATION_IN_NAME.search(path.name)
         named.append((int(match.group(1)) if match else -1, path))
+    problems = []
     for _, path in sorted(named, reverse=True):
-        if _trainer_iteration(path) is not None:
+        problem = _checkpoint_problem(path)
+        if problem is None:
             return str(path)
-        logger.warning("resume: skipping unreadable checkpoint %s", path)
-    logger.warning("resume requested but %s holds no readable checkpoint: starting from scratch", models_dir)
+        logger.warning("resume: skipping checkpoint %s: it %s", path, problem)
+        problems.append(f"{path.name} {problem}")
+    if problems:
+        raise ResumeError(
+            f"{models_dir}: cannot resume, none of its {len(problems)} checkpoints can be read: {'; '.join(problems)}. "
+            "Move them away to train from scratch, or point output_dir at the run to resume."
+        )
+    logger.warning("resume requested but %s holds no checkpoint: starting from scratch", models_dir)
     return None
+
+
+class BestModelState:
+    """The best validation result of a training run, kept in its checkpoints so that a resumed
+    run replaces ``models/model.pt`` only with a better model.
+
+    What decides that ``model.pt`` is replaced lives in memory: the key-metric ``Checkpoint``
+    of the validator's ``CheckpointSaver(save_key_metric=True)`` (its saved ``(priority,
+    file)`` list: a new score is written only when it beats the saved one) and the
+    evaluator's ``state.best_metric`` / ``best_metric_epoch`` (what MONAI logs as the best).
+    A new process starts with both empty, so without this object the first validation
+    after ``--resume true`` overwrote ``model.pt`` even with a worse model. Listed in the
+    bundle's ``checkpoint_dict``, it is saved with the trainer and restored by the
+    ``CheckpointLoader``::
+
+        checkpoint_dict:
+          ...
+          best_model: "$echocare.engines.BestModelState(@validate#evaluator)"
+
+    Args:
+        evaluator: the validation engine (MONAI ``Evaluator``).
+        saver: its ``CheckpointSaver`` of the best model; by default the one attached to
+            ``evaluator`` with ``save_key_metric=True``.
+    """
+
+    def __init__(self, evaluator: Engine, saver: CheckpointSaver | None = None) -> None:
+        self.evaluator = evaluator
+        self.saver = saver
+
+    def _key_metric_checkpoint(self) -> Any | None:
+        """The ``ignite.handlers.Checkpoint`` that writes the best model, or None."""
+        if self.saver is None:
+            for handler, _, _ in self.evaluator._event_handlers.get(Events.EPOCH_COMPLETED, []):
+                owner = getattr(handler, "__self__", None)
+                if isinstance(owner, CheckpointSaver) and owner._key_metric_checkpoint is not None:
+                    self.saver = owner
+                    break
+        return getattr(self.saver, "_key_metric_checkpoint", None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``best_metric`` (float), ``best_metric_epoch`` (int, -1 before any validation) and
+        ``saved``: the best-model checkpoint's ``(priority, file name)`` pairs (the priority is
+        the key metric, negated for ``key_metric_negative_sign``)."""
+        checkpoint = self._key_metric_checkpoint()
+        saved = checkpoint.state_dict()["_saved"] if checkpoint is not None else []
+        return {
+            "best_metric": float(self.evaluator.state.best_metric),
+            "best_metric_epoch": int(self.evaluator.state.best_metric_epoch),
+            "saved": [[float(priority), str(name)] for priority, name in saved],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.evaluator.state.best_metric = float(state["best_metric"])
+        self.evaluator.state.best_metric_epoch = int(state["best_metric_epoch"])
+        checkpoint = self._key_metric_checkpoint()
+        if checkpoint is not None:
+            checkpoint.load_state_dict({"_saved": [(float(p), str(n)) for p, n in state["saved"]]})
+        if int(state["best_metric_epoch"]) >= 0:
+            logger.info(
+                "resume: best validation %.6g at epoch %d; the best model is replaced only by a better one",
+                float(state["best_metric"]), int(state["best_metric_epoch"]),
+            )
 
 
 class SamplerEpochSetter:
@@ -278,7 +365,9 @@ class PretrainPredictionWriter:
     the run completes, ``<output_dir>/predictions.json``: a list of ``{"image", "panel",
     "anatomy_path", "anatomy_scores"}`` where ``anatomy_scores`` maps every node path to its
     hierarchy-coherent probability and ``anatomy_path`` is the deepest confident path
-    (null when no region reaches the threshold).
+    (null when no region reaches the threshold). An input that
+    :class:`~echocare.datasets.SkipUnreadableDataset` could not load gets the row ``{"image",
+    "status": "skipped", "reason"}`` instead.
     """
 
     def __init__(self, output_dir: str | os.PathLike[str], ontology: Any) -> None:
@@ -296,7 +385,13 @@ class PretrainPredictionWriter:
         self.predictions, self._name = [], UniqueNames()
 
     def _write_batch(self, engine: Engine) -> None:
-        for item in engine.state.output:
+        batch = engine.state.batch if isinstance(engine.state.batch, list) else [{}] * len(engine.state.output)
+        for item, loaded in zip(engine.state.output, batch):
+            skipped = skipped_row(loaded)
+            if skipped is not None:  # an input the dataset could not load: its row, no panel
+                logger.warning("skipped %s", skipped["reason"])
+                self.predictions.append(skipped)
+                continue
             source = str(item.get("filename", f"image_{len(self.predictions):05d}"))
             panel = write_panel([[item["image"], item["masked"], item["reconstruction"]]], self.output_dir / f"{self._name(source)}.png")
             scores = torch.as_tensor(item["anatomy_scores"]).float().cpu().tolist()

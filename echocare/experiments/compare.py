@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from echocare.bundle import tracking_uri as bundle_tracking_uri
+from echocare.tracking import check_tracking_server
 from echocare.experiments.common import (
     ROLE_TAG,
     STATUS_TAG,
@@ -107,8 +108,10 @@ def _store_uri(tracking_uri: str | None, folder: Path) -> str:
     if not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         store = folder / "mlruns.db"
         if not store.is_file():
-            raise FileNotFoundError(f"no MLflow store at {store}: pass --tracking-uri or --output_dir (the experiment's folder)")
-    return bundle_tracking_uri(folder, tracking_uri)
+            raise FileNotFoundError(f"{store}: no MLflow store there; pass --tracking-uri or --output_dir (the experiment's folder)")
+    uri = bundle_tracking_uri(folder, tracking_uri)
+    check_tracking_server(uri)
+    return uri
 
 
 def _run_score(client, run, metric: str, lower_is_better: bool) -> tuple[float, str, list]:

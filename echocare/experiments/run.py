@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from echocare.bundle import resolve_bundle, resolve_overlays, split_values
 from echocare.bundle import tracking_uri as bundle_tracking_uri
+from echocare.tracking import check_tracking_server
 from echocare.experiments.common import (
     ROLE_TAG,
     STATUS_TAG,
@@ -264,10 +265,15 @@ def _config_files(bundle: str, config: Any) -> tuple[str, list[str], list[str]]:
 def _common_ids(dataset_dir: str | None, datalist: str | None, bundle_args: Mapping[str, Any], overrides: Any) -> dict[str, Any]:
     """The bundle ids every run gets (data paths made absolute); refuses the ids the grid sets itself."""
     common: dict[str, Any] = {}
+    # A missing dataset would fail every run of the grid, one subprocess after the other.
     if dataset_dir:
         common["dataset_dir"] = str(Path(dataset_dir).expanduser().resolve())
+        if not Path(common["dataset_dir"]).is_dir():
+            raise FileNotFoundError(f"{dataset_dir}: no such dataset folder (--dataset_dir)")
     if datalist:
         common["datalist"] = str(Path(datalist).expanduser().resolve())
+        if not Path(common["datalist"]).is_file():
+            raise FileNotFoundError(f"{datalist}: no such datalist file (--datalist)")
     common.update(parse_overrides(bundle_args))
     common.update(parse_overrides(overrides))
     clash = sorted(GRID_IDS & set(common))
@@ -280,7 +286,7 @@ def _check_inits(inits: Any) -> None:
     """Every encoder file of ``inits`` exists (before the first run starts)."""
     for label, path in parse_inits(inits):
         if path and not Path(path).is_file():
-            raise FileNotFoundError(f"init {label!r}: no such encoder file {path}")
+            raise FileNotFoundError(f"{path}: no such encoder file (init {label!r})")
 
 
 def _prepare_cell(cell: GridCell, plan: _GridPlan) -> Path:
@@ -367,10 +373,11 @@ def run_experiment(
     """
     bundle_name, train_files, eval_files = _config_files(bundle, config)
     out = Path(output_dir or Path("experiments") / safe_name(name)).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     uri = bundle_tracking_uri(out, tracking_uri)
+    check_tracking_server(uri)
     common = _common_ids(dataset_dir, datalist, bundle_args, overrides)
     _check_inits(inits)
+    out.mkdir(parents=True, exist_ok=True)  # only once the grid can start
     plan = _GridPlan(name, uri, train_files, eval_files, common, evaluate, timeout)
 
     client = mlflow_client(uri)

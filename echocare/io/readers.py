@@ -25,19 +25,37 @@ PNG, JPEG, BMP, TIFF, GIF (Pillow); DICOM (pydicom >= 3 with pylibjpeg decoders 
 RLE, JPEG baseline/lossless and JPEG 2000; also pydicom 2.4, for the MONAI Label server
 environment, where a file's frames are decoded all at once); MP4, AVI, MOV, MKV, WEBM (PyAV);
 NIfTI ``.nii``/``.nii.gz`` (nibabel).
+
+Safety (for batch tools that read files they did not write):
+
+* ``max_pixels`` (default :data:`DEFAULT_MAX_PIXELS`, ``None`` for no limit) refuses a file
+  whose frames are larger than that many pixels (height x width) from its header, before
+  any pixel is decoded: a 200 KB PNG can declare 12000x12000 pixels (6 GB as float32 RGB).
+  Pillow's own decompression-bomb check (``PIL.Image.MAX_IMAGE_PIXELS``) is replaced by
+  this one for the files these readers open.
+* A file never yields fewer frames than it declares without saying so: a video cut short
+  (e.g. a copy interrupted mid-transfer) raises :class:`UltrasoundReadError` naming both
+  counts, unless ``allow_partial=True``, which warns (``UserWarning``) and returns the
+  frames that can be read. Truncated DICOM pixel data and NIfTI voxel data are always an
+  error (their frames cannot be told apart reliably).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
+import warnings
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import numpy as np
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "UltrasoundReadError",
     "FrameSelection",
     "SUPPORTED_SUFFIXES",
@@ -53,6 +71,15 @@ __all__ = [
 #: sequence of indices.
 FrameSelection = Union[None, int, slice, Sequence[int]]
 
+#: Default limit of the readers' ``max_pixels``: pixels (height x width) per frame. 100 M
+#: is 10000x10000, far above any ultrasound frame, and a frame of it is 1.2 GB as float32 RGB.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+#: What a reader does when a file holds fewer frames than it declares: raise
+#: (the default), warn (``allow_partial=True``) or accept silently (a second look at a
+#: file the caller has already been warned about).
+_OnShort = Literal["raise", "warn", "accept"]
+
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif"}
 _DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 _VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
@@ -65,9 +92,10 @@ SUPPORTED_SUFFIXES: frozenset[str] = frozenset(
 
 
 class UltrasoundReadError(ValueError):
-    """A file is missing, unreadable or of an unsupported kind.
+    """A file is missing, unreadable, of an unsupported kind, truncated, or has frames over
+    ``max_pixels``.
 
-    The message always starts with the file's path, then the problem, e.g.
+    The message is one line: the file's path, then the problem, e.g.
     ``"/data/x.dcm: DICOM has no pixel data"``.
     """
 
@@ -125,6 +153,34 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     )
 
 
+def _check_max_pixels(max_pixels: int | None) -> int | None:
+    """``max_pixels`` validated: None (no limit) or a positive integer."""
+    if max_pixels is None:
+        return None
+    if isinstance(max_pixels, bool) or int(max_pixels) != max_pixels or int(max_pixels) < 1:
+        raise ValueError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
+    return int(max_pixels)
+
+
+def _check_frame_size(path: Path, height: int, width: int, max_pixels: int | None) -> None:
+    """Refuse a frame of ``height`` x ``width`` pixels above ``max_pixels`` (before decoding it)."""
+    pixels = int(height) * int(width)
+    if max_pixels is not None and pixels > max_pixels:
+        raise UltrasoundReadError(
+            path, f"frame of {width}x{height} = {pixels:,} pixels is over the max_pixels limit of "
+            f"{max_pixels:,} pixels per frame"
+        )
+
+
+def _short_read(path: Path, readable: int, declared: int, on_short: _OnShort) -> None:
+    """A file holds ``readable`` of the ``declared`` frames: raise, or warn, as ``on_short`` says."""
+    problem = f"only {readable} of the {declared} frames it declares can be read (the file is truncated or corrupt)"
+    if on_short == "raise":
+        raise UltrasoundReadError(path, problem)
+    if on_short == "warn":
+        warnings.warn(f"{path}: {problem}; reading the {readable}", UserWarning, stacklevel=2)
+
+
 def _select(frames: FrameSelection, n: int, path: Path) -> list[int]:
     """Normalise a frame selection to a list of non-negative indices below ``n``."""
     if frames is None:
@@ -178,16 +234,62 @@ def _to_rgb(frame: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------- still images
 
 
-def _open_pil(path: Path):
+#: Serialises the changes of Pillow's module-wide decompression-bomb limit.
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pillow_checks_off() -> Iterator[None]:
+    """Pillow's own decompression-bomb check off, for a header read followed by our
+    ``max_pixels`` check, or for decoding a frame that check has passed.
+
+    Pillow warns above ``Image.MAX_IMAGE_PIXELS`` (89 M) and refuses above twice that,
+    whatever the caller's ``max_pixels``: with both checks on, an image allowed by
+    ``max_pixels`` could still be refused, or a refused one also warned about.
+    The limit is a module global: it is off only while this holds the lock, for a header
+    read or a frame seek (microseconds), or the decoding of a frame already checked.
+    """
+    from PIL import Image
+
+    with _PILLOW_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _open_pil(path: Path, max_pixels: int | None):
+    """Open ``path`` with Pillow (header only: no pixel is decoded) and check its size."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        img = Image.open(path)
+        with _pillow_checks_off():
+            img = Image.open(path)
     except UnidentifiedImageError:
         raise UltrasoundReadError(path, "cannot decode image (not a recognised image format)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise UltrasoundReadError(path, f"cannot open image ({exc})") from None
+    try:
+        _check_frame_size(path, img.height, img.width, max_pixels)
+    except UltrasoundReadError:
+        img.close()
+        raise
     return img
+
+
+def _pil_load(img: Any) -> None:
+    """Decode the current frame of ``img``, whose size ``max_pixels`` has allowed."""
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and img.width * img.height > Image.MAX_IMAGE_PIXELS:
+        # Pillow checks some formats' sizes again while decoding (TIFF tiles); the
+        # check (and the lock) is only needed for images above its own limit.
+        with _pillow_checks_off():
+            img.load()
+    else:
+        img.load()
 
 
 def _pil_frame_to_float(img: Any, path: Path) -> np.ndarray:
@@ -195,7 +297,7 @@ def _pil_frame_to_float(img: Any, path: Path) -> np.ndarray:
     from PIL import Image, ImageOps
 
     try:
-        img.load()
+        _pil_load(img)
         # Cameras and some PACS viewers store JPEG/TIFF rotation in EXIF: apply it so
         # that the array is "as a person sees it".
         img = ImageOps.exif_transpose(img)
@@ -241,28 +343,44 @@ def _pil_frame_to_float(img: Any, path: Path) -> np.ndarray:
     return _hwc(_scale_uint(np.asarray(img.convert("RGB")), 8))
 
 
-def _image_num_frames(img: Any) -> int:
-    return int(getattr(img, "n_frames", 1) or 1)
+def _image_num_frames(img: Any, path: Path) -> int:
+    from PIL import Image
+
+    try:
+        # n_frames walks the frame chain (GIF, TIFF), where Pillow checks sizes again.
+        with _pillow_checks_off():
+            return int(getattr(img, "n_frames", 1) or 1)
+    except (EOFError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise UltrasoundReadError(path, f"cannot read the image's frames ({exc})") from None
 
 
-def _iter_image(path: Path, indices: list[int] | None, step: int) -> Iterator[np.ndarray]:
-    img = _open_pil(path)
+def _iter_image(
+    path: Path, indices: list[int] | None, step: int, max_pixels: int | None, on_short: _OnShort
+) -> Iterator[np.ndarray]:
+    from PIL import Image
+
+    img = _open_pil(path, max_pixels)
     with img:
-        n = _image_num_frames(img)
+        n = _image_num_frames(img, path)
         order = indices if indices is not None else list(range(0, n, step))
         for i in order:
             if n > 1:
                 try:
-                    img.seek(i)
-                except (EOFError, OSError) as exc:
+                    with _pillow_checks_off():
+                        img.seek(i)
+                except (EOFError, OSError, Image.DecompressionBombError) as exc:
                     raise UltrasoundReadError(path, f"cannot decode image frame {i} ({exc})") from None
+                # Frames of a TIFF (or GIF canvas growth) may differ in size from the first.
+                _check_frame_size(path, img.height, img.width, max_pixels)
             yield _pil_frame_to_float(img, path)
 
 
-def _image_meta(path: Path) -> dict[str, Any]:
-    img = _open_pil(path)
+def _image_meta(path: Path, max_pixels: int | None, on_short: _OnShort) -> dict[str, Any]:
+    img = _open_pil(path, max_pixels)
     with img:
-        n = _image_num_frames(img)
+        # Pillow's n_frames walks the file's frame chain (GIF, TIFF IFDs): the frames that
+        # are there, not a declared count.
+        n = _image_num_frames(img, path)
         # DPI tags are a print property, not the probe's geometry: still images
         # carry no trustworthy spacing, so none is reported.
         return {
@@ -398,14 +516,63 @@ def _dicom_frame_to_float(arr: np.ndarray, info: dict[str, Any], ds: Any, path: 
     raise UltrasoundReadError(path, f"unsupported DICOM photometric interpretation {pi!r}")
 
 
-def _iter_dicom(path: Path, indices: list[int] | None, step: int) -> Iterator[np.ndarray]:
+#: The start of an encapsulated (compressed) Pixel Data element: tag (7FE0,0010), VR OB,
+#: undefined length; explicit VR little endian, as every compressed transfer syntax is.
+_ENCAPSULATED_PIXEL_DATA = b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff"
+
+
+def _dicom_size_check(ds: Any, path: Path, max_pixels: int | None) -> None:
+    """Refuse a DICOM whose Rows x Columns (header) is above ``max_pixels``."""
+    try:
+        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    except (TypeError, ValueError):
+        return  # the decoder reports unusable dimensions
+    _check_frame_size(path, rows, columns, max_pixels)
+
+
+def _native_pixel_bytes_check(ds: Any, path: Path, n: int) -> None:
+    """Uncompressed Pixel Data shorter than its frames need: the file is truncated.
+
+    (pydicom's decoder would refuse it too, but only as "less than expected", without
+    saying how many of the frames are there.)
+    """
+    if getattr(ds["PixelData"], "is_undefined_length", False):
+        return  # encapsulated: the decoder checks its fragments
+    try:
+        from pydicom.pixels.utils import get_expected_length
+    except ImportError:  # pydicom 2.4
+        from pydicom.pixel_data_handlers.util import get_expected_length
+    try:
+        expected = int(get_expected_length(ds, unit="bytes"))
+        have = len(ds.PixelData)
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return  # missing Image Pixel attributes: the decoder names them
+    if have < expected:
+        complete = have * n // expected if expected else 0
+        raise UltrasoundReadError(
+            path, f"truncated pixel data: {have:,} of {expected:,} bytes, {complete} of the {n} frames it declares"
+        )
+
+
+def _iter_dicom(
+    path: Path, indices: list[int] | None, step: int, max_pixels: int | None, on_short: _OnShort
+) -> Iterator[np.ndarray]:
     ds = _dcmread(path)
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        # pydicom drops an element the file ends inside of (with a warning): a compressed
+        # file cut short has lost its Pixel Data element, not never had one.
+        with open(path, "rb") as fh:
+            if _ENCAPSULATED_PIXEL_DATA in fh.read():
+                raise UltrasoundReadError(
+                    path, "truncated pixel data: the file ends inside its compressed pixel data"
+                )
         raise UltrasoundReadError(path, "DICOM has no pixel data")
     if "PixelData" not in ds:
         raise UltrasoundReadError(path, "DICOM float pixel data is not supported")
+    _dicom_size_check(ds, path, max_pixels)
 
     n = _dicom_num_frames(ds)
+    _native_pixel_bytes_check(ds, path, n)
     order = indices if indices is not None else list(range(0, n, step))
     if not order:
         return
@@ -416,7 +583,7 @@ def _iter_dicom(path: Path, indices: list[int] | None, step: int) -> Iterator[np
     try:
         from pydicom.pixels import get_decoder
     except ImportError:  # pydicom 2.4
-        yield from _iter_dicom_pydicom2(ds, path, order, n)
+        yield from _iter_dicom_pydicom2(ds, path, order, n)  # max_pixels was checked above
         return
     try:
         decoder = get_decoder(ts)
@@ -438,21 +605,28 @@ def _iter_dicom(path: Path, indices: list[int] | None, step: int) -> Iterator[np
         # decodes a 640x480 colour frame several times faster than pylibjpeg's libjpeg.
         # Colour is then converted to RGB by pydicom's own routine, as for other decoders.
         options = {"decoding_plugin": "pillow", "as_rgb": False}
+    decoded: dict[int, np.ndarray] = {}
+    count = 0
     try:
-        decoded: dict[int, np.ndarray] = {}
         frames_iter = decoder.iter_array(ds, indices=unique, **options)
-        if unique == order:
-            for _, (arr, info) in zip(unique, frames_iter):
-                yield _dicom_frame_to_float(arr, info, ds, path)
-            return
         for i, (arr, info) in zip(unique, frames_iter):
-            decoded[i] = _dicom_frame_to_float(arr, info, ds, path)
+            count += 1
+            if unique == order:
+                yield _dicom_frame_to_float(arr, info, ds, path)
+            else:
+                decoded[i] = _dicom_frame_to_float(arr, info, ds, path)
     except UltrasoundReadError:
         raise
     except Exception as exc:  # decoders raise RuntimeError/ValueError/... on bad data
         raise UltrasoundReadError(path, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from None
-    for i in order:
-        yield decoded[i]
+    if count < len(unique):
+        # zip stops at the shorter: a decoder that ran out of frames must not pass as done.
+        raise UltrasoundReadError(
+            path, f"truncated pixel data: frame {unique[count]} of the {n} frames it declares cannot be decoded"
+        )
+    if unique != order:
+        for i in order:
+            yield decoded[i]
 
 
 #: JPEG 2000 transfer syntaxes: their decoders undo the YBR_ICT / YBR_RCT colour transform.
@@ -567,8 +741,11 @@ def _dicom_frame_time(ds: Any) -> float | None:
     return None
 
 
-def _dicom_meta(path: Path) -> dict[str, Any]:
+def _dicom_meta(path: Path, max_pixels: int | None, on_short: _OnShort) -> dict[str, Any]:
+    # The header only (stop_before_pixels): num_frames is NumberOfFrames as declared;
+    # whether the pixel data holds them is known when it is read.
     ds = _dcmread(path, stop_before_pixels=True)
+    _dicom_size_check(ds, path, max_pixels)
     # A whitelist: nothing identifying the patient, study, institution or instance.
     return {
         "pixel_spacing_mm": _dicom_spacing(ds),
@@ -586,7 +763,8 @@ def _dicom_meta(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- video
 
 
-def _open_video(path: Path):
+def _open_video(path: Path, max_pixels: int | None):
+    """Open ``path`` with PyAV and check the frame size its container declares."""
     import av
 
     try:
@@ -596,64 +774,121 @@ def _open_video(path: Path):
     if not container.streams.video:
         container.close()
         raise UltrasoundReadError(path, "file has no video stream")
+    context = container.streams.video[0].codec_context
+    try:
+        # The stream parameters come from the container header (0 where it does not say):
+        # known before the decoder allocates a frame.
+        _check_frame_size(path, context.height or 0, context.width or 0, max_pixels)
+    except UltrasoundReadError:
+        container.close()
+        raise
     return container
 
 
-def _video_count(path: Path) -> int:
-    """Number of frames: the container's count when it has one, else by demuxing."""
+def _video_count(path: Path, max_pixels: int | None, on_short: _OnShort) -> int:
+    """Number of frames that can be read, by demuxing (reading packets, not decoding them).
+
+    A container that declares a frame count (MP4/MOV sample tables, AVI headers) declares
+    it up front: a file cut short after its header (an MP4 written with ``faststart``, an
+    AVI) still declares them all. The count of complete packets is what the decoder will
+    deliver; fewer than declared is a short read (``on_short``).
+    """
     import av
 
-    container = _open_video(path)
+    container = _open_video(path, max_pixels)
     with container:
         stream = container.streams.video[0]
-        if stream.frames:
-            return int(stream.frames)
-        # Demuxing reads packets without decoding them: fast even for long clips.
+        declared = int(stream.frames or 0)
+        readable = corrupt = discard = 0
         try:
-            return sum(1 for p in container.demux(stream) if p.size)
+            for packet in container.demux(stream):
+                if not packet.size:
+                    continue  # the demuxer's end-of-stream flush packet
+                if packet.is_corrupt:
+                    corrupt += 1
+                elif packet.is_discard:
+                    discard += 1
+                else:
+                    readable += 1
         except av.error.FFmpegError as exc:
             raise UltrasoundReadError(path, f"cannot read video ({exc})") from None
+    expected = max(declared - discard, readable + corrupt)
+    if readable < expected:
+        _short_read(path, readable, expected, on_short)
+    return readable
 
 
-def _iter_video(path: Path, indices: list[int] | None, step: int) -> Iterator[np.ndarray]:
+def _decoded_frames(container: Any, stream: Any, tally: dict[str, int]) -> Iterator[Any]:
+    """The decoded frames of ``stream``; ``tally`` counts the packets skipped as cut short
+    (``"corrupt"``) and those the container marks for discarding (``"discard"``: decoded
+    as references, never output, e.g. before an MP4 edit list's start)."""
+    for packet in container.demux(stream):
+        if packet.size:
+            if packet.is_corrupt:
+                # A file cut short ends in a partial packet. Given one, FFmpeg's frame-threaded
+                # decoder drops the frames it still holds without an error; skipped, it is
+                # one frame missing, which the count check reports.
+                tally["corrupt"] += 1
+                continue
+            if packet.is_discard:
+                tally["discard"] += 1
+        yield from packet.decode()
+
+
+def _iter_video(
+    path: Path, indices: list[int] | None, step: int, max_pixels: int | None, on_short: _OnShort
+) -> Iterator[np.ndarray]:
     import av
 
     wanted = None if indices is None else set(indices)
     last = None if indices is None else max(indices, default=-1)
     keep: dict[int, np.ndarray] = {}
     in_order = indices is None or indices == sorted(set(indices))
-    container = _open_video(path)
+    tally = {"corrupt": 0, "discard": 0}
+    container = _open_video(path, max_pixels)
     with container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        declared = int(stream.frames or 0)
         i = -1
+        found = 0
+        to_the_end = True
         try:
-            for frame in container.decode(stream):
+            for frame in _decoded_frames(container, stream, tally):
                 i += 1
                 if last is not None and i > last:
+                    to_the_end = False
                     break
                 if wanted is None:
                     if i % step:
                         continue
                 elif i not in wanted:
                     continue
+                _check_frame_size(path, frame.height, frame.width, max_pixels)
                 rgb = _scale_uint(frame.to_ndarray(format="rgb24"), 8)
+                found += 1
                 if in_order:
                     yield rgb
                 else:
                     keep[i] = rgb
         except av.error.FFmpegError as exc:
             raise UltrasoundReadError(path, f"cannot decode video frame {i + 1} ({exc})") from None
+    decoded = i + 1
+    if to_the_end:
+        # Streaming readers learn that a file is short only here, at its end.
+        expected = max(declared - tally["discard"], decoded + tally["corrupt"])
+        if decoded < expected:
+            _short_read(path, decoded, expected, on_short)
+    if wanted is not None and found < len(wanted):
+        missing = min((j for j in wanted if j >= decoded), default=decoded)
+        raise UltrasoundReadError(path, f"video has no frame {missing} ({decoded} frame(s) can be read)")
     if not in_order:
-        missing = [j for j in indices if j not in keep]  # type: ignore[union-attr]
-        if missing:
-            raise UltrasoundReadError(path, f"video has no frame {missing[0]} (decoded {i + 1})")
         for j in indices:  # type: ignore[union-attr]
             yield keep[j]
 
 
-def _video_meta(path: Path) -> dict[str, Any]:
-    container = _open_video(path)
+def _video_meta(path: Path, max_pixels: int | None, on_short: _OnShort) -> dict[str, Any]:
+    container = _open_video(path, max_pixels)
     with container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
@@ -661,7 +896,8 @@ def _video_meta(path: Path) -> dict[str, Any]:
     return {
         "pixel_spacing_mm": None,
         "frame_time_ms": 1000.0 / float(rate) if rate else None,
-        "num_frames": _video_count(path),
+        # Demuxed, not the header's count: the frames the file can deliver.
+        "num_frames": _video_count(path, max_pixels, on_short),
         "source_format": fmt,
     }
 
@@ -709,16 +945,47 @@ def _nifti_scale(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.clip(np.nan_to_num(arr), 0.0, 1.0)
 
 
-def _iter_nifti(path: Path, indices: list[int] | None, step: int) -> Iterator[np.ndarray]:
+def _nifti_size_check(img: Any, path: Path, max_pixels: int | None) -> None:
+    """Refuse a NIfTI whose frames (its first two axes, from the header) exceed ``max_pixels``."""
+    shape = tuple(int(s) for s in img.shape) + (1, 1)
+    _check_frame_size(path, shape[1], shape[0], max_pixels)  # (i, j) = (column, row)
+
+
+def _nifti_file_check(img: Any, path: Path) -> None:
+    """An uncompressed ``.nii`` shorter than its header's voxel offset + voxel bytes is truncated
+    (cheap: the file size; a ``.nii.gz`` shows it only when decompressed)."""
+    if _suffix(path) != ".nii":
+        return
+    try:
+        offset = int(img.header.get_data_offset())
+        expected = offset + int(np.prod(img.shape, dtype=np.int64)) * img.get_data_dtype().itemsize
+    except (AttributeError, TypeError, ValueError):
+        return
+    have = path.stat().st_size
+    if have < expected:
+        raise UltrasoundReadError(path, f"truncated voxel data: {max(have - offset, 0):,} of {expected - offset:,} bytes")
+
+
+def _iter_nifti(
+    path: Path, indices: list[int] | None, step: int, max_pixels: int | None, on_short: _OnShort
+) -> Iterator[np.ndarray]:
     img = _load_nifti(path)
     try:
         n, colour = _nifti_layout(img)
     except ValueError as exc:
         raise UltrasoundReadError(path, str(exc)) from None
+    _nifti_size_check(img, path, max_pixels)
+    _nifti_file_check(img, path)
     dtype = img.get_data_dtype()
     # Unscaled voxels: the stored integers carry the bit depth; scl_slope is a
     # physical calibration, irrelevant to display brightness.
-    data = np.asanyarray(img.dataobj.get_unscaled() if hasattr(img.dataobj, "get_unscaled") else img.dataobj)
+    try:
+        data = np.asanyarray(img.dataobj.get_unscaled() if hasattr(img.dataobj, "get_unscaled") else img.dataobj)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        # nibabel: "Expected N bytes, got M bytes" (.nii); gzip: "Compressed file ended
+        # before the end-of-stream marker was reached" (.nii.gz). Their messages span lines.
+        detail = " ".join(str(exc).split())
+        raise UltrasoundReadError(path, f"truncated or unreadable voxel data ({detail})") from None
     keep_axes = tuple(slice(None) if (k < 2 or s != 1) else 0 for k, s in enumerate(data.shape))
     data = data[keep_axes]
     if dtype.names:
@@ -737,12 +1004,14 @@ def _iter_nifti(path: Path, indices: list[int] | None, step: int) -> Iterator[np
         yield _hwc(_nifti_scale(frame, dtype))
 
 
-def _nifti_meta(path: Path) -> dict[str, Any]:
+def _nifti_meta(path: Path, max_pixels: int | None, on_short: _OnShort) -> dict[str, Any]:
     img = _load_nifti(path)
     try:
         n, _ = _nifti_layout(img)
     except ValueError as exc:
         raise UltrasoundReadError(path, str(exc)) from None
+    _nifti_size_check(img, path, max_pixels)
+    _nifti_file_check(img, path)
     zooms = img.header.get_zooms()
     units = img.header.get_xyzt_units()
     spacing = None
@@ -767,16 +1036,28 @@ _ITERS = {"image": _iter_image, "dicom": _iter_dicom, "video": _iter_video, "nif
 _METAS = {"image": _image_meta, "dicom": _dicom_meta, "video": _video_meta, "nifti": _nifti_meta}
 
 
-def count_frames(path: str | os.PathLike[str]) -> int:
-    """Number of frames in ``path`` without decoding pixel data (1 for still images)."""
+def count_frames(
+    path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS, allow_partial: bool = False
+) -> int:
+    """Number of frames in ``path`` without decoding pixel data (1 for still images).
+
+    For video, the frames the file can deliver (see :func:`read_metadata`).
+
+    Raises:
+        UltrasoundReadError: as :func:`read_metadata`.
+    """
     p = Path(path)
     fmt = detect_format(p)
+    max_pixels = _check_max_pixels(max_pixels)
+    on_short: _OnShort = "warn" if allow_partial else "raise"
     if fmt == "video":
-        return _video_count(p)
-    return int(_METAS[fmt](p)["num_frames"])
+        return _video_count(p, max_pixels, on_short)
+    return int(_METAS[fmt](p, max_pixels, on_short)["num_frames"])
 
 
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_metadata(
+    path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS, allow_partial: bool = False
+) -> dict[str, Any]:
     """Measurement metadata of ``path`` (no pixel decoding).
 
     Returns a dict with ``pixel_spacing_mm`` (``[row, col]`` in mm, or None),
@@ -787,27 +1068,62 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     For DICOM the spacing comes first from the ultrasound region calibration
     (SequenceOfUltrasoundRegions, PhysicalDeltaY/X in cm -> mm, the 2D region first),
     then PixelSpacing, then ImagerPixelSpacing.
+
+    ``num_frames`` is, for video, the number of complete packets of its video stream
+    (demuxed, not decoded: it reads the file but decodes nothing), checked against the
+    count the container declares; for multi-frame images (GIF, TIFF) the frames found in
+    the file; for DICOM the header's NumberOfFrames and for NIfTI the header's shape
+    (an uncompressed ``.nii`` shorter than its header says is refused; whether DICOM pixel
+    data or a ``.nii.gz`` holds every frame shows when they are read).
+
+    Args:
+        path: the file.
+        max_pixels: refuse frames of more than this many pixels (height x width, from the
+            header); None for no limit.
+        allow_partial: for a video that holds fewer frames than it declares (cut short),
+            warn (``UserWarning``) and report the frames it holds instead of raising.
+
+    Raises:
+        UltrasoundReadError: missing, unreadable or unsupported file, frames larger than
+            ``max_pixels``, or fewer frames than declared (without ``allow_partial``).
     """
     p = Path(path)
-    return _METAS[detect_format(p)](p)
+    return _METAS[detect_format(p)](p, _check_max_pixels(max_pixels), "warn" if allow_partial else "raise")
 
 
-def iter_frames(path: str | os.PathLike[str], step: int = 1) -> Iterator[np.ndarray]:
+def iter_frames(
+    path: str | os.PathLike[str],
+    step: int = 1,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    allow_partial: bool = False,
+) -> Iterator[np.ndarray]:
     """Stream the frames of ``path`` one at a time: every ``step``-th from frame 0.
+
+    Args:
+        path: the file.
+        step: yield frames 0, step, 2 * step, ...
+        max_pixels: refuse frames of more than this many pixels (height x width), before
+            decoding them; None for no limit.
+        allow_partial: for a video that holds fewer frames than it declares, warn
+            (``UserWarning``) at the end of the stream instead of raising.
 
     Yields:
         ``(height, width, 3)`` float32 arrays in [0, 1], row 0 at the top.
         Video is decoded lazily with PyAV; multi-frame DICOM frame by frame.
 
     Raises:
-        UltrasoundReadError: missing, unreadable or unsupported file (raised on the
-        first ``next()``, since this is a generator).
+        UltrasoundReadError: missing, unreadable or unsupported file, or frames larger than
+        ``max_pixels`` (raised on the first ``next()``, since this is a generator); a video
+        that ends before the frames it declares, when the stream reaches its end (after
+        the frames it holds were yielded), naming both counts.
     """
     if int(step) < 1:
         raise ValueError(f"step must be >= 1, got {step}")
+    max_pixels = _check_max_pixels(max_pixels)
     p = Path(path)
     fmt = detect_format(p)
-    for frame in _ITERS[fmt](p, None, int(step)):
+    for frame in _ITERS[fmt](p, None, int(step), max_pixels, "warn" if allow_partial else "raise"):
         yield _to_rgb(frame)
 
 
@@ -815,6 +1131,9 @@ def read_ultrasound(
     path: str | os.PathLike[str],
     frames: FrameSelection = None,
     with_metadata: bool = False,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    allow_partial: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, dict[str, Any]]:
     """Read an ultrasound image, DICOM, video or NIfTI as RGB frames.
 
@@ -825,6 +1144,11 @@ def read_ultrasound(
             frames are decoded where the format allows it.
         with_metadata: also return the measurement metadata (see
             :func:`read_metadata`; ``num_frames`` is the file's frame count).
+        max_pixels: refuse frames of more than this many pixels (height x width, from the
+            header), before decoding them; None for no limit.
+        allow_partial: for a video that holds fewer frames than it declares (cut short),
+            warn (``UserWarning``, naming the file and both counts) and return the frames
+            it holds; a selection is then taken from those.
 
     Returns:
         ``(frames, height, width, 3)`` float32 in [0, 1] (a single index still gives a
@@ -832,9 +1156,10 @@ def read_ultrasound(
 
     Raises:
         UltrasoundReadError: missing, unreadable or unsupported file, no pixel data,
-        or a frame index out of range.
+        truncated pixel data, fewer frames than declared (without ``allow_partial``),
+        frames larger than ``max_pixels``, or a frame index out of range.
     """
-    array, meta = _read(path, frames, with_metadata, channels_first=False)
+    array, meta = _read(path, frames, with_metadata, False, max_pixels, allow_partial)
     return (array, meta) if with_metadata else array
 
 
@@ -842,6 +1167,9 @@ def read_ultrasound_chw(
     path: str | os.PathLike[str],
     frames: FrameSelection = None,
     with_metadata: bool = False,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    allow_partial: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, dict[str, Any]]:
     """:func:`read_ultrasound` with the channel axis first: ``(frames, 3, height, width)``.
 
@@ -849,13 +1177,20 @@ def read_ultrasound_chw(
     built without the intermediate channel-last copy (grey frames are decoded once and
     written to the three channels directly): the layout MONAI transforms take.
     """
-    array, meta = _read(path, frames, with_metadata, channels_first=True)
+    array, meta = _read(path, frames, with_metadata, True, max_pixels, allow_partial)
     return (array, meta) if with_metadata else array
 
 
 def _read(
-    path: str | os.PathLike[str], frames: FrameSelection, with_metadata: bool, channels_first: bool
+    path: str | os.PathLike[str],
+    frames: FrameSelection,
+    with_metadata: bool,
+    channels_first: bool,
+    max_pixels: int | None,
+    allow_partial: bool,
 ) -> tuple[np.ndarray, dict[str, Any] | None]:
+    max_pixels = _check_max_pixels(max_pixels)
+    on_short: _OnShort = "warn" if allow_partial else "raise"
     p = Path(path)
     fmt = detect_format(p)
     meta = None
@@ -863,12 +1198,13 @@ def _read(
         indices = None
     else:
         if fmt == "video":
-            n = count_frames(p)
+            n = _video_count(p, max_pixels, on_short)
         else:
-            meta = _METAS[fmt](p)  # read once: it also gives the frame count
+            meta = _METAS[fmt](p, max_pixels, on_short)  # read once: it also gives the frame count
             n = int(meta["num_frames"])
+        on_short = "accept"  # a short file has been refused or warned about: once is enough
         indices = _select(frames, n, p)
-    out = list(_ITERS[fmt](p, indices, 1))
+    out = list(_ITERS[fmt](p, indices, 1, max_pixels, on_short))
     if not out:
         if indices is not None and not indices:
             raise UltrasoundReadError(p, f"frame selection {frames!r} selects no frame")
@@ -886,5 +1222,5 @@ def _read(
         for i, frame in enumerate(out):
             array[i] = frame
     if with_metadata and meta is None:
-        meta = _METAS[fmt](p)
+        meta = _METAS[fmt](p, max_pixels, "accept")  # the frames were read (or warned about) above
     return array, meta

@@ -21,6 +21,7 @@ from echocare.networks.encoder import (
 )
 from echocare.networks.finetune import apply_lora, merge_lora
 from echocare.registered_models import fetch_checkpoint, is_registry_uri
+from echocare.tracking import check_tracking_server
 
 __all__ = ["HeadMismatchWarning", "initialise_network", "load_network_checkpoint", "merge_lora_state_dict"]
 
@@ -83,14 +84,18 @@ def load_network_checkpoint(
             as initialised and warn (:class:`HeadMismatchWarning`) naming them; for
             starting a fine-tuning from another task's network. Otherwise the load is strict.
         tracking_uri: the MLflow store of a ``models:/`` checkpoint (default
-            ``MLFLOW_TRACKING_URI``; bundles pass their ``tracking_uri``).
+            ``MLFLOW_TRACKING_URI``; bundles pass their ``tracking_uri``). An http(s) store is
+            probed first, whatever the checkpoint: bundles build their network before their MLflow
+            handlers start, so a store that does not answer fails here, in seconds.
 
     Raises:
         FileNotFoundError: missing file.
+        echocare.tracking.TrackingServerError: an http(s) ``tracking_uri`` that does not answer.
         echocare.registry.RegistryError: unknown registered model, version or alias (named).
         EncoderWeightsError: a checkpoint of another architecture or size (naming the file
             and the missing, unexpected and wrongly shaped keys).
     """
+    check_tracking_server(tracking_uri)
     state = merge_lora_state_dict(_read_state(path, tracking_uri), network)
     expected = network.state_dict()
     problem = f"{path}: the checkpoint does not fit {type(network).__name__} (another architecture, network_size or class list?)"
@@ -135,7 +140,10 @@ def initialise_network(
 
     Raises:
         ValueError: both are given (which one should win is not obvious).
+        echocare.tracking.TrackingServerError: an http(s) ``tracking_uri`` that does not answer
+            (probed here, before training starts, as :func:`load_network_checkpoint` does).
     """
+    check_tracking_server(tracking_uri)
     if pretrained_path and checkpoint:
         raise ValueError(
             f"give pretrained_path ({pretrained_path}) or checkpoint ({checkpoint}), not both: "

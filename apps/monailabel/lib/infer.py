@@ -31,6 +31,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from echocare.io.readers import UltrasoundReadError
 from echocare.tasks.supervised.writers import probabilities_to_mask
 from lib.bundles import TASKS, bundle_config, bundle_metadata
+from lib.validation import INFER_FIELDS
 
 __all__ = ["EchoCareInfer", "MaskAtOriginalSized"]
 
@@ -70,10 +71,16 @@ class EchoCareInfer(BasicInferTask):
     ``{"label": class name, "probabilities": {class: p}}`` (the label format the train task
     reads back) with the same content as the result JSON.
 
+    The app checks every request against :attr:`request_fields` before the task runs (see
+    ``EchoCareApp.infer``).
+
     Args:
         name: bundle name (see :data:`lib.bundles.TASKS`).
         overrides: bundle config ids to set (``output_dir``, ``network_size``, ...).
     """
+
+    #: The request fields this task reads (MONAI Label's around it included), with their validators.
+    request_fields = INFER_FIELDS
 
     def __init__(self, name: str, overrides: Mapping[str, Any]) -> None:
         self.name = name

@@ -17,6 +17,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from echocare.bundle import bundle_dir
 from lib.bundles import TASKS, bundle_config, bundle_metadata
 from lib.labels import labelled_items, task_datalist
+from lib.validation import TRAIN_FIELDS, validate_request
 
 __all__ = ["EchoCareTrain"]
 
@@ -41,10 +42,17 @@ class EchoCareTrain(TrainTask):
     when the same studies also hold masks), ``seed``, ``device``, ``tracking_uri``,
     ``tracking_experiment_name``, ``run_name``.
 
+    Every request is checked against :attr:`request_fields` first (unknown fields and bad
+    values raise :class:`lib.validation.RequestFieldError` naming the field); the values reach
+    the bundle config as plain data, never as ``$`` expressions or ``@`` references.
+
     Args:
         name: bundle name.
         overrides: bundle config ids to set (``output_dir``, ``network_size``, ...).
     """
+
+    #: The request fields this task reads, with their validators.
+    request_fields = TRAIN_FIELDS
 
     def __init__(self, name: str, overrides: Mapping[str, Any]) -> None:
         super().__init__(bundle_metadata(name)["description"])
@@ -81,9 +89,21 @@ class EchoCareTrain(TrainTask):
         path = Path(self.output_dir, "monailabel", "train_stats.json")
         return json.loads(path.read_text()) if path.is_file() else {}
 
+    def options(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """The task's defaults (:meth:`config`) updated with the request, checked.
+
+        Raises:
+            RequestFieldError: an unknown field or a value its validator refuses.
+        """
+        return {**self.config(), **validate_request(self.request_fields, request)}
+
     def command_overrides(self, request: Mapping[str, Any], datalist_path: str) -> dict[str, Any]:
-        """The bundle ids a train request sets (what ``--id value`` would on the command line)."""
-        options = {**self.config(), **dict(request)}
+        """The bundle ids a train request sets (what ``--id value`` would on the command line).
+
+        The device reaches the config as a plain string id (``request_device``) that a fixed
+        expression turns into a ``torch.device``: no request text is ever evaluated.
+        """
+        options = self.options(request)
         overrides = {
             **self.overrides,
             "datalist": datalist_path,
@@ -91,7 +111,8 @@ class EchoCareTrain(TrainTask):
             "output_dir": self.output_dir,
             "max_epochs": int(options["max_epochs"]),
             "seed": int(options["seed"]),
-            "device": f"$torch.device('{options['device']}')",
+            "device": "$torch.device(@request_device)",
+            "request_device": options["device"],
             "progress_bar": False,
             "run_name": options.get("run_name") or f"monailabel-{time.strftime('%Y%m%d-%H%M%S')}",
         }
@@ -107,7 +128,7 @@ class EchoCareTrain(TrainTask):
     def __call__(self, request: Mapping[str, Any], datastore: Datastore) -> dict[str, Any]:
         from monai.bundle import run
 
-        options = {**self.config(), **dict(request)}
+        options = self.options(request)
         datalist, skipped = task_datalist(
             labelled_items(datastore, options["label_tag"]), self.task, self.class_names,
             float(options["val_split"]), int(options["seed"]),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections import defaultdict
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -577,15 +576,17 @@ def expand_frames(items: Sequence[dict[str, Any]], per_frame: bool = True) -> li
     keeps one item per file (clip models, ``num_frames`` 1: one result per file). Adds
     ``num_frames`` (frames in the file) to every item.
 
-    Unreadable inputs are reported with a warning and skipped, so that one bad file does
-    not stop a batch job.
+    An input whose frames cannot be counted (an unreadable header) stays one item, frame 0:
+    loading it fails again in :class:`~echocare.datasets.SkipUnreadableDataset`, which skips it
+    and gives it its ``predictions.json`` row with the reason, so that one bad file neither
+    stops a batch job nor vanishes from its results.
     """
     out: list[dict[str, Any]] = []
     for item in items:
         try:
             count = clip_frame_count(item["image"])
-        except UltrasoundReadError as error:
-            warnings.warn(f"skipped: {error}", stacklevel=2)
+        except UltrasoundReadError:
+            out.append({**item, "frame": 0, "num_frames": 1})
             continue
         if per_frame:
             out.extend({**item, "frame": int(f), "num_frames": int(count)} for f in range(count))

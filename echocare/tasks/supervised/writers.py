@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
+from echocare.datasets.skipping import skipped_row
 from echocare.engines.handlers import UniqueNames, item_source
 
 __all__ = [
@@ -185,7 +186,11 @@ class _PredictionWriter(RunFileWriter):
     """Shared part of the inference writers: naming after the input (and frame), the index
     files ``predictions.json`` / ``predictions.csv`` (one row per result: the record's plain
     fields) when the run completes. Subclasses write one input's files in ``write_item``
-    and return its record."""
+    and return its record.
+
+    An input that :class:`~echocare.datasets.SkipUnreadableDataset` could not load gets its row
+    ``{"image", ["frame",] "status": "skipped", "reason"}`` in both index files (and a
+    warning naming it) instead of files."""
 
     def __init__(self, output_dir: str | os.PathLike[str], class_names: Sequence[str]) -> None:
         self.class_names = list(class_names)
@@ -202,6 +207,11 @@ class _PredictionWriter(RunFileWriter):
 
     def write_pair(self, source: dict[str, Any], output: dict[str, Any]) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        skipped = skipped_row(source)
+        if skipped is not None:  # an input its dataset could not load: its row, no files
+            logger.warning("skipped %s", skipped["reason"])
+            self.records.append(skipped)
+            return
         self.records.append(self.write_item(source, output))
 
     def write_item(self, source: dict[str, Any], output: dict[str, Any]) -> dict[str, Any]:
@@ -212,7 +222,9 @@ class _PredictionWriter(RunFileWriter):
         (self.output_dir / "predictions.json").write_text(json.dumps(self.records, ensure_ascii=False, indent=1), encoding="utf-8")
         flat = [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in self.records]
         if flat:
-            fields = list(dict.fromkeys(k for row in flat for k in row))  # every column, first-seen order
+            # every column in first-seen order, the outputs' before those of skipped rows (status, reason)
+            ordered = sorted(flat, key=lambda row: row.get("status") == "skipped")
+            fields = list(dict.fromkeys(k for row in ordered for k in row))
             with (self.output_dir / "predictions.csv").open("w", newline="", encoding="utf-8") as handle:
                 writer = csv.DictWriter(handle, fieldnames=fields)
                 writer.writeheader()
