@@ -192,7 +192,7 @@ class EchoCareCLI:
         lower_is_better: bool | None = None,
         min_pairs: int = 6,
     ) -> None:
-        """Compare the models of an `echocare experiment` on METRIC (DESIGN's names: mean_dice, accuracy, mae, ...).
+        """Compare the models of an `echocare experiment` on METRIC (the names of docs/architecture.md: mean_dice, accuracy, mae, ...).
 
         Writes to --out (default <output_dir>/compare_<metric>, output_dir default experiments/NAME) and logs to a
         "compare" run of the experiment: summary (mean ± sd, n per model and fraction), tests (best model vs each

@@ -1,4 +1,4 @@
-"""The shared base of the file-writing handlers (:class:`echocare.tasks.supervised.RunFileWriter`) and
+"""The shared base of the file-writing handlers (:class:`echocare.engines.RunFileWriter`) and
 the inference index files of :class:`~echocare.tasks.supervised.writers._PredictionWriter`, on a
 bare Ignite engine whose iterations return decollated items as MONAI's engines do."""
 
@@ -11,7 +11,7 @@ from typing import Any
 
 from ignite.engine import Engine
 
-from echocare.tasks.supervised.writers import RunFileWriter, _PredictionWriter
+from echocare.engines.writers import PredictionWriter, RunFileWriter
 
 
 def _engine(items_per_iteration: list[list[dict[str, Any]]]) -> Engine:
@@ -62,7 +62,7 @@ def test_run_file_writer_resets_names_and_limits_pictures(tmp_path: Path) -> Non
     assert writer.finished == [["case1", "case1_2"], ["case1", "case1_2"]]
 
 
-class _JsonWriter(_PredictionWriter):
+class _JsonWriter(PredictionWriter):
     def write_item(self, source: dict[str, Any], output: dict[str, Any]) -> dict[str, Any]:
         path, name, frame = self._name(source)
         record = {"image": path, "frame": frame or 0, **output}

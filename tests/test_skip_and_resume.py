@@ -29,7 +29,7 @@ from bundle_helpers import REPO, bundles_in_one_process
 from echocare.datasets import DatalistError, SkipUnreadableDataset, list_inputs
 from echocare.tasks.supervised import LoadFramed, expand_frames
 from echocare.engines import ResumeError, find_resume_checkpoint
-from echocare.tasks.supervised.writers import _PredictionWriter
+from echocare.engines.writers import PredictionWriter
 
 
 def _inputs(folder: Path, good: int = 2) -> Path:
@@ -44,7 +44,7 @@ def _inputs(folder: Path, good: int = 2) -> Path:
     return folder
 
 
-class _JsonWriter(_PredictionWriter):
+class _JsonWriter(PredictionWriter):
     def write_item(self, source: dict[str, Any], output: dict[str, Any]) -> dict[str, Any]:
         path, name, frame = self._name(source)
         (self.output_dir / f"{name}.json").write_text(json.dumps({"mean": output["mean"]}))

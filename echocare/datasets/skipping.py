@@ -1,7 +1,7 @@
 """Inference datasets that skip unreadable inputs instead of stopping the run.
 
 A truncated PNG or a corrupt DICOM in a folder of a thousand inputs must not cost the
-other 999 (DESIGN: Trust). :class:`SkipUnreadableDataset` is the ``Dataset`` of every
+other 999 (docs/security.md). :class:`SkipUnreadableDataset` is the ``Dataset`` of every
 bundle's ``inference.yaml``: an item whose loading transforms fail is replaced, for the
 network, by a copy of an item that loads (so batches keep one shape and the DataLoader,
 its workers and every engine stay unchanged), and marked in its :data:`SKIPPED_KEY`

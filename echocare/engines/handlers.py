@@ -415,7 +415,7 @@ class EvaluationReport:
     """Write an evaluation's results: ``summary.json``, ``per_case.csv``, logged to MLflow if tracked.
 
     ``summary.json`` maps each metric of ``engine.state.metrics`` (without a ``val_`` prefix,
-    so names match DESIGN's across summary, MLflow and ``echocare compare``) to its value.
+    so names match docs/architecture.md's "Metric names" across summary, MLflow and ``echocare compare``) to its value.
     ``per_case.csv`` has one row per image: ``image`` and the listed per-item output fields
     (scalars or strings of MONAI's decollated outputs).
 

@@ -21,7 +21,7 @@ from echocare.engines.handlers import item_source
 from echocare.tasks.detection.data import ellipse_rows
 from echocare.tasks.detection.metrics import cardiothoracic_ratio, ellipse_polygon
 from echocare.tasks.supervised.data import read_clip
-from echocare.tasks.supervised.writers import RunFileWriter, _PredictionWriter
+from echocare.engines.writers import PredictionWriter, RunFileWriter
 
 __all__ = ["EllipseOverlayWriter", "EllipsePredictionWriter", "draw_ellipses"]
 
@@ -113,7 +113,7 @@ class EllipseOverlayWriter(RunFileWriter):
         draw_ellipses(_original_image(source, output), rows, true, self.class_names, self.output_dir / f"{name}.png")
 
 
-class EllipsePredictionWriter(_PredictionWriter):
+class EllipsePredictionWriter(PredictionWriter):
     """Inference output of detection, one result per input frame, named after the input:
     ``<stem>[_frameNNNN].json`` with the detected ellipses (original pixels, class name,
     score; those scoring >= ``min_score``) and, with ``ctr_classes``, the cardiothoracic

@@ -28,7 +28,7 @@ from echocare.networks.encoder import build_encoder, load_encoder_weights
 from echocare.tasks.enhancement import image_quality as iq
 from echocare.tasks.enhancement.degrade import degradation_at_level, degrade
 from echocare.tasks.enhancement.network import grey
-from echocare.tasks.supervised.writers import _PredictionWriter, _pairs, is_rank0
+from echocare.engines.writers import PredictionWriter, is_rank0, iteration_pairs
 
 __all__ = [
     "BRISQUE_LEVELS",
@@ -226,7 +226,7 @@ class EnhancementEvaluation:
 
     def _collect(self, engine: Engine) -> None:
         batch = {"pred": [], "image": [], "target": []}
-        for source, output in _pairs(engine):
+        for source, output in iteration_pairs(engine):
             if output.get("label") is None:
                 continue
             images = {"pred": _grey(output["pred"]), "image": _grey(output["image"]), "target": _grey(output["label"])}
@@ -255,7 +255,7 @@ class EnhancementEvaluation:
             engine.state.metrics[f"identity_{name}"] = iq.fid(feats["image"], feats["target"])
 
 
-class EnhancementPredictionWriter(_PredictionWriter):
+class EnhancementPredictionWriter(PredictionWriter):
     """Inference output of enhancement, one per input frame, named after the input:
     ``<stem>[_frameNNNN].png``, the enhanced image as 8-bit grey at the input's original
     size (bilinear), plus ``predictions.json`` / ``.csv`` listing each input and its file."""

@@ -27,7 +27,7 @@ from monai.transforms import MapTransform
 
 from echocare.datasets.datalist import load_datalist, raise_problems
 from echocare.io.readers import UltrasoundReadError
-from echocare.tasks.supervised.data import _first_frame_size, datalist_info, subsample_training
+from echocare.tasks.supervised.data import first_frame_size, datalist_info, subsample_training
 
 __all__ = [
     "BRAIN_LANDMARK_NAMES",
@@ -230,7 +230,7 @@ def load_landmark_datalist(
             item[name] = "" if value is None else str(value)
         if with_sizes:
             try:
-                item["original_size"] = list(_first_frame_size(item["image"]))
+                item["original_size"] = list(first_frame_size(item["image"]))
             except UltrasoundReadError as error:
                 problems.append(f"{where}: {error}")
                 continue

@@ -22,7 +22,7 @@ from echocare.tasks.landmarks.data import grid_to_original
 from echocare.tasks.landmarks.network import decode_heatmaps
 from echocare.tasks.supervised.data import read_clip
 from echocare.tasks.supervised.segmentation_metrics import class_key
-from echocare.tasks.supervised.writers import RunFileWriter, _PredictionWriter
+from echocare.engines.writers import PredictionWriter, RunFileWriter
 from echocare.visualize import new_figure, save_figure
 
 __all__ = [
@@ -148,7 +148,7 @@ class LandmarkOverlayWriter(RunFileWriter):
         save_figure(landmark_error_boxplot_figure(self.errors), self.boxplot_path)
 
 
-class LandmarkPredictionWriter(_PredictionWriter):
+class LandmarkPredictionWriter(PredictionWriter):
     """Inference output of landmarks, one result per input frame, named after the input:
     ``<stem>[_frameNNNN].json`` (``landmarks``: name -> [x, y] in pixels of the original
     image, and ``image_size`` [H, W]) and ``<stem>[_frameNNNN].csv`` (``landmark, x, y``),

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from echocare.tasks.regression.figures import save_bland_altman, save_regression_scatter
-from echocare.tasks.supervised.writers import RunFileWriter, _PredictionWriter
+from echocare.engines.writers import PredictionWriter, RunFileWriter
 
 __all__ = ["RegressionFigureWriter", "RegressionPredictionWriter"]
 
@@ -66,7 +66,7 @@ class RegressionFigureWriter(RunFileWriter):
         save_bland_altman(self.pred, self.true, self.output_dir / "bland_altman.png", unit=self.unit, name=self.name)
 
 
-class RegressionPredictionWriter(_PredictionWriter):
+class RegressionPredictionWriter(PredictionWriter):
     """Inference output of regression, one result per input (a sequence or an image), named
     after it: ``<stem>.json`` with the predicted value in the task's unit, the unit, and the
     frame indices the network saw (sequences), plus ``predictions.json`` / ``.csv``.

@@ -26,7 +26,7 @@ from monai.transforms import MapTransform
 from echocare.datasets.datalist import check_file, list_inputs, load_datalist, raise_problems
 from echocare.tasks.report.tokenizer import ReportTokenizer
 from echocare.tasks.supervised.data import subsample_training
-from echocare.tasks.supervised.writers import is_rank0
+from echocare.engines.writers import is_rank0
 
 __all__ = [
     "ReportTokensd",

@@ -18,7 +18,7 @@ from monai.engines.utils import IterationEvents
 
 from echocare.tasks.report.tokenizer import ReportTokenizer
 from echocare.engines.iteration import bf16_autocast, plain_tensor, unwrap_ddp
-from echocare.tasks.supervised.writers import _PredictionWriter
+from echocare.engines.writers import PredictionWriter
 
 __all__ = ["ReportEvalIteration", "ReportTrainIteration", "ReportWriter"]
 
@@ -111,7 +111,7 @@ class ReportEvalIteration:
         return engine.state.output
 
 
-class ReportWriter(_PredictionWriter):
+class ReportWriter(PredictionWriter):
     """Inference output, one pair of files per case named after it: ``<case>.txt`` (the
     report) and ``<case>.json`` (``case``, ``report``, ``tokens`` (list of text tokens),
     ``token_ids``, ``score``, ``images``), plus ``predictions.json`` / ``.csv`` for all.

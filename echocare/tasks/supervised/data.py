@@ -2,8 +2,8 @@
 
 Segmentation items are ``{"image", "label"}`` with ``label`` a mask file of integer
 classes; classification items are ``{"image", "label"}`` with ``label`` a class index and
-``image`` an image, a DICOM, a video or a folder of frames (a clip). See DESIGN.md,
-"Bundle conventions".
+``image`` an image, a DICOM, a video or a folder of frames (a clip). See docs/architecture.md,
+"Datalist keys".
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ __all__ = [
     "clip_indices",
     "datalist_info",
     "expand_frames",
+    "first_frame_size",
     "load_task_datalist",
     "mask_values_for",
     "read_clip",
@@ -129,7 +130,7 @@ def _check_segmentation_item(item: dict[str, Any], values: Sequence[int] | None,
     except (LabelMapError, UltrasoundReadError) as error:
         return str(error)
     try:
-        height, width = _first_frame_size(item["image"])
+        height, width = first_frame_size(item["image"])
     except UltrasoundReadError as error:
         return str(error)
     if mask.shape != (height, width):
@@ -141,7 +142,8 @@ def _check_segmentation_item(item: dict[str, Any], values: Sequence[int] | None,
     return None
 
 
-def _first_frame_size(path: str) -> tuple[int, int]:
+def first_frame_size(path: str) -> tuple[int, int]:
+    """(height, width) in pixels of the first frame of an image, DICOM, video or clip folder."""
     if Path(path).is_dir():
         frame = read_clip(path, [0])
         return int(frame.shape[1]), int(frame.shape[2])
@@ -245,7 +247,7 @@ def check_task_item(
     if task == "segmentation":
         return _check_segmentation_item(item, mask_values, num_classes)
     try:
-        _first_frame_size(item["image"])
+        first_frame_size(item["image"])
     except UltrasoundReadError as error:
         return str(error)
     return None

@@ -21,33 +21,17 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
-from echocare.datasets.skipping import skipped_row
-from echocare.engines.handlers import UniqueNames, item_source
+from echocare.engines.writers import PredictionWriter, RunFileWriter
 
 __all__ = [
     "ClassificationFigureWriter",
-    "RunFileWriter",
     "ClassificationPredictionWriter",
     "SegmentationOverlayWriter",
     "SegmentationPredictionWriter",
-    "is_rank0",
     "probabilities_to_mask",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def is_rank0() -> bool:
-    """True outside DDP and on rank 0 (handlers that write files run there only)."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() > 0)
-
-
-def _pairs(engine: Engine) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(input item, output item) pairs of the last iteration, merged views."""
-    outputs = engine.state.output if isinstance(engine.state.output, list) else []
-    batch = engine.state.batch if isinstance(engine.state.batch, list) else [{}] * len(outputs)
-    return [((b if isinstance(b, dict) else {}), o) for b, o in zip(batch, outputs)]
 
 
 def _labels_of(pred: torch.Tensor) -> np.ndarray:
@@ -56,60 +40,6 @@ def _labels_of(pred: torch.Tensor) -> np.ndarray:
     if pred.ndim == 3 and pred.shape[0] > 1:
         return pred.argmax(0).numpy().astype(np.int64)
     return pred.reshape(pred.shape[-2:]).round().numpy().astype(np.int64)
-
-
-class RunFileWriter:
-    """Shared part of the handlers that write files over one engine run (evaluation pictures,
-    inference outputs): a fresh state at every run (``reset``), each decollated (input item,
-    output item) pair of every iteration (``write_pair``), a last step when the run completes
-    (``finish``); files are written on rank 0 only.
-
-    Subclasses set ``self.output_dir`` (a ``Path``) and override the three hooks. ``count`` and
-    ``names`` (:class:`~echocare.engines.handlers.UniqueNames`) are reset with each run; pictures
-    take their names from :meth:`picture_name`.
-    """
-
-    def __init__(self, output_dir: str | os.PathLike[str], max_images: int = 16) -> None:
-        self.output_dir = Path(output_dir)
-        self.max_images = int(max_images)
-        self._start(None)
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._start)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
-        engine.add_event_handler(Events.COMPLETED, self._finish)
-
-    def _start(self, engine: Engine | None) -> None:
-        self.count, self.names = 0, UniqueNames()
-        self.reset()
-
-    def _iteration(self, engine: Engine) -> None:
-        if not is_rank0():
-            return
-        for source, output in _pairs(engine):
-            self.write_pair(source, output)
-
-    def _finish(self, engine: Engine) -> None:
-        if is_rank0():
-            self.finish()
-
-    def picture_name(self, source: dict[str, Any], output: dict[str, Any]) -> str | None:
-        """A unique file stem named after the item's input for the next of the first
-        ``max_images`` pictures of the run, or ``None`` once they are drawn."""
-        if self.count >= self.max_images:
-            return None
-        self.count += 1
-        return self.names(item_source({**source, **output}, default=f"case{self.count - 1:03d}"))
-
-    def reset(self) -> None:
-        """Start of a run: drop what the last run collected."""
-
-    def write_pair(self, source: dict[str, Any], output: dict[str, Any]) -> None:
-        """One item: ``source`` is the batch item (input and its meta), ``output`` the
-        postprocessed output item."""
-
-    def finish(self) -> None:
-        """End of the run (rank 0): pictures or files over the whole run."""
 
 
 class SegmentationOverlayWriter(RunFileWriter):
@@ -182,56 +112,6 @@ class ClassificationFigureWriter(RunFileWriter):
         save_confusion_matrix(cm, self.class_names, self.output_dir / "confusion_matrix.png")
 
 
-class _PredictionWriter(RunFileWriter):
-    """Shared part of the inference writers: naming after the input (and frame), the index
-    files ``predictions.json`` / ``predictions.csv`` (one row per result: the record's plain
-    fields) when the run completes. Subclasses write one input's files in ``write_item``
-    and return its record.
-
-    An input that :class:`~echocare.datasets.SkipUnreadableDataset` could not load gets its row
-    ``{"image", ["frame",] "status": "skipped", "reason"}`` in both index files (and a
-    warning naming it) instead of files."""
-
-    def __init__(self, output_dir: str | os.PathLike[str], class_names: Sequence[str]) -> None:
-        self.class_names = list(class_names)
-        super().__init__(output_dir)
-
-    def reset(self) -> None:
-        self.records: list[dict[str, Any]] = []
-
-    def _name(self, source: dict[str, Any]) -> tuple[str, str, int | None]:
-        path = item_source(source, default=f"input{len(self.records):05d}")
-        frames = int(source.get("num_frames", 1) or 1)
-        frame = int(source.get("frame", 0)) if frames > 1 else None
-        return path, self.names(path, frame), frame
-
-    def write_pair(self, source: dict[str, Any], output: dict[str, Any]) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        skipped = skipped_row(source)
-        if skipped is not None:  # an input its dataset could not load: its row, no files
-            logger.warning("skipped %s", skipped["reason"])
-            self.records.append(skipped)
-            return
-        self.records.append(self.write_item(source, output))
-
-    def write_item(self, source: dict[str, Any], output: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def finish(self) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "predictions.json").write_text(json.dumps(self.records, ensure_ascii=False, indent=1), encoding="utf-8")
-        flat = [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in self.records]
-        if flat:
-            # every column in first-seen order, the outputs' before those of skipped rows (status, reason)
-            ordered = sorted(flat, key=lambda row: row.get("status") == "skipped")
-            fields = list(dict.fromkeys(k for row in ordered for k in row))
-            with (self.output_dir / "predictions.csv").open("w", newline="", encoding="utf-8") as handle:
-                writer = csv.DictWriter(handle, fieldnames=fields)
-                writer.writeheader()
-                writer.writerows(flat)
-        logger.info("%d predictions written to %s", len(self.records), self.output_dir)
-
-
 def probabilities_to_mask(probabilities: torch.Tensor, size: Sequence[int] | torch.Tensor | None = None) -> np.ndarray:
     """(C, h, w) class probabilities -> (H, W) uint8 class indices at ``size`` = (H, W).
 
@@ -245,7 +125,7 @@ def probabilities_to_mask(probabilities: torch.Tensor, size: Sequence[int] | tor
     return probs.argmax(0).numpy().astype(np.uint8)
 
 
-class SegmentationPredictionWriter(_PredictionWriter):
+class SegmentationPredictionWriter(PredictionWriter):
     """Inference output of segmentation, one result per input frame, named after the input:
     ``<stem>[_frameNNNN].png`` (8-bit class indices at the input's original size) and
     ``.nii.gz`` (the same mask, NIfTI axes (x=column, y=row)), plus ``predictions.json`` /
@@ -270,7 +150,7 @@ class SegmentationPredictionWriter(_PredictionWriter):
                 "mask_nifti": str(nifti), **{f"pixels_{k}": v for k, v in counts.items()}}
 
 
-class ClassificationPredictionWriter(_PredictionWriter):
+class ClassificationPredictionWriter(PredictionWriter):
     """Inference output of classification, one result per input frame (per clip for clip
     models), named after the input: ``<stem>[_frameNNNN].json`` with the class
     probabilities and the predicted class, plus ``predictions.json`` / ``.csv``."""
