@@ -28,15 +28,22 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from echocare.bundle import resolve_bundle, resolve_overlays
-from echocare.io.readers import DEFAULT_MAX_PIXELS
-
-if TYPE_CHECKING:
-    from echocare.io import dicom_writer as dicom_out
+from echocare.datasets.datalist import list_inputs
+from echocare.engines.handlers import UniqueNames
+from echocare.io import dicom_writer
+from echocare.io.readers import (
+    DEFAULT_MAX_PIXELS,
+    UltrasoundReadError,
+    count_frames,
+    detect_format,
+    iter_frames,
+    read_metadata,
+)
 
 __all__ = ["InputResult", "collect_inputs", "predict"]
 
@@ -75,8 +82,6 @@ def collect_inputs(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Path],
         (files, failures: missing paths and unsupported files given by name, notes: one
         line per folder with skipped files).
     """
-    from echocare.datasets.datalist import list_inputs
-    from echocare.io.readers import UltrasoundReadError, detect_format
 
     files: list[Path] = []
     failures: list[InputResult] = []
@@ -119,8 +124,6 @@ def _check_frames(path: Path, count: int | None, max_pixels: int) -> None:
         UltrasoundReadError: a frame cannot be decoded, is larger than ``max_pixels``, or the
         file ends before ``count`` frames (or, with None, before the frames it declares).
     """
-    from echocare.io.readers import iter_frames
-
     for _ in islice(iter_frames(path, max_pixels=max_pixels), count):
         pass
 
@@ -158,6 +161,8 @@ def _read_predictions(predictions_dir: Path) -> dict[Path, list[dict[str, Any]]]
         return {}
     grouped: dict[Path, list[dict[str, Any]]] = defaultdict(list)
     for record in json.loads(index.read_text()):
+        if record.get("status") == "skipped":  # the bundle could not load it: no outputs to read
+            continue
         grouped[Path(record["image"]).resolve()].append(record)
     for records in grouped.values():
         records.sort(key=lambda r: int(r.get("frame", 0)))
@@ -175,8 +180,6 @@ def _load_masks(records: Sequence[dict[str, Any]]) -> np.ndarray:
 
 
 def _frames_of(path: Path, count: int) -> Iterator[np.ndarray]:
-    from echocare.io.readers import iter_frames
-
     return islice(iter_frames(path), count)
 
 
@@ -187,47 +190,45 @@ def _dicom_results(
     task: str,
     per_clip: bool,
     class_names: Sequence[str],
-    algorithm: dicom_out.Algorithm,
+    algorithm: dicom_writer.Algorithm,
     stem: str,
     dicom_dir: Path,
 ) -> list[str]:
     """Write the SEG (or Secondary Capture) and SR of one DICOM input; returns notes to print."""
     import pydicom
 
-    from echocare.io import dicom_writer as dicom_out
-    from echocare.io.readers import read_metadata
 
     source = pydicom.dcmread(path, stop_before_pixels=True)
     notes = []
     if task == "classification":
         results = [
-            dicom_out.ClassificationResult(
+            dicom_writer.ClassificationResult(
                 probabilities=[float(r["probabilities"][n]) for n in class_names],
                 frame=None if per_clip or row.num_frames == 1 else int(r["frame"]),
             )
             for r in records
         ]
         sr_path = dicom_dir / f"{stem}_sr.dcm"
-        dicom_out.write_classification_report(source, results, class_names, algorithm, sr_path)
+        dicom_writer.write_classification_report(source, results, class_names, algorithm, sr_path)
         row.sr = str(sr_path)
         return notes
     frames = [int(r["frame"]) for r in records]
     masks = _load_masks(records)
     try:
         seg_path = dicom_dir / f"{stem}_seg.dcm"
-        derived = dicom_out.write_segmentation(source, masks, class_names, algorithm, seg_path, frames=frames)
+        derived = dicom_writer.write_segmentation(source, masks, class_names, algorithm, seg_path, frames=frames)
         row.seg = str(seg_path)
-    except dicom_out.SegNotPossible as exc:
+    except dicom_writer.SegNotPossible as exc:
         sc_path = dicom_dir / f"{stem}_sc.dcm"
         reason = str(exc)
         # Frames are the file's first ones, in order (the bundle's datalist, cut to max_frames).
         images = _frames_of(path, len(frames))
-        derived = dicom_out.write_overlay_capture(source, images, masks, algorithm, reason, sc_path, frames=frames)
+        derived = dicom_writer.write_overlay_capture(source, images, masks, algorithm, reason, sc_path, frames=frames)
         row.secondary_capture, row.reason = str(sc_path), f"Secondary Capture instead of SEG: {reason}"
         notes.append(f"{path}: {row.reason}")
     spacing = read_metadata(path).get("pixel_spacing_mm")
     sr_path = dicom_dir / f"{stem}_sr.dcm"
-    dicom_out.write_segmentation_report(
+    dicom_writer.write_segmentation_report(
         source, masks, class_names, algorithm, sr_path, frames=frames, spacing_mm=spacing, segmentation=derived
     )
     row.sr = str(sr_path)
@@ -262,6 +263,104 @@ def _progress(items: Iterable[Any], description: str, total: int) -> Iterable[An
     from tqdm import tqdm
 
     return tqdm(items, desc=description, total=total, unit="input", leave=True)
+
+
+def _check_limits(max_frames: int | None, max_pixels: int) -> int:
+    """``max_pixels`` as an int once both limits are checked."""
+    if max_frames is not None and int(max_frames) < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    if isinstance(max_pixels, bool) or not 1 <= int(max_pixels) <= DEFAULT_MAX_PIXELS:
+        raise ValueError(
+            f"max_pixels must be between 1 and {DEFAULT_MAX_PIXELS:,} (the bundle's reader refuses larger frames), "
+            f"got {max_pixels}"
+        )
+    return int(max_pixels)
+
+
+def _check_headers(files: Sequence[Path], max_pixels: int) -> dict[Path, InputResult]:
+    """One row per file: of a known kind, with a readable header within ``max_pixels`` and (for
+    video) the frames it declares there to read, or failed with the reason."""
+    rows: dict[Path, InputResult] = {}
+    for path in files:
+        row = rows[path] = InputResult(str(path))
+        try:
+            row.format = detect_format(path)
+            row.num_frames = count_frames(path, max_pixels=max_pixels)
+        except UltrasoundReadError as exc:
+            row.status, row.reason = "failed", exc.problem
+    return rows
+
+
+def _bundle_items(parser, readable: Sequence[Path], max_frames: int | None) -> dict[Path, list[dict[str, Any]]]:
+    """The bundle's own datalist items of each readable input (one per frame, or per clip),
+    cut to the first ``max_frames`` frames."""
+    items_of: dict[Path, list[dict[str, Any]]] = defaultdict(list)
+    if readable:
+        for item in parser.get_parsed_content("datalist"):
+            if max_frames is None or int(item.get("frame", 0)) < int(max_frames):
+                items_of[Path(item["image"]).resolve()].append(item)
+    return items_of
+
+
+def _is_per_clip(items: Sequence[dict[str, Any]], row: InputResult) -> bool:
+    """Whether a multi-frame input is one clip-level item rather than one item per frame."""
+    return len(items) == 1 and int(items[0].get("num_frames", 1)) == 1 and row.num_frames > 1
+
+
+def _check_decoding(rows: dict[Path, InputResult], readable: Sequence[Path], items_of: dict, max_pixels: int) -> None:
+    """Decode every frame the bundle will read, so that a corrupt file is reported here rather
+    than stopping the whole run; failed inputs leave ``items_of``."""
+    for path in _progress(readable, "checking inputs", len(readable)):
+        row, items = rows[path], items_of.get(path, [])
+        try:
+            if not items:
+                raise UltrasoundReadError(path, "the bundle's datalist left it out (see the warning above)")
+            _check_frames(path, None if _is_per_clip(items, row) else len(items), max_pixels)
+            row.frames = len(items)
+        except UltrasoundReadError as exc:
+            row.status, row.reason = "failed", exc.problem
+            items_of.pop(path, None)
+
+
+def _write_dicom_results(
+    rows: dict[Path, InputResult], ok: Sequence[Path], items_of: dict, predictions: dict, meta: dict[str, Any],
+    bundle_name: str, task: str, class_names: list[str], dicom_dir: Path, say: Any,
+) -> None:
+    """Summarise each input's predictions and write the DICOM results of DICOM inputs; an input
+    without a prediction, or whose DICOM results cannot be written, fails alone."""
+    algorithm = dicom_writer.Algorithm(name=bundle_name, version=str(meta.get("version", "")))
+    names = UniqueNames()
+    for path in _progress(ok, "writing results", len(ok)):
+        row, records = rows[path], predictions.get(path, [])
+        row.summary = _summary(records, task, class_names)
+        if not records:
+            row.status, row.reason = "failed", "the bundle wrote no prediction for it"
+            continue
+        if row.format != "dicom":
+            continue
+        per_clip = _is_per_clip(items_of[path], row)
+        try:
+            notes = _dicom_results(row, path, records, task, per_clip, class_names, algorithm, names(str(path)),
+                                   dicom_dir)
+        except Exception as exc:  # one bad source must not stop the batch: report it, go on
+            row.status, row.reason = "failed", f"cannot write DICOM results ({type(exc).__name__}: {exc})"
+            continue
+        for note in notes:
+            say(note)
+
+
+def _finish_report(out: Path, all_rows: list[InputResult], say: Any) -> None:
+    """``predict_report.json``/``.csv``, a ``failed:`` line per failed input and a summary."""
+    report = _write_report(out, all_rows)
+    for row in all_rows:
+        if row.status == "failed":
+            say(f"failed: {row.input}: {row.reason}")
+    done = [r for r in all_rows if r.status == "ok"]
+    say(
+        f"{len(all_rows)} input(s): {len(done)} done ({sum(bool(r.seg) for r in done)} SEG, "
+        f"{sum(bool(r.secondary_capture) for r in done)} Secondary Capture, {sum(bool(r.sr) for r in done)} SR), "
+        f"{len(all_rows) - len(done)} failed; outputs in {out}, report {report}"
+    )
 
 
 def predict(
@@ -304,47 +403,25 @@ def predict(
     Returns:
         One :class:`InputResult` per input (also in ``predict_report.json``).
     """
-    from echocare.io import dicom_writer as dicom_out
-    from echocare.io.readers import UltrasoundReadError, count_frames, detect_format
-    from echocare.engines.handlers import UniqueNames
     say = print if echo else (lambda *a, **k: None)
     name, configs = resolve_bundle(bundle)
     config_files = [str(configs / "inference.yaml"), *resolve_overlays(config, configs)]
     task, meta = _bundle_task(configs)
-    if max_frames is not None and int(max_frames) < 1:
-        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
-    if isinstance(max_pixels, bool) or not 1 <= int(max_pixels) <= DEFAULT_MAX_PIXELS:
-        raise ValueError(
-            f"max_pixels must be between 1 and {DEFAULT_MAX_PIXELS:,} (the bundle's reader refuses larger frames), "
-            f"got {max_pixels}"
-        )
-    max_pixels = int(max_pixels)
+    max_pixels = _check_limits(max_frames, max_pixels)
     out = Path(out).resolve()
-    predictions_dir, dicom_dir = out / "predictions", out / "dicom"
+    predictions_dir = out / "predictions"
     out.mkdir(parents=True, exist_ok=True)
 
-    # 1. Inputs: found, of a known kind, with a readable header within max_pixels, and (for
-    #    video) the frames it declares there to read: the bundle's datalist counts on them.
-    raw = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    files, failed, notes = collect_inputs(raw)
+    files, failed, notes = collect_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
     for note in notes:
         say(note)
-    rows: dict[Path, InputResult] = {}
-    for path in files:
-        row = rows[path] = InputResult(str(path))
-        try:
-            row.format = detect_format(path)
-            row.num_frames = count_frames(path, max_pixels=max_pixels)
-        except UltrasoundReadError as exc:
-            row.status, row.reason = "failed", exc.problem
+    rows = _check_headers(files, max_pixels)
     readable = [p for p, r in rows.items() if r.status == "ok"]
 
-    # 2. The bundle's own datalist of them (one item per frame, or per clip), cut to max_frames.
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     datalist_file = out / "predict_inputs.json"
     datalist_file.write_text(json.dumps({"validation": [{"image": str(p)} for p in readable]}, indent=1))
     bundle_overrides = {
-        **overrides,
+        **{k: v for k, v in (overrides or {}).items() if v is not None},
         "input_dir": str(datalist_file),
         "datalist_key": "validation",
         "dataset_dir": "",
@@ -353,66 +430,17 @@ def predict(
     }
     parser = _parser(config_files, bundle_overrides)
     class_names = [str(c) for c in parser.get_parsed_content("class_names")]
-    items_of: dict[Path, list[dict[str, Any]]] = defaultdict(list)
-    if readable:
-        for item in parser.get_parsed_content("datalist"):
-            if max_frames is None or int(item.get("frame", 0)) < int(max_frames):
-                items_of[Path(item["image"]).resolve()].append(item)
+    items_of = _bundle_items(parser, readable, max_frames)
+    _check_decoding(rows, readable, items_of, max_pixels)
 
-    # 3. Decode every frame the bundle will read: a corrupt file is reported here, not as a
-    #    crash of the whole run.
-    for path in _progress(readable, "checking inputs", len(readable)):
-        row, items = rows[path], items_of.get(path, [])
-        per_clip = len(items) == 1 and int(items[0].get("num_frames", 1)) == 1 and row.num_frames > 1
-        try:
-            if not items:
-                raise UltrasoundReadError(path, "the bundle's datalist left it out (see the warning above)")
-            _check_frames(path, None if per_clip else len(items), max_pixels)
-            row.frames = len(items)
-        except UltrasoundReadError as exc:
-            row.status, row.reason = "failed", exc.problem
-            items_of.pop(path, None)
     kept = [item for path in readable if rows[path].status == "ok" for item in items_of[path]]
-
-    # 4. Inference by the bundle.
     if kept:
         parser["datalist"] = kept
         parser.get_parsed_content("run")
     predictions = _read_predictions(predictions_dir) if kept else {}
 
-    # 5. DICOM results.
-    algorithm = dicom_out.Algorithm(name=name, version=str(meta.get("version", "")))
-    names = UniqueNames()
     ok = [p for p in readable if rows[p].status == "ok"]
-    for path in _progress(ok, "writing results", len(ok)):
-        row, records = rows[path], predictions.get(path, [])
-        row.summary = _summary(records, task, class_names)
-        if not records:
-            row.status, row.reason = "failed", "the bundle wrote no prediction for it"
-            continue
-        if row.format != "dicom":
-            continue
-        items = items_of[path]
-        per_clip = len(items) == 1 and int(items[0].get("num_frames", 1)) == 1 and row.num_frames > 1
-        try:
-            notes = _dicom_results(row, path, records, task, per_clip, class_names, algorithm, names(str(path)),
-                                   dicom_dir)
-        except Exception as exc:  # one bad source must not stop the batch: report it, go on
-            row.status, row.reason = "failed", f"cannot write DICOM results ({type(exc).__name__}: {exc})"
-            continue
-        for note in notes:
-            say(note)
-
-    # 6. Report.
+    _write_dicom_results(rows, ok, items_of, predictions, meta, name, task, class_names, out / "dicom", say)
     all_rows = [*failed, *rows.values()]
-    report = _write_report(out, all_rows)
-    for row in all_rows:
-        if row.status == "failed":
-            say(f"failed: {row.input}: {row.reason}")
-    done = [r for r in all_rows if r.status == "ok"]
-    say(
-        f"{len(all_rows)} input(s): {len(done)} done ({sum(bool(r.seg) for r in done)} SEG, "
-        f"{sum(bool(r.secondary_capture) for r in done)} Secondary Capture, {sum(bool(r.sr) for r in done)} SR), "
-        f"{len(all_rows) - len(done)} failed; outputs in {out}, report {report}"
-    )
+    _finish_report(out, all_rows, say)
     return all_rows
