@@ -81,15 +81,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from echocare.io.readers import (
-    DEFAULT_MAX_PIXELS,
-    SUPPORTED_SUFFIXES,
-    UltrasoundReadError,
-    detect_format,
-    iter_frames,
-)
 from echocare.errors import EchoCareError
+from echocare.io.readers import DEFAULT_MAX_PIXELS, SUPPORTED_SUFFIXES, UltrasoundReadError, detect_format, iter_frames
+from echocare.ontology import UnknownAnatomyError, load_ontology
 
 __all__ = [
     "curate",
@@ -205,8 +201,6 @@ def load_mapping(path: str | os.PathLike[str] | None, ontology: Any = None) -> d
     if path is None or str(path) == "":
         return {}
     import yaml
-
-    from echocare.ontology import UnknownAnatomyError, load_ontology
 
     p = Path(path)
     if not p.is_file():
@@ -902,6 +896,47 @@ def curate(
             is one line, starting with the file or folder concerned.
     """
     opts = _options(options)
+    given, src_paths = _check_sources(sources)
+    size, workers, frame_step = int(size), max(1, int(workers)), int(frame_step)
+    val_fraction = float(val_fraction)
+    _check_numbers(size, frame_step, val_fraction)
+    onto = load_ontology()
+    amap = load_mapping(mapping, onto)
+    labels = _source_labels(src_paths)
+
+    out_dir = Path(out)
+    _prepare_out(out_dir, src_paths, given, opts)
+    settings = _run_settings(src_paths, size, frame_step, amap, opts)
+    journal = _Journal(out_dir / JOURNAL, opts["fsync_every"])
+    state = _resume_state(journal, settings, out_dir, opts["near_duplicate_threshold"])
+    cfg = {"frame_step": frame_step, "size": size, "out": str(out_dir), "overlay": opts["overlay"],
+           "crop": opts["crop"], "min_pixels": opts["min_pixels"], "max_pixels": opts["max_pixels"],
+           "_delay": opts["_delay"]}
+    run = _Run(out_dir, journal, state, amap, bool(opts["hide_source_paths"]))
+    all_tasks = lambda: _tasks(src_paths, labels, given, out_dir, opts["exclude"])  # noqa: E731
+    total = sum(1 for _ in all_tasks())
+    bar = None
+    if opts["progress"]:
+        bar = tqdm(total=total, initial=min(len(state.done_files), total), unit="file", desc="curate",
+                   dynamic_ncols=True)
+    if state.done_files or state.done_units:
+        logger.info("resuming %s: %d file(s) already done", out_dir, len(state.done_files))
+    try:
+        for task, result in _ordered_map(run.pending(all_tasks()), cfg, workers, opts["max_in_flight"] or 4 * workers):
+            run.record(task, result)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(kept=len(state.seen_sha), refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+        journal.close()
+
+    return _finish(out_dir, journal, amap, onto, labels, val_fraction, opts["seed"], settings)
+
+
+def _check_sources(sources: list[str] | str) -> tuple[list[str], list[Path]]:
+    """(the sources as given, their real paths); each must exist."""
     if isinstance(sources, (str, os.PathLike)):
         sources = [str(sources)]
     given = [str(s) for s in sources]
@@ -913,22 +948,20 @@ def curate(
         if not s.exists():
             link = " (a broken or looping symbolic link)" if os.path.islink(os.path.expanduser(g)) else ""
             raise CurationError(f"{g}: source not found{link}")
-    size, workers, frame_step = int(size), max(1, int(workers)), int(frame_step)
+    return given, src_paths
+
+
+def _check_numbers(size: int, frame_step: int, val_fraction: float) -> None:
     if size < 8:
         raise CurationError(f"size must be at least 8, got {size}")
     if frame_step < 1:
         raise CurationError(f"frame_step must be >= 1, got {frame_step}")
-    val_fraction = float(val_fraction)
     if not 0.0 <= val_fraction <= 1.0:
         raise CurationError(f"val_fraction must be in [0, 1], got {val_fraction}")
 
-    from echocare.ontology import load_ontology
 
-    onto = load_ontology()
-    amap = load_mapping(mapping, onto)
-    labels = _source_labels(src_paths)
-
-    out_dir = Path(out)
+def _prepare_out(out_dir: Path, src_paths: list[Path], given: list[str], opts: dict[str, Any]) -> None:
+    """Check that ``out_dir`` is curate's to write, drop a discarded run's outputs, make the folders."""
     _check_out(out_dir, src_paths, given)
     if opts["restart"] or (out_dir / _DISCARDED_JOURNAL).exists():
         _discard_run(out_dir)
@@ -936,6 +969,9 @@ def curate(
     if opts["overlay"]:
         (out_dir / "overlays").mkdir(exist_ok=True)
 
+
+def _run_settings(src_paths: list[Path], size: int, frame_step: int, amap: dict, opts: dict[str, Any]) -> dict[str, Any]:
+    """The settings a journal is written with; a resume must find the same ones."""
     hide = opts["hide_source_paths"]
     settings = {
         "version": _JOURNAL_VERSION,
@@ -954,7 +990,22 @@ def curate(
         # the same mapping.
         settings["hide_source_paths"] = True
         settings["mapping"] = _hidden(json.dumps(amap, sort_keys=True))
-    journal = _Journal(out_dir / JOURNAL, opts["fsync_every"])
+    return settings
+
+
+@dataclass
+class _ResumeState:
+    """What the journal says is done: finished files, decided units (frames) per file, and the
+    kept units' hashes (exact and perceptual) that later units are compared with."""
+
+    index: HashIndex
+    done_files: set[str] = field(default_factory=set)
+    done_units: dict[str, set[int]] = field(default_factory=dict)
+    seen_sha: dict[str, str] = field(default_factory=dict)
+
+
+def _resume_state(journal: _Journal, settings: dict[str, Any], out_dir: Path, threshold: int) -> _ResumeState:
+    """The state rebuilt from the journal (written with ``settings`` when new)."""
     records = journal.read()
     if records and records[0].get("settings") != settings:
         raise CurationError(
@@ -963,94 +1014,81 @@ def curate(
         )
     if not records:
         journal.write({"settings": settings})
-
-    # Rebuild the state from the journal: finished files, decided units, hash indices.
-    done_files: set[str] = set()
-    done_units: dict[str, set[int]] = {}
-    seen_sha: dict[str, str] = {}
-    index = HashIndex(opts["near_duplicate_threshold"])
+    state = _ResumeState(HashIndex(threshold))
     for rec in records[1:]:
         if "fr" in rec:
-            done_units.setdefault(rec["k"], set()).add(rec["fr"])
+            state.done_units.setdefault(rec["k"], set()).add(rec["fr"])
             if rec["st"] == "kept":
-                seen_sha[rec["sha"]] = rec["n"]
-                index.add(rec["ph"], rec["n"])
+                state.seen_sha[rec["sha"]] = rec["n"]
+                state.index.add(rec["ph"], rec["n"])
         elif rec.get("done"):
-            done_files.add(rec["k"])
-    del records
-    resumed = bool(done_files or done_units)
+            state.done_files.add(rec["k"])
+    return state
 
-    cfg = {"frame_step": frame_step, "size": size, "out": str(out_dir), "overlay": opts["overlay"],
-           "crop": opts["crop"], "min_pixels": opts["min_pixels"], "max_pixels": opts["max_pixels"],
-           "_delay": opts["_delay"]}
 
-    def journal_key(task: _Task) -> str:
-        return _hidden(task.key) if hide else task.key
+@dataclass
+class _Run:
+    """The driver's side of a curation run: which tasks are pending, and the journal records of
+    each finished one, its units decided in input order (kept, exact or near duplicate)."""
 
-    def pending() -> Iterator[_Task]:
-        for t in _tasks(src_paths, labels, given, out_dir, opts["exclude"]):
-            key = journal_key(t)
-            if key in done_files:
+    out_dir: Path
+    journal: _Journal
+    state: _ResumeState
+    amap: dict
+    hide: bool
+
+    def key(self, task: _Task) -> str:
+        return _hidden(task.key) if self.hide else task.key
+
+    def pending(self, tasks: Iterable[_Task]) -> Iterator[_Task]:
+        for t in tasks:
+            key = self.key(t)
+            if key in self.state.done_files:
                 continue
-            if key in done_units:
-                t.skip_frames = frozenset(done_units[key])
+            if key in self.state.done_units:
+                t.skip_frames = frozenset(self.state.done_units[key])
             yield t
 
-    total = sum(1 for _ in _tasks(src_paths, labels, given, out_dir, opts["exclude"]))
-    bar = None
-    if opts["progress"]:
-        from tqdm.auto import tqdm
+    def record(self, task: _Task, result: dict[str, Any]) -> None:
+        key = self.key(task)
+        base = {"k": key, "d": key if self.hide else task.display}
+        if task.skip is not None:
+            self.journal.write({**base, "done": True, "skip": task.skip})
+            return
+        if task.problem is not None:
+            self.journal.write({**base, "done": True, "err": _scrub(task.problem, task, key) if self.hide else task.problem})
+            return
+        fmt = result["fmt"]
+        for unit in result["units"]:
+            self._record_unit(task, {**base, "fr": unit["fr"], "fmt": fmt}, unit)
+        error = result["error"]
+        self.journal.write({**base, "done": True, "fmt": fmt, "err": _scrub(error, task, key) if self.hide else error})
 
-        bar = tqdm(total=total, initial=min(len(done_files), total), unit="file", desc="curate",
-                   dynamic_ncols=True)
-    ahead = opts["max_in_flight"] or 4 * workers
-    if resumed:
-        logger.info("resuming %s: %d file(s) already done", out_dir, len(done_files))
-    try:
-        for task, result in _ordered_map(pending(), cfg, workers, ahead):
-            key = journal_key(task)
-            base = {"k": key, "d": key if hide else task.display}
-            if task.skip is not None:
-                journal.write({**base, "done": True, "skip": task.skip})
-            elif task.problem is not None:
-                journal.write({**base, "done": True, "err": _scrub(task.problem, task, key) if hide else task.problem})
-            else:
-                fmt = result["fmt"]
-                for u in result["units"]:
-                    rec = {**base, "fr": u["fr"], "fmt": fmt}
-                    if u["st"] == "candidate":
-                        dup = seen_sha.get(u["sha"])
-                        near = None if dup else index.query(u["ph"])
-                        rec.update(n=u["n"], sha=u["sha"], ph=u["ph"])
-                        if dup:
-                            rec.update(st="exact_duplicate", of=dup)
-                        elif near:
-                            rec.update(st="near_duplicate", of=near[0], dist=near[1])
-                        else:
-                            rec["st"] = "kept"
-                            seen_sha[u["sha"]] = u["n"]
-                            index.add(u["ph"], u["n"])
-                            if hide:  # what _finish would otherwise read from the path
-                                source, rel = task.key.split("/", 1)
-                                rec.update(a=resolve_anatomy(amap, source, rel), s=_hidden(source),
-                                           g=_hidden(task.key.split("!", 1)[0]))
-                    else:
-                        rec["st"] = u["st"]
-                    journal.write(rec)
-                    if rec["st"] in ("exact_duplicate", "near_duplicate"):
-                        # Written by this run's worker and journaled as dropped: remove it.
-                        _remove_outputs(out_dir, rec["n"])
-                error = result["error"]
-                journal.write({**base, "done": True, "fmt": fmt, "err": _scrub(error, task, key) if hide else error})
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(kept=len(seen_sha), refresh=False)
-    finally:
-        if bar is not None:
-            bar.close()
-        journal.close()
-
-    return _finish(out_dir, journal, amap, onto, labels, val_fraction, opts["seed"], settings)
+    def _record_unit(self, task: _Task, rec: dict[str, Any], unit: dict[str, Any]) -> None:
+        state = self.state
+        if unit["st"] != "candidate":
+            rec["st"] = unit["st"]
+            self.journal.write(rec)
+            return
+        dup = state.seen_sha.get(unit["sha"])
+        near = None if dup else state.index.query(unit["ph"])
+        rec.update(n=unit["n"], sha=unit["sha"], ph=unit["ph"])
+        if dup:
+            rec.update(st="exact_duplicate", of=dup)
+        elif near:
+            rec.update(st="near_duplicate", of=near[0], dist=near[1])
+        else:
+            rec["st"] = "kept"
+            state.seen_sha[unit["sha"]] = unit["n"]
+            state.index.add(unit["ph"], unit["n"])
+            if self.hide:  # what _finish would otherwise read from the path
+                source, rel = task.key.split("/", 1)
+                rec.update(a=resolve_anatomy(self.amap, source, rel), s=_hidden(source),
+                           g=_hidden(task.key.split("!", 1)[0]))
+        self.journal.write(rec)
+        if rec["st"] in ("exact_duplicate", "near_duplicate"):
+            # Written by this run's worker and journaled as dropped: remove it.
+            _remove_outputs(self.out_dir, rec["n"])
 
 
 def _hidden(text: str) -> str:
