@@ -34,7 +34,7 @@ Stages whose windows need padding (sides that are not multiples of the window) r
 own forward.
 
 Correctness (outputs and gradients within tolerance of MONAI's modules) is tested in
-``tests/test_fast_paths.py``; speed is measured by ``benchmarks/inference.py`` and
+``tests/test_networks_fast.py``; speed is measured by ``benchmarks/inference.py`` and
 ``benchmarks/pretrain_step.py``.
 """
 

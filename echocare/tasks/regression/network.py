@@ -52,7 +52,7 @@ class EchoCareRegressor(nn.Module):
             pooled features of a from-scratch encoder differ between cases far less than
             between channels (phantom EF: sd 0.06 against 1.5), and without the batch
             statistics short runs settled on a constant prediction (the mean target); with them
-            four of four phantom runs learned EF (``tests/test_camus_ef.py``, the bundle README).
+            four of four phantom runs learned EF (``tests/test_tasks_regression.py``, the bundle README).
 
     Forward:
         ``x`` (B, T, in_channels, H, W), T frames per case in time order, or (B, in_channels,

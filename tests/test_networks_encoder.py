@@ -101,6 +101,7 @@ def tiny_source() -> EchoCareEncoder:
 
 
 # ----------------------------------------------------------------------------- released layout
+@pytest.mark.slow  # the base encoder (120 M parameters)
 def test_monai_reference_is_the_released_architecture(monai_base, loaded_base):
     state = monai_base.state_dict()
     assert len(state) == 358
@@ -112,6 +113,7 @@ def test_monai_reference_is_the_released_architecture(monai_base, loaded_base):
     assert sum(p.numel() for p in ours.parameters()) == n_params + 128
 
 
+@pytest.mark.slow  # the base encoder (120 M parameters)
 def test_released_checkpoint_loads_strictly_and_matches_monai(released, loaded_base, monai_base):
     _, state, mask_token = released
     # Every tensor, mask_token included, is the saved one.
@@ -162,6 +164,7 @@ def test_tiny_map_shapes_scale_with_input():
 
 
 # ----------------------------------------------------------------------------- saving
+@pytest.mark.slow  # the base encoder (120 M parameters)
 def test_saved_base_is_flat_released_layout(loaded_base, monai_base, released, tmp_path):
     path = save_encoder_weights(loaded_base, tmp_path / "sub" / "enc.pth")
     assert path.is_file()
@@ -275,6 +278,7 @@ def test_encoder_state_dict_prefers_exact_keys():
 
 
 # ----------------------------------------------------------------------------- refusals
+@pytest.mark.slow  # the base encoder (120 M parameters)
 def test_missing_block_is_refused_naming_keys(released, loaded_base, tmp_path):
     _, state, _ = released
     dropped = sorted(k for k in state if k.startswith("layers3.0.blocks.1."))
@@ -296,6 +300,7 @@ def test_missing_block_is_refused_naming_keys(released, loaded_base, tmp_path):
     assert torch.equal(loaded_base.state_dict()[key], state[key])
 
 
+@pytest.mark.slow  # the base encoder (120 M parameters)
 def test_other_size_is_refused_with_wrong_shapes(tiny_source, loaded_base, released, tmp_path):
     path = tmp_path / "tiny.pth"
     save_encoder_weights(tiny_source, path)
@@ -400,6 +405,7 @@ def _stage_config(encoder: EchoCareEncoder):
     return depths, heads
 
 
+@pytest.mark.slow  # the base encoder (120 M parameters)
 def test_build_encoder_sizes(loaded_base):
     assert set(ENCODER_SIZES) == {"tiny", "base", "large"}
     tiny = build_encoder("tiny")

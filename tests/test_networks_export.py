@@ -35,6 +35,9 @@ from echocare.networks import (
 BUNDLES = ["echocare_pretrain", "ddti_seg", "musv_seg", "abdomen_seg", "busbra_cls", "thyroid_cls", "fll_cls",
            "focus_det", "brain_landmark", "usenhance", "camus_ef"]
 SMALL = {"network_size": "tiny", "image_size": 64}
+# One segmentation, one clip classification and one sequence network in the quick run (pytest -m "not slow");
+# every bundle's export in the full run (each export takes 5-20 s on a CPU).
+QUICK = {"ddti_seg", "fll_cls", "camus_ef"}
 
 
 def _parser(name: str, **overrides) -> ConfigParser:
@@ -94,7 +97,7 @@ def _inputs(name: str, batch: int) -> tuple[torch.Tensor, ...]:
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-@pytest.mark.parametrize("name", BUNDLES)
+@pytest.mark.parametrize("name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in BUNDLES])
 def test_exported_network_equals_pytorch(name: str, fmt: str, checkpoints, exported) -> None:
     run, metadata = load_exported(exported(name, fmt))
     section = metadata["echocare_export"]

@@ -342,6 +342,7 @@ def test_network_logits_made_coherent(tiny_net, ontology):
 
 
 # ----------------------------------------------------------------------------- learning
+@pytest.mark.slow  # a learning test
 def test_a_few_adamw_steps_reduce_the_loss(ontology):
     torch.manual_seed(0)
     net = EchoCarePretrainNet("tiny", num_anatomy_nodes=ontology.num_nodes, mask_unit=16, mask_ratio=0.5).train()
