@@ -16,7 +16,7 @@ import torch
 from dicom_helpers import write_dicom
 from PIL import Image
 from pydicom.uid import generate_uid
-from test_readers import cut_video, png_header_only, write_video
+from test_io_readers import cut_video, png_header_only, write_video
 
 from echocare.tasks.supervised import EchoCareClassifier, EchoCareSegNet
 from echocare.predict import predict
