@@ -1,4 +1,4 @@
-"""Run by the MONAI Label server environment's Python (see tests/test_monailabel.py): reports
+"""Run by the MONAI Label server environment's Python (see tests/test_apps_monailabel.py): reports
 its package versions, checks them against echocare's stated requirements, and reads files with
 echocare's readers so that the test compares them with the project environment's reads.
 

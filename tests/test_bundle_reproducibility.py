@@ -26,12 +26,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from bundle_helpers import REPO
+from bundle_helpers import REPO, blob_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -234,34 +232,6 @@ for name, steps in plan:
 """
 
 
-def _blobs(root: Path, n: int, classification: bool) -> Path:
-    """Grey 32x40 images with a bright ellipse: masks stored as 0/255 (as DDTI's), or class = the
-    ellipse's size quartile (4 classes, as BUS-BRA's BI-RADS). Made here: these two bundles have no phantom."""
-    rng = np.random.default_rng(1)
-    yy, xx = np.mgrid[:32, :40]
-    items = []
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        radius = 4 + 2 * (i % 4)
-        cy, cx = rng.integers(12, 20), rng.integers(12, 28)
-        inside = ((yy - cy) / radius) ** 2 + ((xx - cx) / (radius * 1.3)) ** 2 <= 1
-        image = np.clip(rng.normal(60, 20, (32, 40)) + 120 * inside, 0, 255).astype(np.uint8)
-        Image.fromarray(image).save(root / "images" / f"b{i}.png")
-        item = {"image": f"images/b{i}.png", "case": f"P{i}"}
-        if classification:
-            item["label"] = i % 4
-        else:
-            (root / "masks").mkdir(exist_ok=True)
-            Image.fromarray((inside * 255).astype(np.uint8)).save(root / "masks" / f"b{i}.png")
-            item["label"] = f"masks/b{i}.png"
-        items.append(item)
-    content = {"training": items[: n - 4], "validation": items[n - 4 :]}
-    if not classification:
-        content["mask_values"] = {"background": 0, "nodule": 255}
-    (root / "datalist.json").write_text(json.dumps(content))
-    return root
-
-
 def _weights_abs_sum(path: Path) -> float:
     """Sum of the absolute values of every floating-point weight in a checkpoint: a fingerprint of the
     trained network that moves with any change of training (the metrics of a tiny run may not)."""
@@ -293,7 +263,7 @@ def _plan(base: Path) -> list:
             steps.append(("echocare", ["demo-data", "--task", task, "--out", str(data), "--n", str(n), "--seed", "0",
                                        "--image_size", size, "--val_fraction", "0.25", *flags]))
         else:
-            _blobs(data, 8, classification=phantom == "blobs_cls")
+            blob_dataset(data, 8, phantom == "blobs_cls", shape=(32, 40), radius=(4, 2), centres=((12, 20), (12, 28)))
         # One epoch, with the full learning rate from the first step: a warm-up would start at 0, and an epoch of
         # one iteration would then leave the network as it started.
         if name == "echocare_pretrain":  # steps, not epochs, and no max_epochs alias

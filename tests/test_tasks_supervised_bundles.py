@@ -17,7 +17,7 @@ import torch
 from monai.bundle import ConfigParser
 from PIL import Image
 
-from bundle_helpers import REPO, bundle, bundles_in_one_process, mlflow_runs
+from bundle_helpers import REPO, blob_dataset, bundle, bundles_in_one_process, mlflow_runs
 from echocare.phantoms import generate_demo_data
 from echocare.tasks.supervised import EchoCareClassifier, EchoCareSegNet
 from echocare.networks import (
@@ -40,40 +40,12 @@ def configs(name: str, *files: str) -> str:
     return paths[0] if len(paths) == 1 else repr(paths)
 
 
-def _blob_dataset(root: Path, n: int, classification: bool) -> Path:
-    """Grey 48x56 images with a bright ellipse; masks stored as 0/255 (as DDTI's), or
-    class = ellipse size quartile (4 classes, as BUS-BRA's BI-RADS) for classification."""
-    rng = np.random.default_rng(1)
-    yy, xx = np.mgrid[:48, :56]
-    items = []
-    for i in range(n):
-        radius = 6 + 3 * (i % 4)
-        cy, cx = rng.integers(16, 32), rng.integers(16, 40)
-        inside = ((yy - cy) / radius) ** 2 + ((xx - cx) / (radius * 1.3)) ** 2 <= 1
-        image = np.clip(rng.normal(60, 20, (48, 56)) + 120 * inside, 0, 255).astype(np.uint8)
-        (root / "images").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(root / "images" / f"b{i}.png")
-        item = {"image": f"images/b{i}.png", "case": f"P{i}"}
-        if classification:
-            item["label"] = i % 4
-        else:
-            (root / "masks").mkdir(exist_ok=True)
-            Image.fromarray((inside * 255).astype(np.uint8)).save(root / "masks" / f"b{i}.png")
-            item["label"] = f"masks/b{i}.png"
-        items.append(item)
-    content = {"training": items[: n - 4], "validation": items[n - 4 :]}
-    if not classification:
-        content["mask_values"] = {"background": 0, "nodule": 255}
-    (root / "datalist.json").write_text(json.dumps(content))
-    return root
-
-
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("task_data")
     out = {
-        "ddti_seg": _blob_dataset(base / "ddti_seg", 12, classification=False),
-        "busbra_cls": _blob_dataset(base / "busbra_cls", 12, classification=True),
+        "ddti_seg": blob_dataset(base / "ddti_seg", 12, classification=False),
+        "busbra_cls": blob_dataset(base / "busbra_cls", 12, classification=True),
     }
     # thyroid: 16 clips put both classes in validation (AUC needs them)
     for task, n in (("musv_seg", 12), ("abdomen_seg", 12), ("thyroid_cls", 16), ("fll_cls", 12)):

@@ -1,7 +1,7 @@
 """The MONAI Label app treats request values as data (issue #15): the request schemas, the
 studies-folder name and upload checks (this environment), and the server commands the docs
 show. The real server is sent the injection payloads and traversal uploads in
-tests/test_monailabel.py (one server per module).
+tests/test_apps_monailabel.py (one server per module).
 """
 
 from __future__ import annotations
