@@ -36,6 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from monai.bundle import ConfigParser
+
+from echocare.bundle import bundle_dir
 from echocare.experiments import markdown_table
 from echocare.registered_models import (
     CHECKPOINT_PATH,
@@ -137,13 +140,61 @@ def _executed_config(client, run_id: str, tracking_uri: str) -> dict[str, Any]:
         return json.loads(Path(path).read_text())
 
 
+#: How bundle configs name their own folder (``bundle_root``): read as text, never evaluated.
+_BUNDLE_DIR_CALL = re.compile(r"""^\$echocare\.bundle_dir\(\s*['"](?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)['"]\s*\)$""")
+
+
+def _is_plain(value: Any) -> bool:
+    """Data a config uses as it is: no ``$`` expression, ``@`` reference or ``%`` macro anywhere in it."""
+    if isinstance(value, str):
+        return not value.startswith(("$", "@", "%"))
+    if isinstance(value, Mapping):
+        return all(_is_plain(k) and _is_plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return True
+
+
+def _bundle_root(config: Mapping[str, Any], run_id: str) -> Path:
+    """The run's bundle folder in this checkout, named by its executed config's ``bundle_root``: a
+    folder (its name is the bundle's) or the configs' own ``$echocare.bundle_dir('NAME')``, read as
+    text. Whoever can write to a tracking store can write that file, so nothing in it is evaluated
+    and the configs read are this checkout's, never a folder the store points to."""
+    raw = config.get("bundle_root")
+    match = _BUNDLE_DIR_CALL.match(raw.strip()) if isinstance(raw, str) else None
+    if match is not None:
+        name = match["name"]
+    elif isinstance(raw, str) and _is_plain(raw) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", Path(raw).name):
+        name = Path(raw).name
+    else:
+        raise RegistryError(
+            f"run {run_id}: its executed config's bundle_root {str(raw)[:80]!r} is neither a folder nor "
+            "$echocare.bundle_dir('NAME'); the registry evaluates nothing from a tracking store"
+        )
+    try:
+        return Path(bundle_dir(name))
+    except FileNotFoundError as error:
+        raise RegistryError(f"run {run_id}: {error}") from None
+
+
+def _bundle_parser(bundle_root: Path, config: Mapping[str, Any]) -> ConfigParser:
+    """The bundle's own ``train.yaml`` (code from this checkout) with the run's plain values on top
+    (class names, sizes, ... as it trained with); the run's expressions are never evaluated."""
+    parser = ConfigParser()
+    parser.read_config(str(bundle_root / "configs" / "train.yaml"))
+    for key, value in config.items():
+        if key in parser and _is_plain(value):
+            parser[key] = value
+    return parser
+
+
 def _validation_metrics(parser, run_id: str) -> tuple[str, list[str], bool]:
-    """(key metric, other validation metrics, lower is better) from the executed config."""
+    """(key metric, other validation metrics, lower is better) from the bundle's config."""
     try:
         key = list(parser.get_parsed_content("validate#evaluator#key_val_metric"))
     except Exception as error:  # noqa: BLE001 - any parse failure means "not a bundle training config"
         raise RegistryError(
-            f"run {run_id}: cannot read validate#evaluator#key_val_metric from its executed config "
+            f"run {run_id}: cannot read validate#evaluator#key_val_metric from its bundle's train.yaml "
             f"({type(error).__name__}: {error}); register a bundle training run"
         ) from None
     if len(key) != 1:
@@ -163,8 +214,6 @@ def describe_run(client, run_id: str, tracking_uri: str) -> RunRecord:
         RegistryError: unknown run, no ``models/model.pt`` or executed config among its
             artifacts, a bundle folder that no longer exists, or no key metric history.
     """
-    from monai.bundle import ConfigParser
-
     run = _get_run(client, run_id, tracking_uri)
     checkpoints = {a.path for a in client.list_artifacts(run_id, "models")}
     if CHECKPOINT_PATH not in checkpoints:
@@ -173,10 +222,10 @@ def describe_run(client, run_id: str, tracking_uri: str) -> RunRecord:
             "(an evaluation run, or training that did not finish?)"
         )
     config = _executed_config(client, run_id, tracking_uri)
-    parser = ConfigParser(config)
-    bundle_root = Path(parser.get_parsed_content("bundle_root"))
+    bundle_root = _bundle_root(config, run_id)
     if not (bundle_root / "configs").is_dir():
         raise RegistryError(f"run {run_id}: its bundle folder {bundle_root} has no configs/ (moved or deleted?)")
+    parser = _bundle_parser(bundle_root, config)
     key, others, lower = _validation_metrics(parser, run_id)
     history = client.get_metric_history(run_id, key)
     if not history:

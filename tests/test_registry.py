@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mlflow.tracking import MlflowClient
 from monai.bundle import ConfigParser
 
 from bundle_helpers import REPO, mlflow_runs
@@ -279,3 +280,57 @@ def test_register_promote_and_load_by_alias_on_a_tracking_server(runs, monkeypat
     reference = _state(out / "models" / "model.pt")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # the store load_network_checkpoint falls back to
     _assert_same_weights(load_network_checkpoint(EchoCareSegNet("tiny", 3), "models:/musv_server@champion"), reference)
+
+
+def _forged_run(out: Path, run_id: str, tmp_path: Path, edit) -> str:
+    """A copy of training run ``run_id`` in the same store (checkpoint, key-metric history) whose
+    executed config is the original passed through ``edit``: what anyone who can write to a shared
+    tracking store could log."""
+    import mlflow.artifacts
+
+    client, _ = mlflow_runs(out / "mlruns.db")
+    store = f"sqlite:///{out / 'mlruns.db'}"
+    original = client.get_run(run_id)
+    (name,) = [a.path for a in client.list_artifacts(run_id) if re.match(r"config_\d{8}_\d{6}\.json$", a.path)][-1:]
+    config = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=str(tmp_path),
+                                                                  tracking_uri=store)).read_text())
+    forged = client.create_run(original.info.experiment_id, run_name="forged").info.run_id
+    folder = tmp_path / "forged"
+    folder.mkdir()
+    (folder / "config_20990101_000000.json").write_text(json.dumps(edit(config)))
+    client.log_artifact(forged, str(folder / "config_20990101_000000.json"))
+    client.log_artifact(forged, str(out / "models" / "model.pt"), "models")
+    for metric in client.get_metric_history(run_id, "mean_dice"):
+        client.log_metric(forged, metric.key, metric.value, step=metric.step)
+    client.set_terminated(forged)
+    return forged
+
+
+def test_register_evaluates_nothing_from_the_tracking_store(runs, tmp_path: Path) -> None:
+    """The executed config in a run's artifacts is data: a forged bundle_root expression is refused
+    before anything runs, and expressions elsewhere in it are never evaluated (the key metric comes
+    from the bundle's own train.yaml)."""
+    out, run_id = runs["sqlite"]
+    store = f"sqlite:///{out / 'mlruns.db'}"
+    marker = tmp_path / "pwned"
+    payload = f"$__import__('os').system('touch {marker}') or 'x'"
+
+    def forge_root(config):
+        return {**config, "bundle_root": payload}
+
+    forged = _forged_run(out, run_id, tmp_path / "a", forge_root)
+    with pytest.raises(RegistryError, match=r"bundle_root .* is neither a folder nor \$echocare\.bundle_dir\('NAME'\)"):
+        register_run(forged, "musv_forged_root", tracking_uri=store)
+    assert not marker.exists()
+
+    def forge_metric(config):
+        validate = json.loads(json.dumps(config["validate"]))
+        validate["evaluator"]["key_val_metric"] = payload
+        return {**config, "validate": validate, "class_names": payload}
+
+    forged = _forged_run(out, run_id, tmp_path / "b", forge_metric)
+    registered = register_run(forged, "musv_forged_metric", tracking_uri=store)
+    assert not marker.exists()
+    assert (registered["bundle"], registered["key_metric"]) == ("musv_seg", "mean_dice")
+    best = max(m.value for m in MlflowClient(store).get_metric_history(run_id, "mean_dice"))
+    assert registered["metrics"]["mean_dice"] == pytest.approx(best)
