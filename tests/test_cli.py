@@ -189,7 +189,7 @@ def test_traceback_only_with_debug(tmp_path, capsys, monkeypatch: pytest.MonkeyP
     def broken(*args, **kwargs):
         raise RuntimeError("phantom generator broke")
 
-    monkeypatch.setattr("echocare.phantoms.renderer.generate_demo_data", broken)
+    monkeypatch.setattr("echocare.phantoms.generate_demo_data", broken)
     code, _, err = _exit_code(capsys, "demo-data", "--out", str(tmp_path / "d"))
     assert code == 1
     assert err == ("error: RuntimeError: phantom generator broke (an unexpected error: rerun with --debug or "
