@@ -15,8 +15,10 @@
 
 A refused command prints ``error: <file>: <problem>`` and exits 2; a batch with failed items prints
 ``failed: <file>: <problem>`` per item and exits 1. ``--debug`` (anywhere) or ``ECHOCARE_DEBUG=1`` shows
-the traceback instead. Path values are taken as typed (``--out 2024`` is the folder 2024). An http(s)
-``--tracking-uri`` (or ``MLFLOW_TRACKING_URI``) that does not answer within 5 s fails, named, before any work.
+the traceback instead. ``--output_dir`` and ``--output-dir`` are one flag, and name the output
+folder of demo, demo-data, curate and predict as ``--out`` does. Path values are taken as typed
+(``--out 2024`` is the folder 2024). An http(s) ``--tracking-uri`` (or ``MLFLOW_TRACKING_URI``) that
+does not answer within 5 s fails, named, before any work.
 """
 
 from __future__ import annotations
@@ -93,13 +95,18 @@ class EchoCareCLI:
         **options,
     ) -> str:
         """Write phantom ultrasound data for TASK to OUT (images and datalist.json); prints the datalist path.
-        Further ``--name value`` options go to the task's generator (e.g. ``--language zh`` for usreport)."""
+        --out (or --output_dir, --output-dir) is the folder. Further ``--name value`` options go to the task's generator (e.g. ``--language zh`` for usreport)."""
         from echocare.phantoms import generate_demo_data
 
         return str(generate_demo_data(task, out, n=n, seed=seed, image_size=image_size, **options))
 
     def datalist(self, name: str, root: str, out: str, fold: int | None = None, seed: int = 0) -> str:
-        """Convert a benchmark's download layout under ROOT into a MONAI datalist JSON at OUT."""
+        """Convert a benchmark's download layout under ROOT into a MONAI datalist JSON at OUT.
+
+        NAME is one of: abdomen, brain_landmark, busbra, camus, carotid, ddti, fll_ceus, focus, hc18, musv,
+        thyroid_cine, usenhance, usreport. --fold K: BUS-BRA's validation fold (its published 5-fold partition);
+        --seed S: the seeded patient-level split of the datasets without a published one.
+        """
         from echocare.datasets.converters import convert_datalist
 
         content = convert_datalist(name, root, out, fold=fold, seed=seed)
@@ -121,7 +128,8 @@ class EchoCareCLI:
         """Turn folders of mixed ultrasound sources into a pretraining set (images, datalist, report).
 
         SRC may be given several times (--src A --src B); MAPPING.yaml maps sources to anatomy paths.
-        OUT must be new, empty, or an earlier curate run's folder (resumed); never a source or inside one.
+        OUT (--out, --output_dir or --output-dir) must be new, empty, or an earlier curate run's folder (resumed);
+        never a source or inside one.
         --max-pixels N (default 100000000): files with frames of more than N pixels fail before decoding.
         --hide-source-paths: report.json and the journal name files by sha256("<source>/<path>")[:16].
         Each file that failed is printed (failed: FILE: reason); exits with status 1 if any failed.
@@ -229,7 +237,7 @@ class EchoCareCLI:
         """Run BUNDLE (segmentation or classification) on images, DICOM files, study folders, videos.
 
         --input PATH (repeatable): files, folders (searched recursively, suffix-less DICOM included) or datalist JSON
-        --out DIR: predictions/ (the bundle's masks or probabilities per frame), dicom/ (for DICOM inputs: STEM_seg.dcm,
+        --out DIR (or --output_dir, --output-dir): predictions/ (the bundle's masks or probabilities per frame), dicom/ (for DICOM inputs: STEM_seg.dcm,
         or STEM_sc.dcm, a Secondary Capture overlay where highdicom cannot make a SEG, with the reason; STEM_sr.dcm,
         a Structured Report of the classes or segmented areas), predict_report.json/.csv (one row per input).
         --checkpoint CKPT (default the bundle's models/model.pt); --config OVERLAY (variant overlays);
@@ -301,7 +309,7 @@ class EchoCareCLI:
     ) -> None:
         """Phantom data, a short pretraining of the tiny encoder, its inference panels, all tracked in MLflow.
 
-        About 3 minutes on 2 CPU cores with the defaults. Prints where the results,
+        --out DIR (or --output_dir, --output-dir) holds everything. About 3 minutes on 2 CPU cores with the defaults. Prints where the results,
         pictures and MLflow store are, and the command that opens the MLflow UI.
         """
         from echocare.phantoms import generate_demo_data
@@ -533,9 +541,46 @@ def quote_path_arguments(argv: list[str]) -> list[str]:
     return out
 
 
+def _help_last(argv: list[str]) -> list[str]:
+    """A line asking for help (``--help`` or ``-h`` before any bare ``--``) as ``COMMAND -- --help``.
+
+    python-fire reads ``--help`` as a request for help only after ``--``, and even there it first
+    runs the command with whatever arguments it was given (``demo-data --task X -- --help`` writes
+    the data, then describes the result): so only the command's words are kept (``registry``
+    and its subcommand), never its arguments, and nothing runs.
+    """
+    cut = argv.index("--") if "--" in argv else len(argv)
+    if not any(a in ("--help", "-h") for a in argv[:cut]):
+        return argv
+    words = [a for a in argv[:cut] if not _is_flag(a)]
+    command = words[:2] if words[:1] == ["registry"] else words[:1]
+    return [*command, "--", "--help"]
+
+
+#: Commands whose output folder is ``--out``: ``--output_dir``/``--output-dir`` name it too, as they do
+#: for experiment, compare and registry.
+_OUT_FOLDER_COMMANDS = frozenset({"demo", "demo-data", "demo_data", "curate", "predict"})
+
+
+def _output_dir_as_out(args: list[str]) -> list[str]:
+    """``--output_dir=DIR`` as ``--out=DIR`` for :data:`_OUT_FOLDER_COMMANDS` (on a line that
+    :func:`quote_path_arguments` has prepared: flags spelt with ``_`` and ``=``).
+
+    Raises:
+        UsageError: both ``--out`` and ``--output_dir`` are given.
+    """
+    cut = args.index("--") if "--" in args else len(args)
+    if not args or args[0] not in _OUT_FOLDER_COMMANDS:
+        return args
+    head = [f"--out={a.split('=', 1)[1]}" if a.startswith("--output_dir=") else a for a in args[:cut]]
+    if any(a.startswith("--output_dir=") for a in args[:cut]) and any(a.startswith("--out=") for a in args[:cut]):
+        raise UsageError("--out and --output_dir name the same folder: pass one of them")
+    return [*head, *args[cut:]]
+
+
 def _prepare_arguments(argv: list[str]) -> list[str]:
-    """The command line as python-fire should read it: repeated flags merged into lists, paths as strings."""
-    args = quote_path_arguments(argv)
+    """The command line as python-fire should read it: help last, repeated flags merged into lists, paths as strings."""
+    args = _output_dir_as_out(quote_path_arguments(_help_last(argv)))
     for flag in ("src", "input"):  # echocare curate --src A --src B, echocare predict --input A --input B
         merged = merge_repeated_flag(args, flag)
         args = merged if merged is not args else _string_flag(args, flag)
@@ -627,7 +672,8 @@ def main(argv: list[str] | None = None) -> None:
         # A server named on the command line is probed before any work (predict checks every input
         # first, experiment creates its folders): a wrong address fails in seconds, named.
         check_tracking_server(_tracking_uri_argument(args))
-        fire.Fire(EchoCareCLI, command=args, name="echocare")
+        # An instance, not the class: fire lists a class's methods as nothing (`echocare --help` showed only `registry`).
+        fire.Fire(EchoCareCLI(), command=args, name="echocare")
     except KeyboardInterrupt:
         if debug:
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -294,3 +295,89 @@ def test_mlflow_retries_are_limited_unless_set(monkeypatch: pytest.MonkeyPatch, 
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
     assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "1"
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"  # the user's value stays
+
+
+# ---- help and output folders (issue #18) -------------------------------------------------------
+
+COMMANDS = {"compare", "curate", "datalist", "demo", "demo_data", "experiment", "export", "predict", "registry"}
+
+
+def _help(capsys, *args: str) -> str:
+    """The help text of ``echocare ARGS`` (python-fire writes it to stderr)."""
+    code, _, err = _exit_code(capsys, *args)
+    assert code == 0
+    return err
+
+
+def _listed(help_text: str) -> set[str]:
+    """The names fire lists under GROUPS and COMMANDS (one per line, indented by 5 spaces)."""
+    return set(re.findall(r"^     (\w+)$", help_text, re.M))
+
+
+def test_help_lists_every_command(capsys) -> None:
+    from echocare.cli import EchoCareCLI
+
+    out = _help(capsys, "--help")
+    assert _listed(out) == COMMANDS == {name for name in vars(EchoCareCLI) if not name.startswith("_")}
+    assert _listed(_help(capsys, "-h")) == COMMANDS
+    assert _listed(_help(capsys, "registry", "--help")) == {"register", "list", "promote"}
+
+
+def test_help_of_a_command_runs_nothing(tmp_path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for command in ("demo-data", "demo", "curate", "predict", "experiment", "export"):  # all take further --ID options
+        out = _help(capsys, command, "--help")
+        assert out.startswith(f"NAME\n    echocare {command} - ")
+        assert list(tmp_path.iterdir()) == [], command
+    out = _help(capsys, "demo-data", "--task", "musv_seg", "-h")
+    assert "--task=TASK" in out and list(tmp_path.iterdir()) == []
+
+
+def test_datalist_help_names_every_dataset(capsys) -> None:
+    from echocare.datasets.converters import DATALIST_CONVERTERS
+
+    out = _help(capsys, "datalist", "--help")
+    names = re.search(r"NAME is one of: ([\w,\s]+)\.", out).group(1)
+    assert sorted(n.strip() for n in names.split(",")) == sorted(DATALIST_CONVERTERS)
+
+
+def test_wrong_bundle_name_lists_the_bundles(tmp_path, capsys) -> None:
+    known = sorted(p.parent.name for p in (Path(__file__).resolve().parents[1] / "bundles").glob("*/configs"))
+    for args in (["predict", "ddti_sge", "--input", str(tmp_path), "--out", str(tmp_path / "p")],
+                 ["export", "ddti_sge", "--checkpoint", str(tmp_path / "m.pt"), "--out", str(tmp_path / "m.ts")],
+                 ["experiment", "ddti_sge", "--name", "n", "--output_dir", str(tmp_path / "e")]):
+        code, _, err = _exit_code(capsys, *args)
+        assert code == 2 and err.startswith("error: ddti_sge: no such bundle in "), (args, err)
+        assert f"(known: {', '.join(known)})" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag", ["--output_dir", "--output-dir"])
+def test_both_spellings_of_output_dir(flag, tmp_path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    main(["demo-data", "--task", "pretrain", flag, str(tmp_path / "d"), "--n", "2", "--image_size", "64"])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "d" / "datalist.json")
+    assert len(list((tmp_path / "d").rglob("*.png"))) == 2
+
+    main(["curate", "--src", str(tmp_path / "d"), flag, str(tmp_path / "c"), "--size", "64", "--progress", "false"])
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["counts"]["source"] == {"d": 2}
+
+    missing = tmp_path / "nosuch.png"
+    code, out, _ = _exit_code(capsys, "predict", "ddti_seg", "--input", str(missing), flag, str(tmp_path / "p"),
+                              "--network_size", "tiny")
+    assert code == 1 and f"failed: {missing}: file not found\n" in out
+    assert (tmp_path / "p" / "predict_report.json").is_file()
+
+    code, _, err = _exit_code(capsys, "registry", "list", flag, str(tmp_path / "e"))
+    assert (code, err) == (2, f"error: sqlite:///{tmp_path / 'e' / 'mlruns.db'}: no MLflow store there "
+                              "(no such file; train with --tracking mlflow first?)\n")
+
+    seen = {}
+    monkeypatch.setattr("echocare.experiments.run_experiment", lambda *a, **k: seen.setdefault("experiment", k) and [])
+    monkeypatch.setattr("echocare.experiments.compare_experiment", lambda *a, **k: seen.setdefault("compare", k) and 1 / 0)
+    main(["experiment", "ddti_seg", "--name", "n", flag, str(tmp_path / "e")])
+    assert seen["experiment"]["output_dir"] == str(tmp_path / "e")
+    _exit_code(capsys, "compare", "--experiment", "n", "--metric", "mean_dice", flag, str(tmp_path / "e"))
+    assert seen["compare"]["output_dir"] == str(tmp_path / "e")
+
+    code, _, err = _exit_code(capsys, "demo-data", "--out", str(tmp_path / "a"), flag, str(tmp_path / "b"))
+    assert (code, err) == (2, "error: --out and --output_dir name the same folder: pass one of them\n")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
