@@ -38,7 +38,7 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
-from echocare.bundle import bundle_dir
+from echocare.bundle import BUNDLES_DIR, bundle_dir
 from echocare.experiments import markdown_table
 from echocare.registered_models import (
     CHECKPOINT_PATH,
@@ -173,8 +173,13 @@ def _bundle_root(config: Mapping[str, Any], run_id: str) -> Path:
         )
     try:
         return Path(bundle_dir(name))
-    except FileNotFoundError as error:
-        raise RegistryError(f"run {run_id}: {error}") from None
+    except FileNotFoundError:
+        known = sorted(p.parent.name for p in BUNDLES_DIR.glob("*/configs") if p.is_dir())
+        raise RegistryError(
+            f"run {run_id}: its bundle {name!r} (bundle_root {str(raw)[:80]!r} of its executed config) is not in "
+            f"{BUNDLES_DIR} or ./bundles (known: {', '.join(known) or 'none'}); register it from a checkout "
+            "holding that bundle"
+        ) from None
 
 
 def _bundle_parser(bundle_root: Path, config: Mapping[str, Any]) -> ConfigParser:

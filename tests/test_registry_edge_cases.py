@@ -179,8 +179,8 @@ def test_a_moved_bundle_folder_is_read_from_this_checkout(store, tmp_path: Path)
         with pytest.raises(RegistryError) as error:
             register_run(run_id, "never", tracking_uri=uri)
         assert _message(error) == (
-            f"run {run_id}: brain_landmark_v0: no such bundle in {BUNDLES_DIR} or ./bundles (known: {known}); "
-            "give a bundle folder, or pass --bundle_root explicitly")
+            f"run {run_id}: its bundle 'brain_landmark_v0' (bundle_root {root!r} of its executed config) is not in "
+            f"{BUNDLES_DIR} or ./bundles (known: {known}); register it from a checkout holding that bundle")
 
 
 def test_the_newest_executed_config_names_the_bundle(store, tmp_path: Path) -> None:
