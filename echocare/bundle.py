@@ -7,7 +7,20 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUNDLES_DIR", "as_bool", "bundle_dir", "resolve_bundle", "resolve_overlays", "split_values", "tracking_uri"]
+from echocare.errors import EchoCareError
+
+__all__ = [
+    "BUNDLES_DIR",
+    "MissingIdError",
+    "as_bool",
+    "bundle_dir",
+    "readme_example",
+    "require_ids",
+    "resolve_bundle",
+    "resolve_overlays",
+    "split_values",
+    "tracking_uri",
+]
 
 #: The ``bundles/`` folder of the source checkout this package was installed from.
 BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
@@ -96,3 +109,79 @@ def tracking_uri(output_dir: str | os.PathLike[str] | None, tracking_uri: str | 
     if output_dir is None or str(output_dir) == "":
         raise ValueError("no tracking store: pass tracking_uri, the run's output_dir, or set MLFLOW_TRACKING_URI")
     return f"sqlite:///{Path(output_dir).resolve() / 'mlruns.db'}"
+
+
+#: What each id a bundle run cannot guess is, as :func:`require_ids` names it.
+REQUIRED_ID_MEANINGS = {
+    "input_dir": "a file, folder or datalist",
+    "datalist": 'a MONAI datalist JSON with "training" and "validation" lists of the bundle\'s items',
+}
+#: Optional ids :func:`require_ids` explains beside a missing one, when the config has them.
+OPTIONAL_ID_MEANINGS = {
+    "datalist": {"dataset_dir": "the folder the datalist's relative paths start from (default: the datalist's folder)"},
+    "input_dir": {"datalist_key": "which list of a datalist JSON to run on (default: validation)"},
+}
+
+
+class MissingIdError(EchoCareError, ValueError):
+    """A bundle run was started without an id it cannot guess (``--datalist``, ``--input_dir``)."""
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def readme_example(bundle_root: str | os.PathLike[str], run: str) -> list[str]:
+    """The first ``python -m monai.bundle run RUN`` command in ``<bundle_root>/docs/README.md``,
+    with its continuation lines and the ``echocare ...`` line just before it, comments between
+    them skipped (the one making the datalist); ``[]`` when the README or such a command is absent."""
+    readme = Path(bundle_root) / "docs" / "README.md"
+    if not readme.is_file():
+        return []
+    lines = readme.read_text(encoding="utf-8").splitlines()
+    for index, line in enumerate(lines):
+        if line.lstrip().startswith("python -m monai.bundle run ") and line.split()[4:5] == [run]:
+            before = index - 1
+            while before >= 0 and lines[before].lstrip().startswith("#"):
+                before -= 1  # comments between the datalist command and this one
+            out = [lines[before].strip()] if before >= 0 and lines[before].lstrip().startswith("echocare ") else []
+            out.append(line.strip())
+            while out[-1].endswith("\\") and index + 1 < len(lines):
+                index += 1
+                out.append("  " + lines[index].strip())
+            return out
+    return []
+
+
+def require_ids(values: dict[str, Any], bundle_root: str | os.PathLike[str] | None = None, run: str = "training") -> None:
+    """Refuse a bundle run whose required ids are empty, before anything is built: the first item of
+    each bundle's ``training``, ``evaluating`` and ``inferring`` lists (never of ``network_def`` or
+    the other parts MONAI's ``verify_net_in_out`` and MONAI Label parse without an input).
+
+    Args:
+        values: each required id and its value in the config (``{"datalist": @datalist}``); a
+            ``None`` or blank value is missing.
+        bundle_root: the bundle's folder: its name heads the message and its ``docs/README.md``
+            gives the example command.
+        run: the run id, for the message and the README example.
+
+    Raises:
+        MissingIdError: one message naming each missing id and what it is: first line
+            ``pass --ID (what it is)[, --ID2 (...)]``, then the optional ids that go with them and
+            the README's example.
+    """
+    missing = [name for name, value in values.items() if _missing(value)]
+    if not missing:
+        return None
+    what = ", ".join(f"--{name} ({REQUIRED_ID_MEANINGS.get(name, 'required')})" for name in missing)
+    lines = [f"pass {what}"]
+    where = f"{Path(bundle_root).name} {run}" if bundle_root else run
+    lines.append(f"  {where} cannot guess {'it' if len(missing) == 1 else 'them'}")
+    for name in missing:
+        for optional, meaning in OPTIONAL_ID_MEANINGS.get(name, {}).items():
+            lines.append(f"  --{optional}: {meaning}")
+    example = readme_example(bundle_root, run) if bundle_root else []
+    if example:
+        lines.append(f"  for example ({Path(bundle_root) / 'docs' / 'README.md'}):")
+        lines.extend(f"    {line}" for line in example)
+    raise MissingIdError("\n".join(lines))
