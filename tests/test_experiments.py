@@ -392,3 +392,16 @@ def test_experiment_runs_resumes_and_compares(tmp_path: Path, monkeypatch: pytes
     assert fig_files == {"boxplot.png", "label_efficiency.png"}
     compare_runs = client.search_runs([experiment.experiment_id], "tags.`echocare.role` = 'compare'")
     assert len(compare_runs) == 1
+
+
+def test_run_table_names_each_runs_mlflow_id() -> None:
+    """The summary `echocare experiment` prints ends each run's line with its MLflow run name and id
+    (what `echocare registry register --run` takes)."""
+    rows = [{"run_name": "t_scratch_s0_f1", "run_id": "0f3a9c", "init": "scratch", "seed": 0, "fraction": 1.0,
+             "status": "finished", "wall_time_s": 3.21, "final_mean_dice": 0.5},
+            {"run_name": "t_scratch_s1_f1", "init": "scratch", "seed": 1, "fraction": 1.0, "status": "failed"}]
+    lines = experiment_run.format_run_table(rows).splitlines()
+    assert lines[0].split() == ["run", "run_id", "init", "seed", "fraction", "status", "wall_s", "mean_dice"]
+    assert lines[2].split() == ["t_scratch_s0_f1", "0f3a9c", "scratch", "0", "1", "finished", "3.2", "0.5000"]
+    assert lines[3].split()[:2] == ["t_scratch_s1_f1", "-"]
+    assert lines[4] == "1 finished, 0 skipped, 1 failed"

@@ -432,14 +432,15 @@ def _record(client, experiment_id: str, cell: GridCell, rc: int, wall: float) ->
 
 
 def format_run_table(rows: Sequence[Mapping[str, Any]], metric: str | None = None) -> str:
-    """The printed summary of an experiment: one line per run and a count per status."""
+    """The printed summary of an experiment: one line per run (its MLflow run name and id, the ids that
+    ``echocare registry register --run`` takes) and a count per status."""
     if metric is None:
         metric = next((k.removeprefix("final_") for r in rows for k in r if k.startswith("final_")), None)
-    header = ["run", "init", "seed", "fraction", "status", "wall_s"] + ([metric] if metric else [])
+    header = ["run", "run_id", "init", "seed", "fraction", "status", "wall_s"] + ([metric] if metric else [])
     lines = []
     for r in rows:
         value = r.get(f"final_{metric}", math.nan) if metric else None
-        line = [r["run_name"], r["init"], str(r["seed"]), fraction_text(r["fraction"]), r["status"],
+        line = [r["run_name"], r.get("run_id") or "-", r["init"], str(r["seed"]), fraction_text(r["fraction"]), r["status"],
                 f"{r.get('wall_time_s', math.nan):.1f}"]
         lines.append(line + ([format_number(value)] if metric else []))
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
