@@ -8,7 +8,7 @@
         [--dataset_dir D --datalist L] [--output_dir experiments/NAME] [--override ID=VALUE ...]
     echocare compare --experiment NAME --metric mean_dice [--by init] [--tracking-uri URI] [--out DIR] [--lower-is-better]
     echocare export BUNDLE --checkpoint PATH --format torchscript|onnx --out FILE [--config OVERLAY] [--network_size tiny ...]
-    echocare registry register --run RUN_ID --name NAME [--alias champion] [--tracking-uri URI | --output-dir OUT]
+    echocare registry register --run RUN_ID_OR_NAME --name NAME [--alias champion] [--tracking-uri URI | --output-dir OUT]
     echocare registry list [--name NAME] [--tracking-uri URI | --output-dir OUT]
     echocare registry promote NAME VERSION ALIAS [--tracking-uri URI | --output-dir OUT]
     echocare predict BUNDLE --input PATH [--input PATH ...] --out DIR [--checkpoint CKPT] [--config OVERLAY] [--max-frames N]
@@ -58,7 +58,8 @@ class RegistryCLI:
         self, run: str, name: str, alias: str | None = None, tracking_uri: str | None = None, output_dir: str | None = None
     ) -> None:
         """Register training run RUN's best checkpoint, with its bundle's configs, metadata and metrics, as a new
-        version of model NAME; --alias (e.g. champion) points at it."""
+        version of model NAME; --alias (e.g. champion) points at it. RUN is the run's id, or its name where
+        that is unique in the store (training prints both at its end)."""
         from echocare.registry import register_run
 
         result = register_run(str(run), str(name), alias=str(alias) if alias else None,

@@ -63,6 +63,7 @@ __all__ = [
     "describe_run",
     "fetch_checkpoint",
     "fetch_registered_file",
+    "find_run_id",
     "format_registry_table",
     "is_registry_uri",
     "list_registered",
@@ -121,6 +122,40 @@ def _get_run(client, run_id: str, tracking_uri: str):
         if is_not_found(error) or "not found" in str(error).lower():
             raise RegistryError(f"no MLflow run {run_id!r} in {tracking_uri}") from None
         raise
+
+
+def find_run_id(client, run: str, tracking_uri: str) -> str:
+    """The id of the run named by ``run``: a run id, else a run name unique in the store
+    (across its experiments, as ``echocare experiment`` and the bundles print them).
+
+    Raises:
+        RegistryError: no run has that id or name, or several runs have that name (their ids listed).
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run).info.run_id
+    except MlflowException as error:
+        if not (is_not_found(error) or "not found" in str(error).lower()):
+            raise
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = []
+    if experiments:
+        quoted = "'" not in run  # MLflow's filter strings have no escape for the quote itself
+        page = None
+        while True:
+            runs = client.search_runs(experiments, f"attributes.run_name = '{run}'" if quoted else "",
+                                      max_results=1000, page_token=page)
+            found += [r.info.run_id for r in runs if r.info.run_name == run]
+            page = runs.token
+            if not page:
+                break
+    if not found:
+        raise RegistryError(f"no MLflow run {run!r} in {tracking_uri} (no run has that id or that name)")
+    if len(found) > 1:
+        raise RegistryError(f"run name {run!r} is not unique in {tracking_uri}: runs {', '.join(sorted(found))}; "
+                            "pass one of these ids")
+    return found[0]
 
 
 def _executed_config(client, run_id: str, tracking_uri: str) -> dict[str, Any]:
@@ -291,7 +326,8 @@ def register_run(
     tracking_uri: str | None = None,
     output_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Register the best checkpoint of bundle training run ``run_id`` as a new version of model ``name``.
+    """Register the best checkpoint of bundle training run ``run_id`` (its id, or its name where that is
+    unique in the store) as a new version of model ``name``.
 
     The registered bundle (module docstring) is logged once to the run under
     ``registered_model/`` (registering the run again reuses it) and becomes the version's
@@ -305,6 +341,7 @@ def register_run(
 
     store = resolve_tracking_uri(tracking_uri, output_dir)
     client = mlflow_client(store)
+    run_id = find_run_id(client, run_id, store)
     record = describe_run(client, run_id, store)
     logged = {a.path for a in client.list_artifacts(run_id, f"{REGISTERED_MODEL_PATH}/models")}
     if f"{REGISTERED_MODEL_PATH}/{CHECKPOINT_PATH}" not in logged:

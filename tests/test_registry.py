@@ -56,10 +56,12 @@ def _start_training(data: Path, output_dir: Path, run_name: str, *extra: str) ->
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(process: subprocess.Popen) -> None:
+def _finish(process: subprocess.Popen) -> str:
+    """The training's output (stdout and stderr) once it has finished."""
     output, _ = process.communicate(timeout=600)
     if process.returncode != 0:
         raise AssertionError(f"bundle training failed ({process.returncode}):\n{output[-5000:]}")
+    return output
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -113,7 +115,8 @@ def runs(tmp_path_factory):
     """One training run in the bundle's default store (<output_dir>/mlruns.db) and one on a real
     ``mlflow server`` on 127.0.0.1 (SQLite backend, proxied artifacts), trained side by side.
 
-    Yields ``{"data": Path, "sqlite": (output_dir, run_id), "server": (output_dir, url)}``.
+    Yields ``{"data": Path, "sqlite": (output_dir, run_id), "server": (output_dir, url), "sqlite_output": str}``
+    (the SQLite training's printed output).
     """
     data = tmp_path_factory.mktemp("musv_data")
     generate_demo_data("musv_seg", data, n=8, seed=0, image_size=64)
@@ -134,11 +137,11 @@ def runs(tmp_path_factory):
     try:
         _wait_for_health(url, server, log)
         server_training = _start_training(data, server_out, "server_run", "--tracking_uri", url)
-        _finish(sqlite_training)
+        sqlite_output = _finish(sqlite_training)
         _finish(server_training)
         _, found = mlflow_runs(sqlite_out / "mlruns.db")
         (run,) = [r for r in found if r.info.run_name == "to_register"]
-        yield {"data": data, "sqlite": (sqlite_out, run.info.run_id), "server": (server_out, url)}
+        yield {"data": data, "sqlite": (sqlite_out, run.info.run_id), "server": (server_out, url), "sqlite_output": sqlite_output}
     finally:
         for process in (sqlite_training, server_training):
             if process is not None and process.poll() is None:
@@ -334,3 +337,29 @@ def test_register_evaluates_nothing_from_the_tracking_store(runs, tmp_path: Path
     assert (registered["bundle"], registered["key_metric"]) == ("musv_seg", "mean_dice")
     best = max(m.value for m in MlflowClient(store).get_metric_history(run_id, "mean_dice"))
     assert registered["metrics"]["mean_dice"] == pytest.approx(best)
+
+
+def test_register_by_run_name(runs, capsys: pytest.CaptureFixture) -> None:
+    """Bundle training ends by printing its MLflow run's id and name; ``registry register --run``
+    takes the name where it is unique in the store; a name shared by several runs is refused on
+    one line listing their ids."""
+    out, run_id = runs["sqlite"]
+    store = f"sqlite:///{out / 'mlruns.db'}"
+    assert (f"\nMLflow run {run_id} (name to_register) in {store}\nregister it: echocare registry register --run {run_id} "
+            f"--name NAME --tracking-uri {store}\n") in runs["sqlite_output"]
+    printed = _cli("registry", "register", "--run", "to_register", "--name", "musv_by_name", "--output_dir", str(out))
+    assert f"registered musv_by_name version 1: musv_seg run {run_id}," in printed
+    assert MlflowClient(store).get_model_version("musv_by_name", "1").run_id == run_id
+    assert register_run(run_id, "musv_by_name", tracking_uri=store)["run_id"] == run_id  # the id still works
+
+    client = MlflowClient(store)
+    experiment = client.get_run(run_id).info.experiment_id
+    twins = sorted(client.create_run(experiment, run_name="twin").info.run_id for _ in range(2))
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="^2$"):
+        _cli("registry", "register", "--run", "twin", "--name", "musv_by_name", "--tracking-uri", store)
+    assert capsys.readouterr().err == (f"error: run name 'twin' is not unique in {store}: runs {twins[0]}, {twins[1]}; "
+                                       "pass one of these ids\n")
+    with pytest.raises(RegistryError, match=r"^no MLflow run 'no_such_name' in sqlite:///.* \(no run has that id or that name\)$"):
+        register_run("no_such_name", "musv_by_name", tracking_uri=store)
+    assert sorted(int(v.version) for v in client.search_model_versions("name = 'musv_by_name'")) == [1, 2]  # no refusal added one

@@ -267,7 +267,8 @@ class MLflowArtifactLogger:
 
     Does nothing when the run is not tracked, so bundles can always list it. Attach it
     *before* the ``MLFlowHandler`` (as ``--tracking mlflow`` does by appending its handler),
-    so that artifacts are logged before the run is closed.
+    so that artifacts are logged before the run is closed. When the engine completes it prints
+    the run's id, name and store, and the command that registers it.
 
     Args:
         artifacts: files or folders to log when the engine completes (missing ones skipped).
@@ -323,9 +324,19 @@ class MLflowArtifactLogger:
                 client.log_artifacts(run_id, str(path), artifact_path=self._subdir(path))
             elif path.is_file():
                 client.log_artifact(run_id, str(path), artifact_path=self.artifact_path)
+        print(run_summary(client, run_id), flush=True)
 
     def _subdir(self, path: Path) -> str:
         return f"{self.artifact_path}/{path.name}" if self.artifact_path else path.name
+
+
+def run_summary(client: Any, run_id: str) -> str:
+    """What a finished training prints: its MLflow run's id, name and store, and the command that
+    registers it (``echocare registry register`` takes the id, or the name where it is unique)."""
+    run = client.get_run(run_id)
+    store = client.tracking_uri
+    return (f"MLflow run {run_id} (name {run.info.run_name}) in {store}\n"
+            f"register it: echocare registry register --run {run_id} --name NAME --tracking-uri {store}")
 
 
 class EncoderExporter:
