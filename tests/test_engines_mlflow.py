@@ -31,3 +31,19 @@ def test_training_prints_its_mlflow_run_id_and_name_at_the_end(tmp_path: Path, c
     MLflowArtifactLogger().attach(untracked)
     untracked.run([0], max_epochs=1)
     assert "MLflow run" not in capsys.readouterr().out  # nothing to name without --tracking mlflow
+
+
+def test_printed_store_hides_credentials() -> None:
+    from types import SimpleNamespace
+
+    from echocare.engines.handlers import run_summary
+
+    class Client:
+        tracking_uri = "https://user:secret@mlflow.example.org:5000/path"
+
+        def get_run(self, run_id):
+            return SimpleNamespace(info=SimpleNamespace(run_id=run_id, run_name="r1"))
+
+    assert run_summary(Client(), "abc") == (
+        "MLflow run abc (name r1) in https://mlflow.example.org:5000/path\n"
+        "register it: echocare registry register --run abc --name NAME --tracking-uri https://mlflow.example.org:5000/path")

@@ -9,6 +9,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "SamplerEpochSetter",
     "find_resume_checkpoint",
     "find_mlflow_handler",
+    "run_summary",
 ]
 
 logger = logging.getLogger(__name__)
@@ -334,7 +336,9 @@ def run_summary(client: Any, run_id: str) -> str:
     """What a finished training prints: its MLflow run's id, name and store, and the command that
     registers it (``echocare registry register`` takes the id, or the name where it is unique)."""
     run = client.get_run(run_id)
-    store = client.tracking_uri
+    store, parts = str(client.tracking_uri), urlsplit(str(client.tracking_uri))
+    if "@" in parts.netloc:  # without its user:password@ (printed output ends up in logs)
+        store = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
     return (f"MLflow run {run_id} (name {run.info.run_name}) in {store}\n"
             f"register it: echocare registry register --run {run_id} --name NAME --tracking-uri {store}")
 
