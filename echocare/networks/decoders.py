@@ -8,7 +8,36 @@ import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from torch import nn
 
-__all__ = ["UNETRDecoder"]
+__all__ = ["SinglePixelInstanceNorm2d", "UNETRDecoder", "accept_single_pixel_maps"]
+
+
+class SinglePixelInstanceNorm2d(nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d`` that also normalises a 1x1 map, which PyTorch refuses.
+
+    A map of one pixel is its own mean: ``x - mean(x)`` is ``x - x`` and the normalised map is
+    zero (``bias`` where affine; NaN and infinity stay NaN). That is what the norm computes,
+    so every other size takes PyTorch's own kernel unchanged. The decoder's bottleneck sees
+    a 1x1 map for a 32x32 input (MONAI's ``verify_net_in_out`` at ``32*n`` with ``n=1``).
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        uses_input_stats = self.training or not self.track_running_stats
+        if uses_input_stats and input.ndim in (3, 4) and input.shape[-2:].numel() == 1:
+            out = input - input
+            return out + self.bias.view(-1, 1, 1) if self.affine else out
+        return super().forward(input)
+
+
+def accept_single_pixel_maps(module: nn.Module) -> nn.Module:
+    """Make every ``nn.InstanceNorm2d`` under ``module`` a :class:`SinglePixelInstanceNorm2d`.
+
+    The class is switched in place: parameters, buffers and state-dict names stay as they are.
+    Returns ``module``.
+    """
+    for norm in module.modules():
+        if type(norm) is nn.InstanceNorm2d:
+            norm.__class__ = SinglePixelInstanceNorm2d
+    return module
 
 
 class UNETRDecoder(nn.Module):
@@ -25,7 +54,8 @@ class UNETRDecoder(nn.Module):
 
     Forward:
         ``image`` (B, in_channels, H, W) and ``features`` (the five maps at H/2 ... H/32)
-        -> (B, out_channels, H, W).
+        -> (B, out_channels, H, W). H and W may be 32: the bottleneck's instance norm
+        accepts the 1x1 map (:class:`SinglePixelInstanceNorm2d`).
     """
 
     def __init__(
@@ -62,6 +92,7 @@ class UNETRDecoder(nn.Module):
         self.up1 = up(2 * fs, fs)
         self.up0 = up(fs, fs)
         self.out = UnetOutBlock(2, fs, out_channels)
+        accept_single_pixel_maps(self)
 
     def forward(self, image: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
         f0, f1, f2, f3, f4 = features
