@@ -13,7 +13,7 @@ from PIL import Image
 from bundle_helpers import REPO, bundles_in_one_process, mlflow_runs
 from echocare.phantoms import generate_demo_data
 from echocare.datasets.datalist import DatalistError
-from echocare.tasks.enhancement.degrade import Degraded
+from echocare.tasks.enhancement.degradation import Degraded
 from echocare.tasks.enhancement.data import load_enhancement_datalist
 from echocare.tasks.enhancement import image_quality as iq
 from echocare.tasks.supervised import EchoCareSegNet

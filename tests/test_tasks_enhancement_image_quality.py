@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage, special, stats
 
-from echocare.tasks.enhancement.degrade import Degradation, degradation_at_level, degrade, random_degradation
+from echocare.tasks.enhancement.degradation import Degradation, degradation_at_level, degrade, random_degradation
 from echocare.phantoms.renderer import make_phantom_image
 from echocare.tasks.enhancement import image_quality as iq
 

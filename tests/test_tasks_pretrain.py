@@ -56,7 +56,8 @@ def test_training_writes_checkpoints_and_released_encoder(trained):
     assert (models / "model.pt").is_file() and (models / "checkpoint_final.pt").is_file()
     final = torch.load(models / "checkpoint_final.pt", weights_only=True)
     assert final["trainer"]["iteration"] == 8
-    assert set(final) == {"model", "optimizer", "lr_scheduler", "trainer", "sampler"}
+    assert set(final) == {"model", "optimizer", "lr_scheduler", "trainer", "sampler", "best_model"}
+    assert final["best_model"]["best_metric_epoch"] >= 1
     assert final["sampler"]["seed"] == 0
     encoder = build_encoder("tiny")
     load_encoder_weights(encoder, models / "encoder.pt")  # strict: the released layout

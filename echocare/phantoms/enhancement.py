@@ -8,8 +8,8 @@
 and converts it with :func:`~echocare.datasets.converters.convert_usenhance` (re-split by case
 with ``val_fraction``), paths relative to ``DIR``. The high-quality image is a phantom of
 :func:`~echocare.phantoms.renderer.make_phantom_image`; the low-quality one is
-:func:`~echocare.tasks.enhancement.degrade.degrade` with parameters drawn by
-:func:`~echocare.tasks.enhancement.degrade.random_degradation` (lower resolution, blur, speckle, gain),
+:func:`~echocare.tasks.enhancement.degradation.degrade` with parameters drawn by
+:func:`~echocare.tasks.enhancement.degradation.random_degradation` (lower resolution, blur, speckle, gain),
 the same degradation as the real-data variant. Item ``i`` depends only on ``(seed, i)``.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from echocare.datasets.converters import convert_usenhance, grouped_split
-from echocare.tasks.enhancement.degrade import degrade, random_degradation
+from echocare.tasks.enhancement.degradation import degrade, random_degradation
 from echocare.phantoms.renderer import save_png, make_phantom_image
 from echocare.phantoms.layout import fresh_phantom_dir
 
@@ -53,7 +53,7 @@ def generate_usenhance(
     """Write ``n`` phantom pairs (organs cycled) and return their datalist (see the module docstring).
 
     Options: ``organs`` (folder names of :data:`USENHANCE_ORGANS`), ``degradation_ranges``
-    (overrides of :data:`~echocare.tasks.enhancement.degrade.DEGRADATION_RANGES`).
+    (overrides of :data:`~echocare.tasks.enhancement.degradation.DEGRADATION_RANGES`).
     """
     if n < 2:
         raise ValueError("usenhance needs n >= 2 (one pair to train on, one to validate)")
@@ -79,7 +79,7 @@ def generate_usenhance(
     datalist["description"] = (
         f"PHANTOM data (echocare demo-data --task usenhance, seed {seed}) in the USenhance 2023 layout under "
         f"usenhance/: {n} pairs of {image_size}px phantom images ({', '.join(organs)}) and degraded copies "
-        f"(echocare.tasks.enhancement.degrade: lower resolution, blur, speckle, gain). Re-split by case, "
+        f"(echocare.tasks.enhancement.degradation: lower resolution, blur, speckle, gain). Re-split by case, "
         f"{val_fraction:.0%} to validation (seed {seed})."
     )
     return datalist

@@ -26,7 +26,7 @@ from echocare.datasets.datalist import load_datalist, raise_problems
 from echocare.tasks.detection.metrics import affine_ellipses, cardiothoracic_ratio, ellipse_iou_matrix
 from echocare.tasks.detection.network import decode_ellipses
 from echocare.tasks.supervised.data import subsample_training
-from echocare.tasks.supervised.segmentation_metrics import class_key
+from echocare.tasks.supervised.segmentation_scoring import class_key
 
 __all__ = [
     "DecodeEllipsesd",

@@ -40,7 +40,7 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
 
 from echocare.datasets.converters import ramanujan_perimeter
-from echocare.tasks.supervised.segmentation_metrics import class_key
+from echocare.tasks.supervised.segmentation_scoring import class_key
 
 __all__ = [
     "COCO_IOU_THRESHOLDS",

@@ -2,7 +2,7 @@
 
 from echocare.tasks.enhancement.image_quality import BrisqueModel, EncoderFeatures, EnhancementScored, NiqeModel, PAIRED_SCORES, TorchScriptFeatures, aggd_fit, brisque, brisque_features, enhancement_metrics, fid, fit_brisque_model, fit_niqe_model, frechet_distance, gaussian_fit, ggd_fit, load_brisque_model, load_niqe_model, mscn, niqe, nss_features, piqe, psnr, save_brisque_model, ssim
 from echocare.tasks.enhancement.data import DEGRADATION_SOURCES, load_enhancement_datalist, write_degradation_datalist
-from echocare.tasks.enhancement.degrade import DEGRADATION_RANGES, Degradation, Degraded, degradation_at_level, degrade, random_degradation
+from echocare.tasks.enhancement.degradation import DEGRADATION_RANGES, Degradation, Degraded, degradation_at_level, degrade, random_degradation
 from echocare.tasks.enhancement.engine import BRISQUE_LEVELS, EnhancementEvaluation, EnhancementIteration, EnhancementPredictionWriter, fid_feature_extractor, fit_quality_models, prepare_pair
 from echocare.tasks.enhancement.network import EchoCareEnhanceNet, EnhancementLoss, PatchDiscriminator, build_perceptual_encoder, grey
 

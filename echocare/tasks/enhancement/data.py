@@ -5,7 +5,7 @@ Paired items are ``{"image": low quality, "target": high quality}`` (docs/archit
 The real-data variant has high-quality images only: :func:`write_degradation_datalist`
 lists images of several datasets with their converters' patient-level splits, and the
 bundle makes each low-quality ``image`` from its ``target`` on the fly
-(:class:`~echocare.tasks.enhancement.degrade.Degraded`).
+(:class:`~echocare.tasks.enhancement.degradation.Degraded`).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def load_enhancement_datalist(
         base_dir: root of relative paths (``dataset_dir``); default the datalist's folder.
         paired: items hold ``image`` (low) and ``target`` (high quality) of the same size;
             ``False``: each item's ``image`` is a high-quality image, returned as ``target``
-            (the low-quality image is made from it by :class:`~echocare.tasks.enhancement.degrade.Degraded`).
+            (the low-quality image is made from it by :class:`~echocare.tasks.enhancement.degradation.Degraded`).
         train_fraction: keep this seeded fraction of the items (see :func:`subsample_training`).
         check_images: decode every image once now (and compare the sizes of pairs).
 

@@ -26,7 +26,7 @@ from echocare.engines.handlers import UniqueNames, item_source, write_panel
 from echocare.io.readers import read_ultrasound
 from echocare.networks.encoder import build_encoder, load_encoder_weights
 from echocare.tasks.enhancement import image_quality as iq
-from echocare.tasks.enhancement.degrade import degradation_at_level, degrade
+from echocare.tasks.enhancement.degradation import degradation_at_level, degrade
 from echocare.tasks.enhancement.network import grey
 from echocare.engines.writers import PredictionWriter, is_rank0, iteration_pairs
 
@@ -126,7 +126,7 @@ def fit_quality_models(
 
     NIQE's pristine model is fitted on those images (patches of ``niqe_patch_size``).
     BRISQUE's regressor is fitted on them degraded to each of :data:`BRISQUE_LEVELS`
-    (:func:`~echocare.tasks.enhancement.degrade.degradation_at_level` within ``degradation_ranges``),
+    (:func:`~echocare.tasks.enhancement.degradation.degradation_at_level` within ``degradation_ranges``),
     with score 100 * level: BRISQUE then reads on a 0 (high quality) .. 100 (the strongest
     degradation) scale of our own, not the LIVE scale.
     """

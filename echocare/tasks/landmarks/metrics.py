@@ -14,7 +14,7 @@ Conventions (the same in ``summary.json``, MLflow and ``echocare compare``):
 - Dataset values are the means of the per-image values (every image has the same K
   landmarks, so this equals the mean over all (image, landmark) pairs).
 - Per landmark: ``mre_px_<name>`` (mean over images of that landmark's radial error),
-  with the name as :func:`~echocare.tasks.supervised.segmentation_metrics.class_key` writes it.
+  with the name as :func:`~echocare.tasks.supervised.segmentation_scoring.class_key` writes it.
 - ``mre_mm``: the mean radial error in mm, for items whose pixel size (``spacing``
   [row mm, col mm]) is known; the x difference is scaled by the column size, the y
   difference by the row size.
@@ -36,7 +36,7 @@ from monai.transforms import MapTransform
 from echocare.engines.metrics import MeanOfOutput
 from echocare.tasks.landmarks.data import grid_to_original, load_landmark_datalist
 from echocare.tasks.landmarks.network import decode_heatmaps
-from echocare.tasks.supervised.segmentation_metrics import class_key
+from echocare.tasks.supervised.segmentation_scoring import class_key
 
 __all__ = [
     "LANDMARK_SCORE_NAMES",

@@ -21,7 +21,7 @@ from echocare.engines.handlers import item_source
 from echocare.tasks.landmarks.data import grid_to_original
 from echocare.tasks.landmarks.network import decode_heatmaps
 from echocare.tasks.supervised.data import read_clip
-from echocare.tasks.supervised.segmentation_metrics import class_key
+from echocare.tasks.supervised.segmentation_scoring import class_key
 from echocare.engines.writers import PredictionWriter, RunFileWriter
 from echocare.visualize import new_figure, save_figure
 

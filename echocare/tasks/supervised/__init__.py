@@ -1,8 +1,8 @@
 """Segmentation and classification: datalists, label maps and clips, networks, metrics, writers."""
 
 from echocare.tasks.supervised.data import ClassLabeld, EvalSpacingd, LabelMapError, LoadClipd, LoadFramed, LoadLabelMapd, check_task_item, class_weights, clip_frame_count, clip_indices, datalist_info, expand_frames, load_task_datalist, mask_values_for, read_clip, read_label_map, subsample_training
-from echocare.tasks.supervised.classification_metrics import CLASSIFICATION_SCORE_NAMES, ClassificationScore, binary_classification_scores, classification_scores, confusion_matrix, multiclass_classification_scores, roc_auc, roc_curve, youden_threshold
-from echocare.tasks.supervised.segmentation_metrics import SegmentationScored, class_key, segmentation_case_fields, segmentation_scores
+from echocare.tasks.supervised.classification_scoring import CLASSIFICATION_SCORE_NAMES, ClassificationScore, binary_classification_scores, classification_scores, confusion_matrix, multiclass_classification_scores, roc_auc, roc_curve, youden_threshold
+from echocare.tasks.supervised.segmentation_scoring import SegmentationScored, class_key, segmentation_case_fields, segmentation_scores
 from echocare.tasks.supervised.metric_sets import classification_metrics, segmentation_metrics
 from echocare.tasks.supervised.writers import ClassificationFigureWriter, ClassificationPredictionWriter, SegmentationOverlayWriter, SegmentationPredictionWriter, probabilities_to_mask
 from echocare.tasks.supervised.networks import CLIP_POOLINGS, EchoCareClassifier, EchoCareSegNet

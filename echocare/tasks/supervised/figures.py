@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from echocare.tasks.supervised.classification_metrics import roc_auc, roc_curve
+from echocare.tasks.supervised.classification_scoring import roc_auc, roc_curve
 from echocare.visualize import PALETTE, as_numpy, new_figure, save_figure
 
 __all__ = ["confusion_matrix_figure", "roc_curve_figure", "save_confusion_matrix", "save_roc_curve"]

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from ignite.metrics import Metric
 
 from echocare.engines.metrics import MeanOfOutput
-from echocare.tasks.supervised.classification_metrics import ClassificationScore
-from echocare.tasks.supervised.segmentation_metrics import class_key
+from echocare.tasks.supervised.classification_scoring import ClassificationScore
+from echocare.tasks.supervised.segmentation_scoring import class_key
 
 __all__ = ["classification_metrics", "segmentation_metrics"]
 

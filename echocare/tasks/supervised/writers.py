@@ -94,7 +94,7 @@ class ClassificationFigureWriter(RunFileWriter):
         self.labels.append(int(torch.as_tensor(output["label"]).reshape(-1)[0]))
 
     def finish(self) -> None:
-        from echocare.tasks.supervised.classification_metrics import confusion_matrix, youden_threshold
+        from echocare.tasks.supervised.classification_scoring import confusion_matrix, youden_threshold
         from echocare.tasks.supervised.figures import save_confusion_matrix, save_roc_curve
 
         if not self.probs:
