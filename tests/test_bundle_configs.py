@@ -139,3 +139,32 @@ def test_evaluation_ids_parse(name: str, tmp_path: Path, monkeypatch: pytest.Mon
     fields = parser.get_parsed_content(f"validate#handlers#{index}#per_case_fields")
     assert isinstance(fields, list) and fields and all(isinstance(f, str) for f in fields)
     assert parser.get_parsed_content("tracking_uri") == f"sqlite:///{tmp_path.resolve() / 'mlruns.db'}"
+
+
+def _affine_translate_ids(name: str) -> list[str]:
+    """Config ids of the ``translate_range`` of every ``RandAffined`` in the bundle's train.yaml."""
+    config = _load(REPO / "bundles" / name / "configs" / "train.yaml")
+    return [
+        f"{node_id}#translate_range"
+        for node_id, node in _walk(config)
+        if isinstance(node, dict) and str(node.get("_target_", "")).endswith("RandAffined") and "translate_range" in node
+    ]
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_affine_translate_range_is_in_pixels(name: str) -> None:
+    """``RandAffined`` shifts by ``translate_range`` pixels, not by a fraction of the image: at the bundle's
+    default ``image_size`` the resolved range is one value per spatial axis, each at least 1 px (#18)."""
+    ids = _affine_translate_ids(name)
+    if not ids:
+        pytest.skip(f"{name} applies no RandAffined shift")
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / name / "configs" / "train.yaml"))
+    spatial_size = parser.get_parsed_content("spatial_size")
+    for node_id in ids:
+        shifts = parser.get_parsed_content(node_id)
+        if not isinstance(shifts, (list, tuple)):  # one number: MONAI uses it for every axis
+            shifts = [shifts] * len(spatial_size)
+        assert len(shifts) == len(spatial_size), f"{name}: {node_id} = {shifts}, one per axis of {spatial_size}"
+        assert all(s >= 1.0 for s in shifts), f"{name}: {node_id} = {shifts} px at spatial_size {spatial_size}"
+        assert all(s <= side / 4 for s, side in zip(shifts, spatial_size)), f"{name}: {node_id} = {shifts} px"

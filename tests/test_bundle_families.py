@@ -58,6 +58,7 @@ FINE_TUNING_SHARED = {
 CLIP_IDS = {
     "train.yaml": [
         "imports",  # no echocare.io: the clip loader reads the files
+        "affine_translate",  # no RandAffined: clips are flipped and their intensities varied only
         "clip_frames", "clip_pooling", "network_def#clip_pooling", "load_transforms",
         "train#load_transforms", "train#augmentation", "train#preprocessing",  # clips: (F, C, H, W), flips on axis 2
     ],
