@@ -83,6 +83,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from echocare.datasets import shards
 from echocare.errors import EchoCareError
 from echocare.io.readers import DEFAULT_MAX_PIXELS, SUPPORTED_SUFFIXES, UltrasoundReadError, detect_format, iter_frames
 from echocare.ontology import UnknownAnatomyError, load_ontology
@@ -118,6 +119,10 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "max_in_flight": 0,  # files queued to workers at once (0: 4 x workers)
     "hide_source_paths": False,  # outputs name source files by sha256("<source>/<path>")[:16], never by path
     "max_pixels": DEFAULT_MAX_PIXELS,  # larger frames (height x width) are refused from the header; "none": no limit
+    "engine": "local",  # "local": a process pool on this machine; "ray": Ray tasks (echocare.datasets.curation_ray)
+    "ray_address": None,  # engine ray: the cluster to join (host:port, ray://...); None: a local instance of `workers` CPUs
+    "format": "images",  # "images": OUT/images + datalist.json; "webdataset": OUT/shards/*.tar + shards.json
+    "shard_size": 1000,  # format webdataset: samples per shard
     "_delay": 0.0,  # seconds of sleep per file in the worker (tests of kill and resume)
 }
 
@@ -158,7 +163,7 @@ def _options(options: dict[str, Any]) -> dict[str, Any]:
     opts = {**DEFAULT_OPTIONS, **options}
     for name in ("overlay", "crop", "progress", "restart", "hide_source_paths"):
         opts[name] = _as_bool(opts[name], name)
-    for name in ("near_duplicate_threshold", "seed", "min_pixels", "fsync_every", "max_in_flight"):
+    for name in ("near_duplicate_threshold", "seed", "min_pixels", "fsync_every", "max_in_flight", "shard_size"):
         try:
             opts[name] = int(opts[name])
         except (TypeError, ValueError):
@@ -166,6 +171,16 @@ def _options(options: dict[str, Any]) -> dict[str, Any]:
     if opts["near_duplicate_threshold"] > 32:
         raise CurationError("option near_duplicate_threshold: at most 32 bits (of 64)")
     opts["_delay"] = float(opts["_delay"])
+    for name, allowed in (("engine", ("local", "ray")), ("format", ("images", "webdataset"))):
+        opts[name] = str(opts[name]).strip().lower()
+        if opts[name] not in allowed:
+            raise CurationError(f"option {name}: expected one of {', '.join(allowed)}, got {opts[name]!r}")
+    if opts["shard_size"] < 1:
+        raise CurationError(f"option shard_size: expected a positive number of samples, got {opts['shard_size']}")
+    if opts["ray_address"] is not None:
+        opts["ray_address"] = str(opts["ray_address"]).strip() or None
+        if opts["ray_address"] and opts["engine"] != "ray":
+            raise CurationError("option ray_address: only with --engine ray")
     limit = opts["max_pixels"]
     if limit is None or (isinstance(limit, str) and limit.strip().lower() == "none"):
         opts["max_pixels"] = None
@@ -450,11 +465,18 @@ def opaque_name(key: str, frame: int) -> str:
     return hashlib.sha256(f"{key}#{int(frame)}".encode()).hexdigest()[:24] + ".png"
 
 
-def _save_png_atomic(array: np.ndarray, path: Path) -> None:
+def _png_bytes(array: np.ndarray) -> bytes:
+    """The PNG file of ``array`` (the same bytes :func:`_save_png_atomic` writes)."""
     from PIL import Image
 
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _save_png_atomic(array: np.ndarray, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
+    tmp.write_bytes(_png_bytes(array))
     os.replace(tmp, path)
 
 
@@ -493,6 +515,53 @@ class _Task:
     problem: str | None = None  # known unreadable before decoding (bad zip)
     skip: str | None = None  # why it is listed as skipped, unread (not an image, link loop, unsafe zip name)
     skip_frames: frozenset[int] = field(default_factory=frozenset)
+    url: bool = False  # path is an fsspec URL (read through fsspec into a temporary file)
+    #: Frames decided before a resume whose images are in no committed shard (format webdataset):
+    #: encoded again, not decided again.
+    refill_frames: frozenset[int] = field(default_factory=frozenset)
+    was_done: bool = False  # journaled as done before a resume (only refill frames are read)
+
+
+@dataclass(frozen=True)
+class _UrlSource:
+    """A source given as an fsspec URL (``s3://bucket/scans``, ``memory://scans``, ``file:///scans``)."""
+
+    url: str
+
+    @property
+    def name(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        return self.url
+
+    def filesystem(self) -> tuple[Any, str]:
+        """(the fsspec filesystem, the source's path on it)."""
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(self.url)
+        return fs, root.rstrip("/") or root
+
+    @property
+    def protocol(self) -> str:
+        return self.url.split("://", 1)[0].lower()
+
+    def local_path(self) -> Path | None:
+        """The folder on this machine for a ``file://`` URL, else None."""
+        return Path(os.path.realpath(self.filesystem()[1])) if self.protocol in ("file", "local") else None
+
+
+def _is_url(text: str) -> bool:
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text) is not None
+
+
+def _open_input(path: str, url: bool) -> Any:
+    """A binary file object of an input file (an fsspec URL or a local path)."""
+    if url:
+        import fsspec
+
+        return fsspec.open(path, "rb").open()
+    return open(path, "rb")
 
 
 def _source_labels(sources: list[Path]) -> list[str]:
@@ -543,6 +612,30 @@ def _walk(root: Path, skip_dirs: set[str]) -> Iterator[tuple[str, str | None]]:
         yield from rec(str(root), "", frozenset({os.path.realpath(root)}))
 
 
+def _walk_url(source: _UrlSource) -> Iterator[tuple[str, str | None]]:
+    """:func:`_walk` for an fsspec source: ``(relative posix path, None)`` for its files, in the
+    same order (entries sorted by name, folders recursed in place, hidden entries ignored)."""
+    fs, root = source.filesystem()
+
+    def leaf(entry: dict[str, Any]) -> str:
+        return entry["name"].rstrip("/").rsplit("/", 1)[-1]
+
+    def rec(folder: str, prefix: str) -> Iterator[tuple[str, str | None]]:
+        for e in sorted(fs.ls(folder, detail=True), key=leaf):
+            name = leaf(e)
+            if name.startswith(".") or name == "__MACOSX":
+                continue
+            if e["type"] == "directory":
+                yield from rec(e["name"], prefix + name + "/")
+            elif e["type"] == "file":
+                yield prefix + name, None
+
+    if fs.isfile(root):
+        yield root.rsplit("/", 1)[-1], None
+    else:
+        yield from rec(root, "")
+
+
 def _unsafe_member(name: str) -> bool:
     """Whether a zip member's name is absolute or climbs out of the archive (``..``)."""
     name = name.replace("\\", "/")
@@ -562,26 +655,39 @@ def _file_kind(name: str) -> str | None:
     return None  # unknown suffix: tried (DICOM without suffix convention); failure is reported
 
 
-def _tasks(sources: list[Path], labels: list[str], given: list[str], out: Path,
+def _source_files(src: Path | _UrlSource, shown: str, skip_dirs: set[str]
+                  ) -> Iterator[tuple[str, str, str, str | None]]:
+    """``(relative path, path or URL to read, display, unreadable reason)`` of a source's files."""
+    if isinstance(src, _UrlSource):
+        fs, root = src.filesystem()
+        single = fs.isfile(root)
+        for rel, unreadable in _walk_url(src):
+            yield rel, (src.url if single else fs.unstrip_protocol(f"{root}/{rel}")), (
+                shown if single else f"{shown.rstrip('/')}/{rel}"), unreadable
+        return
+    base = Path(shown) if src.is_dir() else Path(shown).parent
+    for rel, unreadable in _walk(src, skip_dirs):
+        yield rel, str(src / rel if src.is_dir() else src), str(base / rel), unreadable
+
+
+def _tasks(sources: list[Path | _UrlSource], labels: list[str], given: list[str], out: Path,
            exclude: list[str]) -> Iterator[_Task]:
     skip_dirs = {os.path.realpath(out)}  # a link in a source to OUT
     for src, label, shown in zip(sources, labels, given):
-        base = Path(shown) if src.is_dir() else Path(shown).parent
-        for rel, unreadable in _walk(src, skip_dirs):
+        url = isinstance(src, _UrlSource)
+        for rel, path, display, unreadable in _source_files(src, shown, skip_dirs):
             key = f"{label}/{rel}"
             if any(fnmatch.fnmatchcase(rel, g) or fnmatch.fnmatchcase(key, g) for g in exclude):
                 continue
-            path = src / rel if src.is_dir() else src
-            display = str(base / rel)
             if unreadable is not None:
-                yield _Task(key, display, str(path), skip=unreadable)
+                yield _Task(key, display, path, skip=unreadable, url=url)
                 continue
             if rel.lower().endswith(".zip"):
                 try:
-                    with zipfile.ZipFile(path) as zf:
+                    with _open_input(path, url) as raw, zipfile.ZipFile(raw) as zf:
                         members = sorted(i.filename for i in zf.infolist() if not i.is_dir())
                 except (zipfile.BadZipFile, OSError, ValueError) as exc:
-                    yield _Task(key, display, str(path), problem=f"cannot open zip archive ({exc})")
+                    yield _Task(key, display, path, problem=f"cannot open zip archive ({exc})", url=url)
                     continue
                 for m in members:
                     parts = m.split("/")
@@ -592,15 +698,15 @@ def _tasks(sources: list[Path], labels: list[str], given: list[str], out: Path,
                     if any(fnmatch.fnmatchcase(f"{rel}!{m}", g) or fnmatch.fnmatchcase(mkey, g) for g in exclude):
                         continue
                     if unsafe:  # listed, never extracted or read
-                        yield _Task(mkey, f"{display}!{m}", str(path), member=m,
+                        yield _Task(mkey, f"{display}!{m}", path, member=m, url=url,
                                     skip="unsafe name in zip archive (absolute path or '..'): not extracted")
                         continue
                     skip = _file_kind(parts[-1])
                     if skip is None and m.lower().endswith(".zip"):
                         skip = "nested zip archive (extract it first)"
-                    yield _Task(mkey, f"{display}!{m}", str(path), member=m, skip=skip)
+                    yield _Task(mkey, f"{display}!{m}", path, member=m, skip=skip, url=url)
                 continue
-            yield _Task(key, display, str(path), skip=_file_kind(rel.rsplit("/", 1)[-1]))
+            yield _Task(key, display, path, skip=_file_kind(rel.rsplit("/", 1)[-1]), url=url)
 
 
 # --------------------------------------------------------------------------- workers
@@ -618,15 +724,16 @@ def _process(task: _Task, cfg: dict[str, Any]) -> dict[str, Any]:
     tmpdir = None
     path = Path(task.path)
     try:
-        if task.member is not None:
-            tmpdir = tempfile.mkdtemp(prefix="echocare_zip_")
-            leaf = task.member.rsplit("/", 1)[-1]
+        if task.member is not None or task.url:
+            # A zip member or a remote file: decoded from a local temporary copy.
+            tmpdir = tempfile.mkdtemp(prefix="echocare_zip_" if task.member is not None else "echocare_url_")
+            leaf = (task.member if task.member is not None else task.path).rsplit("/", 1)[-1]
             path = Path(tmpdir) / (leaf or "member")
             try:
-                with zipfile.ZipFile(task.path) as zf, zf.open(task.member) as src, open(path, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
+                _copy_input(task, path)
             except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, EOFError) as exc:
-                result["error"] = f"cannot extract zip member ({exc})"
+                what = "extract zip member" if task.member is not None else "read"
+                result["error"] = f"cannot {what} ({exc})"
                 return result
         try:
             result["fmt"] = detect_format(path)
@@ -635,6 +742,8 @@ def _process(task: _Task, cfg: dict[str, Any]) -> dict[str, Any]:
                 if fr in task.skip_frames:
                     continue
                 result["units"].append(_process_frame(task.key, fr, frame, cfg))
+                if task.was_done and len(result["units"]) == len(task.refill_frames):
+                    break  # a finished file read again for its refill frames only
         except UltrasoundReadError as exc:
             result["error"] = exc.problem
         except Exception as exc:  # a decoder's own error on a broken file: report, go on
@@ -647,6 +756,16 @@ def _process(task: _Task, cfg: dict[str, Any]) -> dict[str, Any]:
     finally:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _copy_input(task: _Task, dst_path: Path) -> None:
+    """Copy the task's file (a zip member, a remote file, or a zip member of a remote file) to ``dst_path``."""
+    with _open_input(task.path, task.url) as raw, open(dst_path, "wb") as dst:
+        if task.member is None:
+            shutil.copyfileobj(raw, dst, 1 << 20)
+            return
+        with zipfile.ZipFile(raw) as zf, zf.open(task.member) as src:
+            shutil.copyfileobj(src, dst, 1 << 20)
 
 
 def _process_frame(key: str, fr: int, frame: np.ndarray, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -670,11 +789,15 @@ def _process_frame(key: str, fr: int, frame: np.ndarray, cfg: dict[str, Any]) ->
     if (out[..., 0] == out[..., 1]).all() and (out[..., 0] == out[..., 2]).all():
         out = np.ascontiguousarray(out[..., 0])  # grey stays grey (1 channel PNG)
     name = opaque_name(key, fr)
-    _save_png_atomic(out, Path(cfg["out"]) / "images" / name)
+    unit = {"fr": fr, "st": "candidate", "n": name, "sha": sha, "ph": ph, "box": [box[0], box[1], box[2], box[3]]}
+    if cfg["return_png"]:  # format webdataset: the driver writes the kept ones into shards
+        unit["png"] = _png_bytes(out)
+    else:
+        _save_png_atomic(out, Path(cfg["out"]) / "images" / name)
     if cfg["overlay"]:
         m = mask if mask is not None else np.ones((h, w), bool)
         _save_png_atomic(_overlay(u8, box, m), Path(cfg["out"]) / "overlays" / name)
-    return {"fr": fr, "st": "candidate", "n": name, "sha": sha, "ph": ph, "box": [box[0], box[1], box[2], box[3]]}
+    return unit
 
 
 def _worker_run(task: _Task, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -905,14 +1028,19 @@ def curate(
     labels = _source_labels(src_paths)
 
     out_dir = Path(out)
+    _check_engine(opts, src_paths, given)
     _prepare_out(out_dir, src_paths, given, opts)
-    settings = _run_settings(src_paths, size, frame_step, amap, opts)
+    settings = _run_settings(src_paths, size, frame_step, amap, opts, val_fraction)
     journal = _Journal(out_dir / JOURNAL, opts["fsync_every"])
     state = _resume_state(journal, settings, out_dir, opts["near_duplicate_threshold"])
     cfg = {"frame_step": frame_step, "size": size, "out": str(out_dir), "overlay": opts["overlay"],
            "crop": opts["crop"], "min_pixels": opts["min_pixels"], "max_pixels": opts["max_pixels"],
-           "_delay": opts["_delay"]}
+           "_delay": opts["_delay"], "return_png": opts["format"] == "webdataset"}
     run = _Run(out_dir, journal, state, amap, bool(opts["hide_source_paths"]))
+    if opts["format"] == "webdataset":
+        run.split_rule = (val_fraction, opts["seed"])
+        run.sink = shards.ShardSink(out_dir / shards.SHARDS_FOLDER, opts["shard_size"], state.next_shard,
+                                    run.commit_shard)
     all_tasks = lambda: _tasks(src_paths, labels, given, out_dir, opts["exclude"])  # noqa: E731
     total = sum(1 for _ in all_tasks())
     bar = None
@@ -921,13 +1049,19 @@ def curate(
                    dynamic_ncols=True)
     if state.done_files or state.done_units:
         logger.info("resuming %s: %d file(s) already done", out_dir, len(state.done_files))
+    finished = False
     try:
-        for task, result in _ordered_map(run.pending(all_tasks()), cfg, workers, opts["max_in_flight"] or 4 * workers):
+        for task, result in _results(run.pending(all_tasks()), cfg, workers, opts):
             run.record(task, result)
             if bar is not None:
-                bar.update(1)
+                bar.update(0 if task.was_done else 1)
                 bar.set_postfix(kept=len(state.seen_sha), refresh=False)
+        finished = True
     finally:
+        if run.sink is not None:
+            # Partial shards are committed only at the end; a run stopped by an error leaves
+            # them to be refilled by the rerun, as a kill does.
+            run.sink.close() if finished else run.sink.abandon()
         if bar is not None:
             bar.close()
         journal.close()
@@ -935,19 +1069,55 @@ def curate(
     return _finish(out_dir, journal, amap, onto, labels, val_fraction, opts["seed"], settings)
 
 
-def _check_sources(sources: list[str] | str) -> tuple[list[str], list[Path]]:
-    """(the sources as given, their real paths); each must exist."""
+def _results(tasks: Iterable[_Task], cfg: dict[str, Any], workers: int, opts: dict[str, Any]
+             ) -> Iterator[tuple[_Task, dict[str, Any]]]:
+    """(task, result) in task order, from the engine the options name."""
+    if opts["engine"] == "ray":
+        from echocare.datasets.curation_ray import ray_ordered_map
+
+        return ray_ordered_map(tasks, cfg, workers, opts["max_in_flight"], opts["ray_address"])
+    return _ordered_map(tasks, cfg, workers, opts["max_in_flight"] or 4 * workers)
+
+
+def _check_engine(opts: dict[str, Any], src_paths: list[Path | _UrlSource], given: list[str]) -> None:
+    """Refuse, before anything is written, what the chosen engine cannot do."""
+    if opts["engine"] != "ray":
+        return
+    from echocare.datasets.curation_ray import require_ray
+
+    require_ray()
+    for src, shown in zip(src_paths, given):
+        if isinstance(src, _UrlSource) and src.protocol == "memory":
+            raise CurationError(f"{shown}: a memory:// file system lives in one process and Ray workers cannot "
+                                "read it; use --engine local, or a store every node reaches (a shared folder, s3://)")
+
+
+def _check_sources(sources: list[str] | str) -> tuple[list[str], list[Path | _UrlSource]]:
+    """(the sources as given, their real paths or fsspec URLs); each must exist."""
     if isinstance(sources, (str, os.PathLike)):
         sources = [str(sources)]
     given = [str(s) for s in sources]
     if not given:
         raise CurationError("no source given (--src DIR)")
-    # realpath, not Path.resolve: that raises RuntimeError on a symbolic link loop.
-    src_paths = [Path(os.path.realpath(os.path.expanduser(s))) for s in given]
-    for s, g in zip(src_paths, given):
-        if not s.exists():
+    src_paths: list[Path | _UrlSource] = []
+    for g in given:
+        if _is_url(g):
+            src = _UrlSource(g)
+            try:
+                fs, root = src.filesystem()
+                found = fs.exists(root)
+            except (ImportError, ValueError, OSError) as exc:  # unknown protocol, its package missing, unreachable
+                raise CurationError(f"{g}: cannot open this source ({exc})") from None
+            if not found:
+                raise CurationError(f"{g}: source not found")
+            src_paths.append(src)
+            continue
+        # realpath, not Path.resolve: that raises RuntimeError on a symbolic link loop.
+        path = Path(os.path.realpath(os.path.expanduser(g)))
+        if not path.exists():
             link = " (a broken or looping symbolic link)" if os.path.islink(os.path.expanduser(g)) else ""
             raise CurationError(f"{g}: source not found{link}")
+        src_paths.append(path)
     return given, src_paths
 
 
@@ -960,17 +1130,22 @@ def _check_numbers(size: int, frame_step: int, val_fraction: float) -> None:
         raise CurationError(f"val_fraction must be in [0, 1], got {val_fraction}")
 
 
-def _prepare_out(out_dir: Path, src_paths: list[Path], given: list[str], opts: dict[str, Any]) -> None:
+def _prepare_out(out_dir: Path, src_paths: list[Path | _UrlSource], given: list[str], opts: dict[str, Any]) -> None:
     """Check that ``out_dir`` is curate's to write, drop a discarded run's outputs, make the folders."""
     _check_out(out_dir, src_paths, given)
     if opts["restart"] or (out_dir / _DISCARDED_JOURNAL).exists():
         _discard_run(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    if opts["format"] == "webdataset":
+        (out_dir / shards.SHARDS_FOLDER).mkdir(parents=True, exist_ok=True)
+        shards.remove_open_shards(out_dir / shards.SHARDS_FOLDER)  # a killed run's uncommitted shards
+    else:
+        (out_dir / "images").mkdir(parents=True, exist_ok=True)
     if opts["overlay"]:
         (out_dir / "overlays").mkdir(exist_ok=True)
 
 
-def _run_settings(src_paths: list[Path], size: int, frame_step: int, amap: dict, opts: dict[str, Any]) -> dict[str, Any]:
+def _run_settings(src_paths: list[Path | _UrlSource], size: int, frame_step: int, amap: dict, opts: dict[str, Any],
+                  val_fraction: float) -> dict[str, Any]:
     """The settings a journal is written with; a resume must find the same ones."""
     hide = opts["hide_source_paths"]
     settings = {
@@ -984,6 +1159,9 @@ def _run_settings(src_paths: list[Path], size: int, frame_step: int, amap: dict,
         "overlay": opts["overlay"],
         "exclude": opts["exclude"],
     }
+    if opts["format"] == "webdataset":
+        # Shards are written as units are decided: their split (and size) is fixed for the run.
+        settings.update(format="webdataset", shard_size=opts["shard_size"], val_fraction=val_fraction, seed=opts["seed"])
     if hide:
         # With hidden paths the journal keeps no path to resolve the anatomy from at the
         # end: each unit's anatomy is journaled when it is decided, so a resume must use
@@ -1002,6 +1180,10 @@ class _ResumeState:
     done_files: set[str] = field(default_factory=set)
     done_units: dict[str, set[int]] = field(default_factory=dict)
     seen_sha: dict[str, str] = field(default_factory=dict)
+    #: Format webdataset: file key -> kept frames whose images are in no committed shard (a killed
+    #: run's open shards), and the number of the next shard.
+    refill: dict[str, set[int]] = field(default_factory=dict)
+    next_shard: int = 0
 
 
 def _resume_state(journal: _Journal, settings: dict[str, Any], out_dir: Path, threshold: int) -> _ResumeState:
@@ -1015,14 +1197,24 @@ def _resume_state(journal: _Journal, settings: dict[str, Any], out_dir: Path, th
     if not records:
         journal.write({"settings": settings})
     state = _ResumeState(HashIndex(threshold))
+    kept: dict[str, tuple[str, int]] = {}  # output name -> (file key, frame)
+    in_shards: set[str] = set()
     for rec in records[1:]:
         if "fr" in rec:
             state.done_units.setdefault(rec["k"], set()).add(rec["fr"])
             if rec["st"] == "kept":
                 state.seen_sha[rec["sha"]] = rec["n"]
                 state.index.add(rec["ph"], rec["n"])
+                kept[rec["n"]] = (rec["k"], rec["fr"])
         elif rec.get("done"):
             state.done_files.add(rec["k"])
+        elif "shard" in rec:
+            in_shards.update(k + ".png" for k in rec["keys"])
+            state.next_shard = max(state.next_shard, shards.shard_number(rec["shard"]) + 1)
+    if settings.get("format") == "webdataset":
+        for name in kept.keys() - in_shards:
+            key, frame = kept[name]
+            state.refill.setdefault(key, set()).add(frame)
     return state
 
 
@@ -1036,6 +1228,9 @@ class _Run:
     state: _ResumeState
     amap: dict
     hide: bool
+    #: Format webdataset: the shard writer, and the split rule (val_fraction, seed) it places units by.
+    sink: shards.ShardSink | None = None
+    split_rule: tuple[float, int] = (0.0, 0)
 
     def key(self, task: _Task) -> str:
         return _hidden(task.key) if self.hide else task.key
@@ -1043,15 +1238,42 @@ class _Run:
     def pending(self, tasks: Iterable[_Task]) -> Iterator[_Task]:
         for t in tasks:
             key = self.key(t)
-            if key in self.state.done_files:
+            refill = self.state.refill.get(key, set())
+            t.was_done = key in self.state.done_files
+            if t.was_done and not refill:
                 continue
             if key in self.state.done_units:
-                t.skip_frames = frozenset(self.state.done_units[key])
+                t.skip_frames = frozenset(self.state.done_units[key] - refill)
+                t.refill_frames = frozenset(refill)
             yield t
+
+    def commit_shard(self, name: str, split: str, keys: list[str]) -> None:
+        """Journal a committed shard (:class:`~echocare.datasets.shards.ShardSink` calls it after the rename)."""
+        self.journal.write({"shard": name, "split": split, "keys": keys})
+
+    def _place(self, task: _Task, unit: dict[str, Any]) -> None:
+        """Add a kept unit's image to its split's open shard (format webdataset)."""
+        source, rel = task.key.split("/", 1)
+        file_key = task.key.split("!", 1)[0]
+        file_key = _hidden(file_key) if self.hide else file_key  # as _finish splits the datalist
+        val_fraction, seed = self.split_rule
+        split = "validation" if _split_value(file_key, seed) < val_fraction else "training"
+        meta = {"anatomy": resolve_anatomy(self.amap, source, rel), "source": _hidden(source) if self.hide else source}
+        self.sink.add(split, unit["n"][:-len(".png")], unit["png"], meta)
 
     def record(self, task: _Task, result: dict[str, Any]) -> None:
         key = self.key(task)
         base = {"k": key, "d": key if self.hide else task.display}
+        if task.refill_frames:
+            units = []
+            for unit in result.get("units", []):
+                if unit["fr"] in task.refill_frames:  # decided before the resume: only its image is placed
+                    self._place(task, unit)
+                else:
+                    units.append(unit)
+            if task.was_done:
+                return
+            result = {**result, "units": units}
         if task.skip is not None:
             self.journal.write({**base, "done": True, "skip": task.skip})
             return
@@ -1086,6 +1308,8 @@ class _Run:
                 rec.update(a=resolve_anatomy(self.amap, source, rel), s=_hidden(source),
                            g=_hidden(task.key.split("!", 1)[0]))
         self.journal.write(rec)
+        if rec["st"] == "kept" and self.sink is not None:
+            self._place(task, unit)
         if rec["st"] in ("exact_duplicate", "near_duplicate"):
             # Written by this run's worker and journaled as dropped: remove it.
             _remove_outputs(self.out_dir, rec["n"])
@@ -1108,7 +1332,7 @@ def _scrub(message: str | None, task: _Task, hidden: str) -> str | None:
     return message
 
 
-def _check_out(out: Path, sources: list[Path], given: list[str]) -> None:
+def _check_out(out: Path, sources: list[Path | _UrlSource], given: list[str]) -> None:
     """Refuse an output folder that curate could damage.
 
     Raises:
@@ -1118,7 +1342,10 @@ def _check_out(out: Path, sources: list[Path], given: list[str]) -> None:
     """
     real_out = Path(os.path.realpath(out))
     for src, shown in zip(sources, given):
-        real_src = Path(os.path.realpath(src))
+        local = src.local_path() if isinstance(src, _UrlSource) else src
+        if local is None:  # a remote store: cannot overlap OUT on this machine
+            continue
+        real_src = Path(os.path.realpath(local))
         kind = "folder" if real_src.is_dir() else "file"
         problem = None
         if real_out == real_src:
@@ -1209,9 +1436,13 @@ def _finish(out_dir: Path, journal: _Journal, amap: dict[str, str | None], onto:
     counts: dict[str, Counter] = {k: Counter() for k in ("region", "organ", "source", "modality")}
     written: set[str] = set()  # every output name the journal records as written by a worker
     dropped_names: set[str] = set()
+    shard_records: list[dict[str, Any]] = []
     units = 0
     for rec in journal.iter_records():
         if "settings" in rec:
+            continue
+        if "shard" in rec:
+            shard_records.append(rec)
             continue
         key = rec["k"]
         if "fr" in rec:
@@ -1248,13 +1479,7 @@ def _finish(out_dir: Path, journal: _Journal, amap: dict[str, str | None], onto:
             elif rec.get("err"):
                 failed.append({"file": rec["d"], "reason": rec["err"]})
 
-    # Validation split by source file; at least one file on each side when possible.
-    val_files = {fk for fk, _ in items if _split_value(fk, seed) < val_fraction}
-    file_keys = sorted({fk for fk, _ in items}, key=lambda fk: (_split_value(fk, seed), fk))
-    if val_fraction > 0 and not val_files and len(file_keys) >= 2:
-        val_files = {file_keys[0]}
-    if val_fraction < 1 and len(val_files) == len(file_keys) and len(file_keys) >= 2:
-        val_files.discard(file_keys[-1])
+    val_files = _validation_files([fk for fk, _ in items], val_fraction, seed)
     datalist = {"training": [it for fk, it in items if fk not in val_files],
                 "validation": [it for fk, it in items if fk in val_files]}
 
@@ -1274,12 +1499,82 @@ def _finish(out_dir: Path, journal: _Journal, amap: dict[str, str | None], onto:
         "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
         "settings": {k: v for k, v in settings.items() if k != "version"},
     }
-    _atomic_write_text(out_dir / "datalist.json", json.dumps(datalist, indent=2) + "\n")
+    if settings.get("format") == "webdataset":
+        result = _finish_shards(out_dir, journal, shard_records, datalist, report["settings"])
+    else:
+        result = out_dir / "datalist.json"
+        _atomic_write_text(result, json.dumps(datalist, indent=2) + "\n")
     _atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     _report_png(report, out_dir / "report.png")
     logger.info("curated %d image(s) into %s: dropped %s, failed %d, skipped %d", len(items), out_dir,
                 report["dropped_counts"], len(failed), len(skipped))
-    return out_dir / "datalist.json"
+    return result
+
+
+def _validation_files(file_keys: Iterable[str], val_fraction: float, seed: int) -> set[str]:
+    """The source files (keys) whose units go to ``validation``: those whose :func:`_split_value`
+    is below ``val_fraction``, and at least one file on each side when there are two or more."""
+    val_files = {fk for fk in file_keys if _split_value(fk, seed) < val_fraction}
+    ordered = sorted(set(file_keys), key=lambda fk: (_split_value(fk, seed), fk))
+    if val_fraction > 0 and not val_files and len(ordered) >= 2:
+        val_files = {ordered[0]}
+    if val_fraction < 1 and len(val_files) == len(ordered) and len(ordered) >= 2:
+        val_files.discard(ordered[-1])
+    return val_files
+
+
+def _finish_shards(out_dir: Path, journal: _Journal, records: list[dict[str, Any]],
+                   datalist: dict[str, list[dict[str, Any]]], settings: dict[str, Any]) -> Path:
+    """Write ``shards.json`` from the journaled shards, so that its splits are the datalist's.
+
+    Units were placed by the plain hash rule as they were decided; the only samples in a shard of
+    the other split are those of the one file :func:`_validation_files` moves when a split would
+    be empty. They are written to a new shard of their split, then removed from their old shards
+    (each step atomic and journaled, so a run killed in between finishes the move when rerun).
+    """
+    split_of = {Path(it["image"]).stem: split for split, items in datalist.items() for it in items}
+    anatomy_of = {Path(it["image"]).stem: it.get("anatomy") for items in datalist.values() for it in items}
+    folder = out_dir / shards.SHARDS_FOLDER
+    latest: dict[str, dict[str, Any]] = {}  # shard name -> its last record
+    owner: dict[str, str] = {}  # sample key -> the shard that last took it
+    for rec in records:
+        latest[rec["shard"]] = rec
+        owner.update((k, rec["shard"]) for k in rec["keys"])
+    misplaced: dict[str, list[str]] = {s: [] for s in shards.SPLITS}
+    for name, rec in latest.items():
+        misplaced_here = [k for k in rec["keys"] if owner[k] == name and split_of.get(k, rec["split"]) != rec["split"]]
+        for k in misplaced_here:
+            misplaced[split_of[k]].append(k)
+    for split, keys in misplaced.items():
+        if not keys:
+            continue
+        wanted = set(keys)
+        samples = [s for shard in sorted({owner[k] for k in keys}) for s in shards.read_shard(folder / shard)
+                   if s[0] in wanted]
+        name = shards.shard_name(max(shards.shard_number(n) for n in latest) + 1)
+        shards.write_shard(folder / name, samples)
+        rec = {"shard": name, "split": split, "keys": [s[0] for s in samples]}
+        journal.write(rec)
+        latest[name] = rec
+        owner.update((k, name) for k in rec["keys"])
+    for name, rec in list(latest.items()):  # drop the moved samples from their old shards
+        keep = [k for k in rec["keys"] if owner[k] == name]
+        if len(keep) == len(rec["keys"]):
+            continue
+        if keep:
+            wanted = set(keep)
+            shards.write_shard(folder / name, [s for s in shards.read_shard(folder / name) if s[0] in wanted])
+        else:
+            (folder / name).unlink(missing_ok=True)
+        latest[name] = {"shard": name, "split": rec["split"], "keys": keep}
+        journal.write(latest[name])
+    journal.close()
+    listed = [{"name": n, "split": r["split"], "keys": r["keys"]}
+              for n, r in sorted(latest.items(), key=lambda nr: shards.shard_number(nr[0])) if r["keys"]]
+    missing = len(split_of) - sum(len(s["keys"]) for s in listed)
+    if missing:  # a file that vanished between a kill and the resume: its kept frames could not be written
+        logger.warning("%d kept image(s) are in no shard (their source files could not be read again)", missing)
+    return shards.write_index(out_dir, listed, anatomy_of, settings)
 
 
 def _report_png(report: dict[str, Any], path: Path) -> None:
