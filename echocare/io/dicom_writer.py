@@ -5,7 +5,12 @@ where the source cannot carry a SEG.
 Every object references its source instance (Study Instance UID, and the source's SOP Class
 and SOP Instance UIDs in the referenced-series / source-image sequences), so a viewer shows
 it beside the image it was computed from. Frames are numbered as in DICOM: frame ``k`` of a
-source (0-based in our arrays) is ``ReferencedFrameNumber`` ``k + 1``.
+source (0-based in our arrays) is ``ReferencedFrameNumber`` ``k + 1``, in references to sources
+of a multi-frame SOP class (the standard allows no frame numbers for the others, such as cine
+loops written under the single-frame Ultrasound Image class).
+
+What is written passes dicom3tools' ``dciodvfy`` without errors of its own
+(tests/test_io_dicom_writer.py); errors a source carries (invalid UIDs, say) are copied with it.
 
 Masks are ``(frames, rows, columns)`` class indices at the source's size (0 = background),
 as the segmentation bundles write them; classification results are per-frame (or per-clip)
@@ -46,6 +51,8 @@ __all__ = [
 #: Coding scheme of EchoCare's own concepts (private: "99" prefix, PS3.16 section 8).
 PRIVATE_SCHEME = "99ECHOCARE"
 MANUFACTURER = "EchoCare"
+#: Transfer syntax of the Secondary Captures: JPEG-LS Lossless (pydicom's encoder, with pyjpegls).
+CAPTURE_TRANSFER_SYNTAX = "1.2.840.10008.1.2.4.80"
 
 # Class names of the bundles with a SNOMED CT concept (pydicom's ``codes.SCT`` keyword):
 # what a viewer shows as the segment's property type. Others get a private code.
@@ -162,6 +169,41 @@ def num_frames(source: Any) -> int:
         return 1
 
 
+#: Image SOP classes whose IOD has the Multi-frame module (PS3.3 Annex A), retired ones included.
+#: Only these may be referenced frame by frame (Referenced Frame Number, PS3.3 C.12.1.1.3 /
+#: C.17.3.2.1): scanners also write cine loops under the single-frame Ultrasound Image class,
+#: whose frames a reference cannot name.
+_MULTIFRAME_SOP_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.3",  # Ultrasound Multi-frame Image (retired)
+    "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame Image
+    "1.2.840.10008.5.1.4.1.1.6.2",  # Enhanced US Volume
+    "1.2.840.10008.5.1.4.1.1.6.3",  # Photoacoustic Image
+    "1.2.840.10008.5.1.4.1.1.7.1",  # Multi-frame Single Bit Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.12.1",  # X-Ray Angiographic Image
+    "1.2.840.10008.5.1.4.1.1.12.1.1",  # Enhanced XA Image
+    "1.2.840.10008.5.1.4.1.1.12.2",  # X-Ray Radiofluoroscopic Image
+    "1.2.840.10008.5.1.4.1.1.12.2.1",  # Enhanced XRF Image
+    "1.2.840.10008.5.1.4.1.1.20",  # Nuclear Medicine Image
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image
+    "1.2.840.10008.5.1.4.1.1.130",  # Enhanced PET Image
+    "1.2.840.10008.5.1.4.1.1.77.1.1.1",  # Video Endoscopic Image
+    "1.2.840.10008.5.1.4.1.1.77.1.2.1",  # Video Microscopic Image
+    "1.2.840.10008.5.1.4.1.1.77.1.4.1",  # Video Photographic Image
+    "1.2.840.10008.5.1.4.1.1.77.1.5.1",  # Ophthalmic Photography 8 Bit Image
+    "1.2.840.10008.5.1.4.1.1.77.1.5.2",  # Ophthalmic Photography 16 Bit Image
+})
+
+
+def _frames_addressable(source: Any) -> bool:
+    """Whether references to ``source`` may name its frames: a multi-frame object of a
+    multi-frame SOP class."""
+    return num_frames(source) > 1 and str(source.get("SOPClassUID", "")) in _MULTIFRAME_SOP_CLASSES
+
+
 _PATIENT_MODULE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
 _STUDY_MODULE = ("StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
@@ -169,18 +211,22 @@ _STUDY_MODULE = ("StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysici
 def seg_refusal_reason(source: Any) -> str | None:
     """Why highdicom will not build a SEG from ``source``, or None when it can.
 
-    highdicom makes a SEG of a source without a Frame of Reference for one frame only, and
-    copies the Patient and General Study attributes (Type 2: present, possibly empty) from the
-    source, failing on a missing one. Asking first gives the user a sentence instead of a
-    library traceback. (highdicom tells a multi-frame source by its SOP class; scanners also
-    write several frames under the single-frame Ultrasound Image Storage class, so the frame
-    count is what is checked here.)
+    highdicom makes a SEG of several frames only where it can place each frame: a Frame of
+    Reference and per-frame plane positions (the functional groups of an enhanced multi-frame
+    object; an ultrasound cine has neither, or a Frame of Reference alone). It copies the
+    Patient and General Study attributes (Type 2: present, possibly empty) from the source,
+    failing on a missing one. Asking first gives the user a sentence instead of a library
+    traceback. (highdicom tells a multi-frame source by its SOP class; scanners also write
+    several frames under the single-frame Ultrasound Image Storage class, so the frame count
+    is what is checked here.)
     """
     frames = num_frames(source)
-    if frames > 1 and "FrameOfReferenceUID" not in source:
+    placed = all(k in source for k in ("FrameOfReferenceUID", "SharedFunctionalGroupsSequence",
+                                       "PerFrameFunctionalGroupsSequence"))
+    if frames > 1 and not placed:
         return (
-            f"multi-frame source ({frames} frames) without a Frame of Reference UID: "
-            "highdicom makes a SEG of such a source for a single frame only"
+            f"multi-frame source ({frames} frames) without a Frame of Reference and per-frame plane "
+            "positions: highdicom makes a SEG of such a source for a single frame only"
         )
     missing = [k for k in _PATIENT_MODULE if k not in source]
     if missing:
@@ -293,8 +339,13 @@ def write_segmentation(
             )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         # Conditions highdicom checks that seg_refusal_reason does not anticipate.
-        raise SegNotPossible(f"highdicom refused the SEG ({type(exc).__name__}: {exc})") from None
+        message = " ".join(str(exc).split())  # one line
+        raise SegNotPossible(f"highdicom refused the SEG ({type(exc).__name__}: {message})") from None
     _restore_sop_class(seg, source)
+    # General Image, Type 2C (required where the SEG has no plane orientation, as without a
+    # Frame of Reference): the source's, whose pixel grid the SEG shares; empty = unknown.
+    if "PatientOrientation" not in seg:
+        seg.PatientOrientation = source.get("PatientOrientation", "")
     _save(seg, path)
     return seg
 
@@ -320,7 +371,9 @@ def write_overlay_capture(
     The fallback where a SEG cannot be made: each frame shows the source frame with every
     foreground class filled and outlined in its colour (:func:`echocare.visualize.overlay_rgb`),
     in the source's study, referencing the source instance and frames (Source Image
-    Sequence). ``reason`` (why there is no SEG) goes into the Image Comments.
+    Sequence). ``reason`` (why there is no SEG) goes into the Image Comments. Frames are timed
+    as in the source (Frame Time / Frame Time Vector; an untimed source's frames carry their
+    source frame numbers as Page Number Vector), and the pixels are JPEG-LS lossless.
 
     Args:
         source: the source image (pydicom dataset).
@@ -336,7 +389,7 @@ def write_overlay_capture(
         The Secondary Capture dataset (also written to ``path``).
     """
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MultiFrameTrueColorSecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import MultiFrameTrueColorSecondaryCaptureImageStorage, generate_uid
 
     masks = np.asarray(masks)
     frames = list(range(masks.shape[0])) if frames is None else [int(f) for f in frames]
@@ -346,7 +399,6 @@ def write_overlay_capture(
 
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = MultiFrameTrueColorSecondaryCaptureImageStorage
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -358,6 +410,8 @@ def write_overlay_capture(
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber = _series_number(source, 92)
     ds.SeriesDescription = f"{algorithm.name} overlay"[:64]
+    # General Series, Type 2C for paired body parts: the source's side (empty = unknown).
+    ds.Laterality = source.get("Laterality", "")
     ds.ConversionType = "WSD"
     ds.Manufacturer = MANUFACTURER
     ds.SecondaryCaptureDeviceManufacturer = MANUFACTURER
@@ -374,13 +428,50 @@ def write_overlay_capture(
     ds.DerivationDescription = ds.ImageComments[:1024]
     ds.SourceImageSequence = [_source_reference(source, frames)]
     ds.ReferencedSeriesSequence = [_series_reference(source)]
-    # Multi-frame: frames are addressed by their labels (SC Multi-frame Vector module).
     ds.NumberOfFrames = len(frames)
-    ds.FrameIncrementPointer = 0x00182002  # Frame Label Vector
-    ds.FrameLabelVector = [f"frame {f + 1}" for f in frames]
+    for keyword, value in _frame_increment(source, frames).items():
+        setattr(ds, keyword, value)
     ds.set_pixel_data(pixels, photometric_interpretation="RGB", bits_stored=8)
+    # Lossless compression (a 120-frame 640x480 cine is 110 MB uncompressed, about a fifth
+    # as JPEG-LS), bit-exact; the SOP Instance UID stays the one referenced above.
+    ds.compress(CAPTURE_TRANSFER_SYNTAX, generate_instance_uid=False)
     _save(ds, path)
     return ds
+
+
+def _source_frame_times(source: Any) -> list[float] | None:
+    """Acquisition time of each source frame in ms after the first (Cine module: Frame Time,
+    or Frame Time Vector of increments), or None where the source gives no timing."""
+    count = num_frames(source)
+    try:
+        if "FrameTimeVector" in source:
+            steps = [float(v) for v in source.FrameTimeVector]
+            if len(steps) == count:
+                return list(np.cumsum([0.0, *steps[1:]]))
+        if source.get("FrameTime") not in (None, ""):
+            return [k * float(source.FrameTime) for k in range(count)]
+    except (TypeError, ValueError):
+        pass
+    return None
+
+
+def _frame_increment(source: Any, frames: Sequence[int]) -> dict[str, Any]:
+    """Frame Increment Pointer (Type 1C: more than one frame only) of a capture of the source's
+    ``frames`` (0-based), and the attribute it points to: the frames' times from the source
+    (Cine module: Frame Time where evenly spaced, else Frame Time Vector); for a source without
+    timing, the Page Number Vector holding each frame's number in the source (1-based)."""
+    from pydicom.valuerep import DSfloat
+
+    if len(frames) < 2:
+        return {}
+    times = _source_frame_times(source)
+    if times is None or max(frames) >= len(times):
+        return {"FrameIncrementPointer": 0x00182001, "PageNumberVector": [int(f) + 1 for f in frames]}
+    steps = [times[b] - times[a] for a, b in zip(frames, frames[1:])]
+    if max(steps) - min(steps) < 1e-6:
+        return {"FrameIncrementPointer": 0x00181063, "FrameTime": DSfloat(steps[0], auto_format=True)}
+    return {"FrameIncrementPointer": 0x00181065,
+            "FrameTimeVector": [DSfloat(v, auto_format=True) for v in (0.0, *steps)]}
 
 
 def _copy_patient_and_study(source: Any, target: Any) -> None:
@@ -399,7 +490,7 @@ def _source_reference(source: Any, frames: Sequence[int] | None = None):
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID
     item.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    if frames is not None and num_frames(source) > 1:
+    if frames is not None and _frames_addressable(source):
         item.ReferencedFrameNumber = [int(f) + 1 for f in frames]
     return item
 
@@ -433,7 +524,7 @@ def _observation_context(algorithm: Algorithm):
 def _source_for_group(source: Any, frame: int | None):
     import highdicom as hd
 
-    frames = [int(frame) + 1] if frame is not None and num_frames(source) > 1 else None
+    frames = [int(frame) + 1] if frame is not None and _frames_addressable(source) else None
     # The constructor, not from_source_image: that one takes frame numbers only for multi-frame
     # SOP classes, and scanners write cine loops under the single-frame US Image Storage too.
     return hd.sr.SourceImageForMeasurementGroup(source.SOPClassUID, source.SOPInstanceUID, referenced_frame_numbers=frames)
