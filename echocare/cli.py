@@ -2,7 +2,7 @@
 
     echocare demo [--out echocare_demo]            phantoms -> short tiny pretraining -> panels, in MLflow
     echocare demo-data --task pretrain --out DIR --n N   (tasks: pretrain, abdomen_seg, musv_seg, thyroid_cls, fll_cls)
-    echocare datalist NAME --root DIR --out FILE [--fold K] [--seed S]
+    echocare datalist NAME --root DIR --out FILE [--split data_lists/NAME.json] [--fold K] [--seed S]
     echocare curate --src DIR [--src DIR ...] --mapping MAPPING.yaml --out OUT [--size 256] [--workers N]
     echocare experiment BUNDLE --name NAME --inits scratch,ENC.pt --seeds 5 --train-fractions 0.1,1.0 [--config OVERLAY]
         [--dataset_dir D --datalist L] [--output_dir experiments/NAME] [--override ID=VALUE ...]
@@ -101,16 +101,22 @@ class EchoCareCLI:
 
         return str(generate_demo_data(task, out, n=n, seed=seed, image_size=image_size, **options))
 
-    def datalist(self, name: str, root: str, out: str, fold: int | None = None, seed: int = 0) -> str:
+    def datalist(
+        self, name: str, root: str, out: str, fold: int | None = None, seed: int = 0, split: str | None = None
+    ) -> str:
         """Convert a benchmark's download layout under ROOT into a MONAI datalist JSON at OUT.
 
         NAME is one of: abdomen, brain_landmark, busbra, camus, carotid, ddti, fll_ceus, focus, hc18, musv,
-        thyroid_cine, usenhance, usreport. --fold K: BUS-BRA's validation fold (its published 5-fold partition);
-        --seed S: the seeded patient-level split of the datasets without a published one.
+        thyroid_cine, usenhance, usreport. --split data_lists/NAME.json: exactly that split file's parts
+        (official where published; cases it does not cover are reported in one line each);
+        --fold K: BUS-BRA's validation fold (its published 5-fold partition);
+        --seed S: without --split, the seeded patient-level split of the datasets without a published one.
         """
         from echocare.datasets.converters import convert_datalist
 
-        content = convert_datalist(name, root, out, fold=fold, seed=seed)
+        content = convert_datalist(name, root, out, fold=fold, seed=seed, split=split)
+        for line in content.get("split_report", []):
+            print(line)
         sizes = {k: len(v) for k, v in content.items() if isinstance(v, list) and k in ("training", "validation", "test")}
         print(f"{out}: {sizes}")
         return out
@@ -484,7 +490,7 @@ def _string_flag(argv: list[str], flag: str) -> list[str]:
 #: ``--src 2024`` as the int 2024 and ``--out True`` as a bool. So are flags ending in one of
 #: :data:`PATH_FLAG_SUFFIXES` (``--output_dir``, ``--dataset-dir``, ``--tracking-uri``, ``--bundle_root``).
 PATH_FLAGS = frozenset({"src", "input", "out", "root", "mapping", "datalist", "checkpoint", "config", "bundle", "onnx_model",
-                        "name", "experiment"})
+                        "name", "experiment", "split"})
 PATH_FLAG_SUFFIXES = ("_dir", "_path", "_file", "_uri", "_root")
 #: Flags that become lists of strings (repeatable), handled by :func:`merge_repeated_flag` / :func:`_list_flag`.
 _LIST_FLAGS = frozenset({"src", "input", "config", "override"})

@@ -2,9 +2,10 @@
 
 Public API
 ----------
-``convert_datalist(name, root, out=None, fold=None, seed=0) -> dict``
+``convert_datalist(name, root, out=None, fold=None, seed=0, split=None) -> dict``
     Build the datalist of benchmark ``name`` from the dataset folder ``root``; write it as
-    JSON to ``out`` when given. Files a converter derives (filled HC18 masks, rasterised DDTI
+    JSON to ``out`` when given. ``split``: a ``data_lists/<name>.json`` split file whose parts
+    replace the converter's own (:mod:`echocare.datasets.splits`). Files a converter derives (filled HC18 masks, rasterised DDTI
     polygons, exported thyroid cine clips) are written beside ``out`` in
     ``<out dir>/<name>_masks/`` or ``<out dir>/<name>_clips/``.
 ``DATALIST_CONVERTERS``
@@ -29,13 +30,14 @@ import csv
 import json
 import math
 import os
-import random
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+
+from echocare.datasets.splits import apply_split, assign_cases, load_split
 
 __all__ = [
     "DATALIST_CONVERTERS",
@@ -116,12 +118,9 @@ def _side_dir(out: Path | None, name: str, kind: str) -> Path | None:
 def grouped_split(items: list[dict], seed: int = 0, val_fraction: float = 0.2) -> tuple[list[dict], list[dict]]:
     """Split items by their ``case`` key: a seeded shuffle of the sorted case ids, 20 % of
     the cases (at least one when there are two or more) to validation."""
-    cases = sorted({str(it["case"]) for it in items})
-    random.Random(seed).shuffle(cases)
-    n_val = 0 if len(cases) < 2 else max(1, int(round(val_fraction * len(cases))))
-    val_cases = set(cases[:n_val])
-    train = [it for it in items if str(it["case"]) not in val_cases]
-    val = [it for it in items if str(it["case"]) in val_cases]
+    part = assign_cases((it["case"] for it in items), seed, {"training": 1.0 - val_fraction, "validation": val_fraction})
+    train = [it for it in items if part[str(it["case"])] == "training"]
+    val = [it for it in items if part[str(it["case"])] == "validation"]
     return train, val
 
 
@@ -1022,16 +1021,31 @@ DATALIST_CONVERTERS: dict[str, Callable[..., dict]] = {
 
 
 def convert_datalist(
-    name: str, root: str | Path, out: str | Path | None = None, fold: int | None = None, seed: int = 0
+    name: str,
+    root: str | Path,
+    out: str | Path | None = None,
+    fold: int | None = None,
+    seed: int = 0,
+    split: str | Path | None = None,
 ) -> dict:
-    """Build the datalist of benchmark ``name`` from ``root``; write JSON to ``out`` if given."""
+    """Build the datalist of benchmark ``name`` from ``root``; write JSON to ``out`` if given.
+
+    ``split``: a split file (``data_lists/<name>.json``, see :mod:`echocare.datasets.splits`)
+    whose parts replace the converter's own; the datalist then carries ``split_file`` and
+    ``split_report`` (one line per case count the file does not cover, empty when exact).
+    The split file is read before any conversion, so a bad one costs nothing.
+    """
     key = name.lower().replace("-", "_")
     if key not in DATALIST_CONVERTERS:
         raise ValueError(f"unknown datalist {name!r}; known: {', '.join(sorted(DATALIST_CONVERTERS))}")
+    dataset_split = load_split(split) if split is not None else None
     out_path = Path(out) if out is not None else None
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
     datalist = DATALIST_CONVERTERS[key](Path(root), out_path, fold, seed)
+    if dataset_split is not None:
+        datalist, report = apply_split(datalist, dataset_split, fold=fold, root=root)
+        datalist["split_report"] = report.lines()
     if out_path is not None:
         out_path.write_text(json.dumps(datalist, indent=1) + "\n")
     return datalist
