@@ -1,5 +1,8 @@
-"""EchoCare's MONAI Label app: the segmentation bundles as automatic segmentation models, the
-classification bundles as classifiers, each with a train task on the annotators' labels.
+"""EchoCare's MONAI Label app: every task bundle served, each with a train task on the
+annotators' labels: the segmentation bundles as automatic segmentation models, the
+classification bundles as classifiers, and detection (``focus_det``), landmarks
+(``brain_landmark``), EF (``camus_ef``), enhancement (``usenhance``) and report (``usreport``)
+through their bundles' own inference runs.
 
 Start it from the repository root, in the server environment (``apps/monailabel/setup_env.sh``):
 
@@ -45,7 +48,7 @@ import echocare  # noqa: E402
 from echocare.io.readers import SUPPORTED_SUFFIXES
 from lib.bundles import TASKS, bundle_overrides, selected_models  # noqa: E402
 from lib.datastore import StudiesDatastore, UploadSessions  # noqa: E402
-from lib.infer import EchoCareInfer  # noqa: E402
+from lib.infer import EchoCareInfer, infer_task  # noqa: E402
 from lib.train import EchoCareTrain  # noqa: E402
 from lib.validation import RequestFieldError, batch_infer_fields, validate_request  # noqa: E402
 
@@ -64,7 +67,8 @@ class EchoCareApp(MONAILabelApp):
             studies=studies,
             conf=conf,
             name="EchoCare",
-            description="EchoCare ultrasound foundation model: segmentation and classification bundles",
+            description="EchoCare ultrasound foundation model: segmentation, classification, detection, landmark, "
+                        "EF, enhancement and report bundles",
             version=echocare.__version__,
         )
         _check_requests_before_queueing()
@@ -91,7 +95,7 @@ class EchoCareApp(MONAILabelApp):
     def init_infers(self) -> dict[str, EchoCareInfer]:
         infers = {}
         for name in self.models:
-            task = EchoCareInfer(name, self.overrides[name])
+            task = infer_task(name, self.overrides[name])
             if not task.is_valid():
                 logger.warning("%s: no checkpoint at %s; not served until trained", name, task.weights)
             infers[name] = task
@@ -129,9 +133,10 @@ class EchoCareApp(MONAILabelApp):
     def _check_infer_files(self, request: Mapping[str, Any]) -> None:
         """An ``image`` id names an image of the studies folder; an ``image`` or ``label`` path
         is one MONAI Label's routes stored an upload at (the temporary folder, the sessions)."""
-        image = request.get("image")
-        if isinstance(image, str) and not os.path.isabs(image) and not self.datastore().get_image_uri(image):
-            raise RequestFieldError("image", f"no image {image!r} in the studies folder")
+        for key in ("image", "image2"):  # image2: the report's second view, an id only
+            image = request.get(key)
+            if isinstance(image, str) and not os.path.isabs(image) and not self.datastore().get_image_uri(image):
+                raise RequestFieldError(key, f"no image {image!r} in the studies folder")
         upload_dirs = [tempfile.gettempdir()]
         if self._sessions is not None:
             upload_dirs.append(self._sessions.store_path)
@@ -145,7 +150,10 @@ class EchoCareApp(MONAILabelApp):
                                                  "an uploaded file")
 
     def infer(self, request: Mapping[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
-        return super().infer(self.checked_request("infer", request), datastore)
+        checked = self.checked_request("infer", request)
+        if checked.get("image2"):  # checked above: an image id of the studies folder
+            checked["image2"] = self.datastore().get_image_uri(checked["image2"])
+        return super().infer(checked, datastore)
 
     def batch_infer(self, request: Mapping[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         # every image's request is the checked batch request plus what MONAI Label sets per

@@ -17,10 +17,12 @@ from echocare.bundle import bundle_dir
 
 __all__ = [
     "CLASSIFICATION",
+    "OTHER_TASKS",
     "SEGMENTATION",
     "TASKS",
     "bundle_config",
     "bundle_metadata",
+    "bundle_names",
     "bundle_overrides",
     "selected_models",
 ]
@@ -29,8 +31,21 @@ __all__ = [
 SEGMENTATION = ("ddti_seg", "musv_seg", "abdomen_seg")
 #: Classification bundles, served as classifiers.
 CLASSIFICATION = ("busbra_cls", "thyroid_cls", "fll_cls")
+#: The other task bundles -> their task kind (``echocare.tasks.<kind>``): served through the
+#: bundle's own inference run and writer (see ``lib.infer.BundleRunInfer``).
+OTHER_TASKS = {
+    "focus_det": "detection",
+    "brain_landmark": "landmarks",
+    "camus_ef": "regression",
+    "usenhance": "enhancement",
+    "usreport": "report",
+}
 #: Bundle name -> task.
-TASKS = {**{name: "segmentation" for name in SEGMENTATION}, **{name: "classification" for name in CLASSIFICATION}}
+TASKS = {
+    **{name: "segmentation" for name in SEGMENTATION},
+    **{name: "classification" for name in CLASSIFICATION},
+    **OTHER_TASKS,
+}
 
 #: ``--conf`` keys passed to every bundle config as the id of the same name (the bundles'
 #: own defaults apply when a key is not given): the size the checkpoints were trained with,
@@ -86,6 +101,15 @@ def bundle_config(name: str, config_file: str, overrides: Mapping[str, Any]) -> 
         if key in parser:
             parser[key] = value
     return parser
+
+
+def bundle_names(parser: ConfigParser) -> list[str]:
+    """What a bundle's outputs are named after: its ``class_names`` (segmentation, classification,
+    detection), its ``landmark_names`` (landmarks), or none (EF, enhancement, report)."""
+    for key in ("class_names", "landmark_names"):
+        if key in parser:
+            return [str(name) for name in parser.get_parsed_content(key)]
+    return []
 
 
 def bundle_metadata(name: str) -> dict[str, Any]:

@@ -4,7 +4,8 @@ MONAI Label's ``LocalDatastore`` joins image ids and label tags from requests
 (``PUT /datastore/image?image=ID``, ``PUT /datastore/label?image=ID&tag=TAG``) onto the studies
 folder unchecked, so ``../../x`` writes outside it, and it stores a file of any extension. Here
 every id and tag a request names must be one plain path component, an upload must be a file
-kind the app serves (images for images, masks and JSON class labels for labels), and an image
+kind the app serves (images for images; masks, enhancement targets and JSON labels for labels, a
+JSON label size-limited and read as data), and an image
 upload never replaces an image already in the folder. Viewer sessions (``POST /session/``)
 take files but not archives, which ``shutil.unpack_archive`` would unpack outside the session
 folder when a member is named ``../...``.
@@ -20,7 +21,14 @@ from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 from monailabel.utils.sessions import Sessions
 
-from lib.validation import IMAGE_EXTENSIONS, LABEL_EXTENSIONS, RequestFieldError, check_extension, check_store_name
+from lib.validation import (
+    IMAGE_EXTENSIONS,
+    LABEL_EXTENSIONS,
+    RequestFieldError,
+    check_extension,
+    check_json_label,
+    check_store_name,
+)
 
 __all__ = ["StudiesDatastore", "UploadSessions"]
 
@@ -73,7 +81,9 @@ class StudiesDatastore(LocalDatastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         _checked(check_store_name, image_id, "image")
         _checked(check_store_name, label_tag, "tag")
-        _checked(check_extension, label_filename, self.label_extensions, "label")
+        extension = _checked(check_extension, label_filename, self.label_extensions, "label")
+        if extension.lower() == ".json":  # read as data: size-limited, one object, nothing evaluated
+            _checked(check_json_label, label_filename)
         if image_id not in self._datastore.objects:
             raise HTTPException(status_code=404, detail=f"image: no image {image_id!r} in the studies folder")
         return super().save_label(image_id, label_filename, label_tag, label_info)

@@ -15,9 +15,9 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 from echocare.bundle import bundle_dir
-from lib.bundles import TASKS, bundle_config, bundle_metadata
+from lib.bundles import TASKS, bundle_config, bundle_metadata, bundle_names
 from lib.labels import labelled_items, task_datalist
-from lib.validation import TRAIN_FIELDS, validate_request
+from lib.validation import ENHANCEMENT_TRAIN_FIELDS, TRAIN_FIELDS, validate_request
 
 __all__ = ["EchoCareTrain"]
 
@@ -39,7 +39,8 @@ class EchoCareTrain(TrainTask):
     for validation; 0 validates on the training labels), ``pretrained`` (start from the served
     checkpoint when it exists, else from the app's ``pretrained_path`` encoder or scratch),
     ``label_tag`` (which saved labels: ``final`` by default; give class labels their own tag
-    when the same studies also hold masks), ``seed``, ``device``, ``tracking_uri``,
+    when the same studies also hold masks; enhancement reads ``target_tag`` instead, default
+    ``target``: the high-quality images saved as labels of the low-quality ones), ``seed``, ``device``, ``tracking_uri``,
     ``tracking_experiment_name``, ``run_name``.
 
     Every request is checked against :attr:`request_fields` first (unknown fields and bad
@@ -51,7 +52,8 @@ class EchoCareTrain(TrainTask):
         overrides: bundle config ids to set (``output_dir``, ``network_size``, ...).
     """
 
-    #: The request fields this task reads, with their validators.
+    #: The request fields this task reads, with their validators (enhancement:
+    #: ``ENHANCEMENT_TRAIN_FIELDS``, set per instance).
     request_fields = TRAIN_FIELDS
 
     def __init__(self, name: str, overrides: Mapping[str, Any]) -> None:
@@ -61,7 +63,9 @@ class EchoCareTrain(TrainTask):
         self.overrides = dict(overrides)
         self.config_file = os.path.join(bundle_dir(name), "configs", "train.yaml")
         parser = bundle_config(name, "train.yaml", self.overrides)
-        self.class_names = list(parser.get_parsed_content("class_names"))
+        self.class_names = bundle_names(parser)  # classes, landmark names, or none
+        if self.task == "enhancement":
+            self.request_fields = ENHANCEMENT_TRAIN_FIELDS
         self.output_dir = os.path.abspath(str(parser.get_parsed_content("output_dir")))
         self.max_epochs = int(parser.get_parsed_content("max_epochs"))
 
@@ -74,7 +78,7 @@ class EchoCareTrain(TrainTask):
             "val_split": 0.2,
             "pretrained": True,
             "seed": 0,
-            "label_tag": "final",
+            **({"target_tag": "target"} if self.task == "enhancement" else {"label_tag": "final"}),
             "device": "cuda" if _cuda() else "cpu",
             "tracking_uri": "",
             "tracking_experiment_name": "",
@@ -130,8 +134,8 @@ class EchoCareTrain(TrainTask):
 
         options = self.options(request)
         datalist, skipped = task_datalist(
-            labelled_items(datastore, options["label_tag"]), self.task, self.class_names,
-            float(options["val_split"]), int(options["seed"]),
+            labelled_items(datastore, options.get("target_tag") or options["label_tag"]), self.task,
+            self.class_names, float(options["val_split"]), int(options["seed"]), image_path=datastore.get_image_uri,
         )
         work = Path(self.output_dir, "monailabel")
         work.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ Imports nothing from MONAI Label (tested in the project's own environment too).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -28,16 +29,21 @@ from echocare.io.readers import SUPPORTED_SUFFIXES
 __all__ = [
     "BATCH_FIELDS",
     "BATCH_INFER_FIELDS",
+    "ENHANCEMENT_TRAIN_FIELDS",
     "IMAGE_EXTENSIONS",
     "INFER_FIELDS",
+    "JSON_LABEL_LIMIT",
     "LABEL_EXTENSIONS",
+    "REPORT_INFER_FIELDS",
     "RequestFieldError",
+    "SEQUENCE_INFER_FIELDS",
     "SERVER_INFER_FIELDS",
     "TRAIN_FIELDS",
     "Validator",
     "batch_infer_fields",
     "boolean",
     "check_extension",
+    "check_json_label",
     "check_store_name",
     "choice",
     "device",
@@ -57,9 +63,12 @@ Validator = Callable[[Any], Any]
 
 #: Image files an upload may add to the studies folder: what echocare's readers take.
 IMAGE_EXTENSIONS = frozenset(SUPPORTED_SUFFIXES)
-#: Label files a save may add: masks the train task reads (``echocare.tasks.supervised.read_label_map``)
-#: and the classifiers' JSON class labels.
+#: Label files a save may add: masks the train task reads (``echocare.tasks.supervised.read_label_map``),
+#: enhancement targets (images of the same kinds), and the JSON labels of the other tasks (class,
+#: ellipses, landmarks, EF, report).
 LABEL_EXTENSIONS = frozenset({".png", ".bmp", ".gif", ".tif", ".tiff", ".nii", ".nii.gz", ".npy", ".json"})
+#: The largest JSON label file accepted, in bytes (a report or a few hundred points fit many times).
+JSON_LABEL_LIMIT = 256 * 1024
 
 # Names (run names, experiment names, tags, model names): a letter or digit first, so that no
 # config syntax ($ expression, @ reference, % macro) can start one; no '#', '/' or spaces.
@@ -194,6 +203,11 @@ def _image_source(value: Any) -> str:
     return value if os.path.isabs(value) else check_store_name(value, "image")
 
 
+def _studies_image(value: Any) -> str:
+    """An image id of the studies folder (the app checks that it exists); never a path."""
+    return check_store_name(value, "image2")
+
+
 def _upload_path(value: Any) -> str:
     """The path MONAI Label gave an uploaded file (the app checks that it is in its upload folders)."""
     if not isinstance(value, str) or not os.path.isabs(value):
@@ -237,6 +251,16 @@ INFER_FIELDS: dict[str, Validator] = {
     "timeout": number(above=0),
 }
 
+#: What the sequence infer task reads (``camus_ef``: the whole sequence, so no ``frame``).
+SEQUENCE_INFER_FIELDS: dict[str, Validator] = {key: value for key, value in INFER_FIELDS.items() if key != "frame"}
+
+#: What the report infer task reads (``usreport``): the second view as an image id of the
+#: studies folder (the app checks that it exists); without it the image is used as both views.
+REPORT_INFER_FIELDS: dict[str, Validator] = {
+    **SEQUENCE_INFER_FIELDS,
+    "image2": _studies_image,
+}
+
 #: What MONAI Label's batch inference itself reads (``images``: which images of the studies
 #: folder, or a list of their ids); it sets ``image`` for every image.
 BATCH_FIELDS: dict[str, Validator] = {
@@ -251,7 +275,7 @@ BATCH_FIELDS: dict[str, Validator] = {
 def batch_infer_fields(infer_fields: Mapping[str, Validator]) -> dict[str, Validator]:
     """The schema of a batch inference with an infer task of schema ``infer_fields``: the task's
     fields but the per-image ones MONAI Label sets, and :data:`BATCH_FIELDS`."""
-    per_image = ("image", "label", "session")
+    per_image = ("image", "image2", "label", "session")
     return {**{key: value for key, value in infer_fields.items() if key not in per_image}, **BATCH_FIELDS}
 
 
@@ -273,6 +297,14 @@ TRAIN_FIELDS: dict[str, Validator] = {
     "run_name": optional(safe_name),
     "gpus": gpus,
     "local_rank": integer(0, 1023),
+}
+
+
+#: What the enhancement train task reads: the high-quality ``target`` images are labels saved
+#: under ``target_tag`` (default ``target``), paired with the images they are saved for.
+ENHANCEMENT_TRAIN_FIELDS: dict[str, Validator] = {
+    **{key: value for key, value in TRAIN_FIELDS.items() if key != "label_tag"},
+    "target_tag": label_tag,
 }
 
 
@@ -330,3 +362,29 @@ def check_extension(filename: str, allowed: Iterable[str], what: str) -> str:
     suffixes = "".join(Path(name).suffixes)
     kind = f"a {_shown(suffixes)} file" if suffixes else "a file without extension"
     raise RequestFieldError(what, f"{kind} is not one of the file types this app serves ({', '.join(sorted(allowed))})")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def check_json_label(path: str | os.PathLike[str], limit: int = JSON_LABEL_LIMIT) -> dict[str, Any]:
+    """A JSON label file read as data: at most ``limit`` bytes, UTF-8, one JSON object, no
+    ``NaN``/``Infinity``. Nothing in it is evaluated; what its keys must hold is checked by the
+    task that reads it (``lib.labels``).
+
+    Raises:
+        RequestFieldError: ``"label: <file>: <problem>"``.
+    """
+    name = os.path.basename(path)
+    try:
+        size = os.path.getsize(path)
+        if size > limit:
+            raise ValueError(f"{size} bytes; a JSON label holds at most {limit}")
+        with open(path, "rb") as handle:
+            content = json.loads(handle.read().decode("utf-8"), parse_constant=_refuse_constant)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise RequestFieldError("label", f"{name}: not a usable JSON label ({error})") from None
+    if not isinstance(content, dict):
+        raise RequestFieldError("label", f"{name}: a JSON label is an object {{key: value}}, not {type(content).__name__}")
+    return content

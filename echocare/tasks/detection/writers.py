@@ -23,7 +23,7 @@ from echocare.tasks.detection.metrics import cardiothoracic_ratio, ellipse_polyg
 from echocare.tasks.supervised.data import read_clip
 from echocare.engines.writers import PredictionWriter, RunFileWriter
 
-__all__ = ["EllipseOverlayWriter", "EllipsePredictionWriter", "draw_ellipses"]
+__all__ = ["EllipseOverlayWriter", "EllipsePredictionWriter", "draw_ellipses", "ellipse_label_map"]
 
 _CLASS_COLOURS = [(255, 80, 80), (80, 160, 255), (255, 200, 0), (200, 80, 255), (0, 220, 200)]
 _TRUE_COLOUR = (0, 255, 0)
@@ -67,6 +67,29 @@ def draw_ellipses(
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         canvas.save(path)
     return np.asarray(canvas)
+
+
+def ellipse_label_map(ellipses: Any, classes: Any, size: Sequence[int]) -> np.ndarray:
+    """Filled ellipses as an (H, W) uint8 label map: 0 background, class index + 1 inside
+    each ellipse, drawn in the given order (a later ellipse covers an earlier one: give the
+    heart after the thorax).
+
+    Args:
+        ellipses: (K, 5) ``[cx, cy, semi_major, semi_minor, angle]`` in pixels of the image
+            (x right, y down, degrees).
+        classes: (K,) class indices, below 255.
+        size: (H, W) of the image.
+    """
+    from PIL import Image, ImageDraw
+
+    height, width = (int(s) for s in size[:2])
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for ellipse, index in zip(np.asarray(ellipses, dtype=np.float64).reshape(-1, 5), np.asarray(classes).reshape(-1)):
+        if not 0 <= int(index) < 255:
+            raise ValueError(f"class index {int(index)} does not fit a uint8 label map")
+        draw.polygon([tuple(p) for p in ellipse_polygon(ellipse, 96)], fill=int(index) + 1)
+    return np.asarray(canvas, dtype=np.uint8)
 
 
 def _detections(output: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -29,6 +29,7 @@ __all__ = [
     "LandmarkOverlayWriter",
     "LandmarkPredictionWriter",
     "landmark_error_boxplot_figure",
+    "landmark_label_map",
     "landmark_overlay_figure",
     "predicted_landmarks",
 ]
@@ -42,6 +43,29 @@ def predicted_landmarks(heatmaps: Any, original_size: Any) -> torch.Tensor:
 
     hm = torch.as_tensor(heatmaps).detach().float().cpu()
     return grid_to_original(decode_heatmaps(hm[None])[0], tuple(hm.shape[-2:]), original_size)
+
+
+def landmark_label_map(points: Any, size: Sequence[int], radius: float | None = None) -> np.ndarray:
+    """A small filled disc per landmark as an (H, W) uint8 label map: 0 background, landmark
+    ``k`` (0-based, in the given order) as ``k + 1``; a later disc covers an earlier one.
+
+    Args:
+        points: (K, 2) points (x, y) in pixels of the image, K below 255.
+        size: (H, W) of the image.
+        radius: disc radius in pixels; default 1 % of the longer side, at least 2 pixels.
+    """
+    from PIL import Image, ImageDraw
+
+    height, width = (int(s) for s in size[:2])
+    p = np.asarray(torch.as_tensor(points, dtype=torch.float64)).reshape(-1, 2)
+    if len(p) >= 255:
+        raise ValueError(f"{len(p)} landmarks do not fit a uint8 label map")
+    r = float(radius) if radius is not None else max(2.0, 0.01 * max(height, width))
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for k, (x, y) in enumerate(p):
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=k + 1)
+    return np.asarray(canvas, dtype=np.uint8)
 
 
 def _grey(image: Any) -> np.ndarray:
