@@ -29,6 +29,7 @@ writes (``OUT`` is needed on the driver's machine only, except for ``--overlay``
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ from typing import Any
 from echocare.datasets import curation
 from echocare.datasets.curation import CurationError
 
-__all__ = ["ray_ordered_map", "require_ray", "ray_session", "RETRIES", "LOST_RAY_WORKER"]
+__all__ = ["ray_ordered_map", "require_ray", "ray_session", "start_local_ray", "RETRIES", "LOST_RAY_WORKER"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,29 @@ def require_ray() -> Any:
     return ray
 
 
+#: Ray's switch that makes a node take the loopback address as its IP (Ray maps an explicit
+#: ``_node_ip_address="127.0.0.1"`` to the machine's outward address): with it off, every server of
+#: the instance (GCS, raylet, object manager, workers, runtime-env agent) binds 127.0.0.1 only.
+_LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def start_local_ray(num_cpus: int, **options: Any) -> Any:
+    """Start a Ray instance on this machine for this process only: ``num_cpus`` CPUs, every server
+    bound to 127.0.0.1, no dashboard. Returns ``ray.init``'s context (``.address_info["gcs_address"]``)."""
+    ray = require_ray()
+    from ray._private import ray_constants
+
+    os.environ[_LOOPBACK_SWITCH] = "0"  # read by the Ray processes started below
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read by this process (ray was imported before the variable was set)
+    context = ray.init(address="local", num_cpus=max(1, int(num_cpus)), include_dashboard=False,
+                       logging_level=logging.WARNING, log_to_driver=False, **options)
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != "127.0.0.1":
+        ray.shutdown()
+        raise CurationError(f"the local Ray instance took the address {node_ip}, not 127.0.0.1; refusing to run it")
+    return context
+
+
 @contextmanager
 def ray_session(address: str | None, workers: int) -> Iterator[Any]:
     """Ray, initialised for one run: the running instance, the cluster at ``address``, or a local
@@ -65,12 +89,10 @@ def ray_session(address: str | None, workers: int) -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
     if address:
-        ray.init(address=address, **quiet)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:
-        ray.init(address="local", num_cpus=max(1, int(workers)), include_dashboard=False,
-                 _node_ip_address="127.0.0.1", **quiet)
+        start_local_ray(workers)
     try:
         yield ray
     finally:

@@ -1,0 +1,254 @@
+"""Tests of echocare.datasets.curation_ray (`echocare curate --engine ray`): the same result as the
+local engine, a killed Ray worker retried, a killed driver resumed, the local instance bound to
+127.0.0.1 and gone after the run. One local Ray instance (2 CPUs) serves the module."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from test_datasets_curation import QUIET, SIZE, build_mixed, load_outputs, phantom, save, snapshot
+
+from echocare.datasets.curation import CurationError, curate
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ processes (/proc)
+
+
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, session id) of a process, or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[1]), int(fields[3])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _in_session(sid: int) -> list[int]:
+    return [p for p in _pids() if (st := _proc_stat(p)) is not None and st[1] == sid]
+
+
+def _descendants(root: int) -> list[int]:
+    parents = {p: st[0] for p in _pids() if (st := _proc_stat(p)) is not None}
+    found, frontier = [], {root}
+    while frontier:
+        children = {p for p, pp in parents.items() if pp in frontier}
+        found += sorted(children)
+        frontier = children
+    return found
+
+
+def _listening_addresses(pids: list[int]) -> set[str]:
+    """The local addresses (hex, as /proc/net shows them) of the TCP sockets ``pids`` listen on."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                addresses.add(cols[1].split(":")[0])
+    return addresses
+
+
+#: 127.0.0.1 as /proc/net/tcp (little-endian) and tcp6 (v4-mapped ::ffff:127.0.0.1) write it.
+_LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F"}
+
+
+# ------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray instance for the module (2 CPUs, 127.0.0.1, no dashboard), started by the
+    same function `curate --engine ray` uses; its GCS address."""
+    from echocare.datasets.curation_ray import start_local_ray
+
+    context = start_local_ray(2)
+    try:
+        yield context.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+    leftover = [p for p in _descendants(os.getpid()) if "ray" in _cmdline(p) or "gcs_server" in _cmdline(p)]
+    assert not leftover, f"Ray processes outlived the module: {[_cmdline(p) for p in leftover]}"
+
+
+def _sources(root: Path) -> list[str]:
+    build_mixed(root)
+    for k in range(6):  # more files than the window of 2 CPUs
+        save(root / "breast" / "more" / f"extra{k}.png", phantom(50 + k, 80))
+    return [str(root / "breast"), str(root / "abdomen")]
+
+
+ARGS = dict(size=SIZE, frame_step=10, val_fraction=0.3, overlay=True)
+
+
+def _done_files(out: Path) -> list[str]:
+    return [json.loads(line)["k"] for line in (out / "progress.jsonl").read_text().splitlines()
+            if '"done":true' in line]
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_ray_engine_binds_loopback_only(ray_cluster):
+    pids = [p for p in _descendants(os.getpid())]
+    addresses = _listening_addresses(pids + [os.getpid()])
+    assert addresses and addresses <= _LOOPBACK, addresses
+
+
+def test_ray_gives_the_local_result_in_both_formats(tmp_path, ray_cluster):
+    sources = _sources(tmp_path / "in")
+    for fmt in ("images", "webdataset"):
+        local, remote = tmp_path / f"local_{fmt}", tmp_path / f"ray_{fmt}"
+        curate(sources, None, str(local), workers=1, format=fmt, shard_size=4, **ARGS, **QUIET)
+        curate(sources, None, str(remote), workers=2, engine="ray", format=fmt, shard_size=4, max_in_flight=3,
+               **ARGS, **QUIET)
+        assert snapshot(remote) == snapshot(local)  # datalist or shards + index, images, overlays, report
+        assert (local / ("datalist.json" if fmt == "images" else "shards.json")).is_file()
+        done = _done_files(remote)
+        assert len(done) == len(set(done)) == len(_done_files(local))
+
+
+def test_file_url_sources_read_by_ray_workers_match_local_paths(tmp_path, ray_cluster):
+    src = tmp_path / "in" / "scans"
+    for k in range(5):
+        save(src / "sub" / f"scan{k}.png", phantom(200 + k, 80))
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    curate([str(src)], None, str(local), size=SIZE, **QUIET)
+    curate([f"file://{src}"], None, str(remote), size=SIZE, workers=2, engine="ray", **QUIET)
+    assert json.loads((remote / "datalist.json").read_text()) == json.loads((local / "datalist.json").read_text())
+    assert snapshot(remote / "images") == snapshot(local / "images")
+    report = json.loads((remote / "report.json").read_text())
+    assert report["kept"] == 5 and report["settings"]["sources"] == [f"file://{src}"]
+
+
+def test_memory_urls_are_refused_for_ray(tmp_path, ray_cluster):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/ray_refusal/a.png", b"not read")
+    with pytest.raises(CurationError, match="memory://ray_refusal: .*Ray workers cannot"):
+        curate(["memory://ray_refusal"], None, str(tmp_path / "out"), engine="ray", **QUIET)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_ray_worker_is_retried_and_nothing_is_lost_or_duplicated(tmp_path, ray_cluster):
+    sources = _sources(tmp_path / "in")
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    curate(sources, None, str(reference), workers=1, **ARGS, **QUIET)
+    killed: list[int] = []
+
+    def kill_one_busy_worker() -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline and not killed:
+            for pid in _descendants(os.getpid()):
+                if _cmdline(pid).startswith("ray::curate_file"):  # a worker in the middle of a file
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_busy_worker)
+    killer.start()
+    curate(sources, None, str(out), workers=2, engine="ray", _delay=0.4, **ARGS, **QUIET)
+    killer.join()
+    assert killed, "no Ray worker was caught mid-file"
+    assert snapshot(out) == snapshot(reference)
+    done = _done_files(out)
+    assert len(done) == len(set(done)) == len(_done_files(reference))
+    assert load_outputs(out)[1]["failed"] == load_outputs(reference)[1]["failed"]
+
+
+def test_a_killed_ray_driver_resumes_from_the_journal(tmp_path, ray_cluster):
+    sources = _sources(tmp_path / "in")
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    curate(sources, None, str(reference), workers=1, format="webdataset", shard_size=3, **ARGS, **QUIET)
+    code = ("from echocare.datasets.curation import curate\n"
+            f"curate({sources!r}, None, {str(out)!r}, workers=2, engine='ray', ray_address={ray_cluster!r}, "
+            f"format='webdataset', shard_size=3, progress=False, _delay=0.3, **{ARGS!r})\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path, start_new_session=True)
+    journal = out / "progress.jsonl"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if journal.exists() and journal.read_text().count('"shard"') >= 1 and journal.read_text().count('"fr"') >= 6:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        time.sleep(0.5)
+        survivors = _in_session(proc.pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        if _in_session(proc.pid):  # what the killed driver started (its session is ours to end)
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not survivors, [_cmdline(p) for p in survivors]  # nothing the killed driver started outlives it
+    assert not (out / "shards.json").exists()
+    curate(sources, None, str(out), workers=2, engine="ray", format="webdataset", shard_size=3, **ARGS, **QUIET)
+    assert snapshot(out) == snapshot(reference)
+    done = _done_files(out)
+    assert len(done) == len(set(done))
+
+
+def test_cli_ray_engine_starts_and_stops_its_own_loopback_instance(tmp_path, ray_cluster):
+    import shutil
+    import tempfile
+
+    src = tmp_path / "src"
+    for k in range(3):
+        save(src / f"scan{k}.png", phantom(300 + k, 80))
+    out = tmp_path / "out"
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp,
+           "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "echocare.cli", "curate", "--src", str(src), "--out", str(out),
+                               "--size", str(SIZE), "--engine", "ray", "--workers", "1", "--progress", "false"],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads((out / "report.json").read_text())["kept"] == 3
+        time.sleep(1.0)  # Ray's processes exit as the instance shuts down
+        leftover = [p for p in _pids() if ray_tmp in _cmdline(p)]
+        assert not leftover, [_cmdline(p) for p in leftover]
+    finally:
+        for pid in [p for p in _pids() if ray_tmp in _cmdline(p)]:
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -1,0 +1,155 @@
+"""Tests of echocare.datasets.shards (`echocare curate --format webdataset`): shards read back by
+the webdataset library, the index split as the datalist, resume after a killed driver, and
+fsspec (memory://) sources."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from test_datasets_curation import QUIET, SIZE, build_mixed, phantom, save, snapshot
+
+from echocare.datasets.curation import curate
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MAPPING = "breast: thorax/breast\nabdomen: abdomen\n"
+
+
+def _mixed(tmp_path: Path) -> tuple[list[str], str]:
+    build_mixed(tmp_path / "in")
+    for k in range(5):
+        save(tmp_path / "in" / "breast" / "more" / f"extra{k}.png", phantom(50 + k, 80))
+    mapping = tmp_path / "mapping.yaml"
+    mapping.write_text(MAPPING)
+    return [str(tmp_path / "in" / "breast"), str(tmp_path / "in" / "abdomen")], str(mapping)
+
+
+def test_shards_hold_the_datalist_split_and_read_back_with_webdataset(tmp_path):
+    import webdataset as wds
+
+    sources, mapping = _mixed(tmp_path)
+    args = dict(size=SIZE, val_fraction=0.3, **QUIET)
+    images, shards = tmp_path / "images", tmp_path / "shards"
+    curate(sources, mapping, str(images), **args)
+    index_path = curate(sources, mapping, str(shards), format="webdataset", shard_size=4, **args)
+    assert index_path == shards / "shards.json"
+    datalist = json.loads((images / "datalist.json").read_text())
+    index = json.loads(index_path.read_text())
+    assert json.loads((shards / "report.json").read_text())["kept"] == json.loads(
+        (images / "report.json").read_text())["kept"] == 14
+    assert (shards / "report.png").is_file() and not (shards / "images").exists()
+    for split in ("training", "validation"):
+        expected = {Path(it["image"]).stem: it.get("anatomy") for it in datalist[split]}
+        assert expected, split
+        entries = index[split]
+        assert [e["samples"] for e in entries[:-1]] == [4] * (len(entries) - 1) and 1 <= entries[-1]["samples"] <= 4
+        assert index["samples"][split] == len(expected)
+        urls = [str(shards / e["path"]) for e in entries]  # paths relative to shards.json
+        seen = {}
+        for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+            meta = json.loads(sample["json"])
+            seen[sample["__key__"]] = meta["anatomy"]
+            assert meta["source"] in ("breast", "abdomen")
+            # the PNG is the images format's file, byte for byte
+            assert sample["png"] == (images / "images" / f"{sample['__key__']}.png").read_bytes()
+        assert seen == expected
+        counts = {}
+        for anatomy in expected.values():
+            counts[anatomy or "(none)"] = counts.get(anatomy or "(none)", 0) + 1
+        assert index["anatomy"][split] == dict(sorted(counts.items()))
+    assert index["settings"]["shard_size"] == 4 and index["settings"]["val_fraction"] == 0.3
+    assert sorted(os.listdir(shards / "shards")) == sorted(Path(e["path"]).name for s in ("training", "validation")
+                                                           for e in index[s])
+
+
+def test_a_split_left_empty_by_the_hash_rule_gets_one_file_as_the_datalist_does(tmp_path):
+    src = tmp_path / "src"
+    for k in range(6):
+        save(src / f"scan{k}.png", phantom(400 + k, 80))
+    images, shards = tmp_path / "images", tmp_path / "shards"
+    curate([str(src)], None, str(images), size=SIZE, val_fraction=1e-9, **QUIET)
+    curate([str(src)], None, str(shards), size=SIZE, val_fraction=1e-9, format="webdataset", shard_size=4, **QUIET)
+    datalist = json.loads((images / "datalist.json").read_text())
+    index = json.loads((shards / "shards.json").read_text())
+    assert len(datalist["validation"]) == 1
+    for split in ("training", "validation"):
+        keys = [k for e in index[split] for k, _, _ in _read(shards / e["path"])]
+        assert sorted(keys) == sorted(Path(it["image"]).stem for it in datalist[split])
+    # Rerunning the finished run changes nothing.
+    before = snapshot(shards)
+    curate([str(src)], None, str(shards), size=SIZE, val_fraction=1e-9, format="webdataset", shard_size=4, **QUIET)
+    assert snapshot(shards) == before
+
+
+def _read(path: Path):
+    from echocare.datasets.shards import read_shard
+
+    return list(read_shard(path))
+
+
+def test_a_killed_driver_resumes_into_the_same_shards(tmp_path):
+    sources, mapping = _mixed(tmp_path)
+    args = dict(size=SIZE, val_fraction=0.3, format="webdataset", shard_size=3)
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    curate(sources, mapping, str(reference), **args, **QUIET)
+    code = ("from echocare.datasets.curation import curate\n"
+            f"curate({sources!r}, {mapping!r}, {str(out)!r}, workers=1, progress=False, _delay=0.2, **{args!r})\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path)
+    journal = out / "progress.jsonl"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            text = journal.read_text() if journal.exists() else ""
+            if text.count('"shard"') >= 1 and text.count('"st":"kept"') >= 5:  # a shard committed, another open
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "shards.json").exists()
+    committed = sorted(p.name for p in (out / "shards").glob("shard-*.tar"))
+    assert committed and len(committed) < len(list((reference / "shards").glob("shard-*.tar")))
+    curate(sources, mapping, str(out), workers=2, **args, **QUIET)
+    assert snapshot(out) == snapshot(reference)  # the same shards, byte for byte, and the same index
+    assert not [n for n in os.listdir(out / "shards") if n.endswith(".tmp")]
+
+
+def test_memory_url_sources_give_the_local_result(tmp_path):
+    import fsspec
+
+    src = tmp_path / "scans"
+    fs = fsspec.filesystem("memory")
+    for k, name in enumerate(["b.png", "a/c.png", "a/d.png", "z.jpg"]):
+        arr = phantom(500 + k, 80)
+        save(src / name, arr)
+        fs.pipe(f"/curate_test/scans/{name}", (src / name).read_bytes())
+    fs.pipe("/curate_test/scans/.hidden.png", (src / "b.png").read_bytes())
+    fs.pipe("/curate_test/scans/notes.txt", b"notes")
+    (src / "notes.txt").write_bytes(b"notes")
+    try:
+        local, remote = tmp_path / "local", tmp_path / "remote"
+        curate([str(src)], None, str(local), size=SIZE, **QUIET)
+        curate(["memory://curate_test/scans"], None, str(remote), size=SIZE, **QUIET)
+        assert json.loads((remote / "datalist.json").read_text()) == json.loads((local / "datalist.json").read_text())
+        assert snapshot(remote / "images") == snapshot(local / "images")
+        report = json.loads((remote / "report.json").read_text())
+        assert report["kept"] == 4
+        assert report["skipped"] == [{"file": "memory://curate_test/scans/notes.txt",
+                                      "reason": "not an image, video or DICOM (.txt)"}]
+        grey = np.asarray(Image.open(io.BytesIO(snapshot(remote / "images")[sorted(snapshot(remote / "images"))[0]])))
+        assert grey.shape[:2] == (SIZE, SIZE)
+    finally:
+        fs.rm("/curate_test", recursive=True)
