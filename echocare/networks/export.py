@@ -42,6 +42,7 @@ from echocare import __version__ as echocare_version
 from echocare.bundle import resolve_bundle, resolve_overlays
 from echocare.networks.checkpoint import load_network_checkpoint
 from echocare.networks.fast import reference_paths
+from echocare.networks.precision import check_precision, with_precision
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -396,6 +397,7 @@ def load_trained_network(
     onnx_model: str | Path | None = None,
     tracking_uri: str | None = None,
     device: str | torch.device | None = None,
+    precision: str = "fp32",
 ) -> nn.Module:
     """A bundle's trained network for evaluation and inference (its ``network`` id).
 
@@ -407,9 +409,16 @@ def load_trained_network(
             :class:`OnnxRuntimeNetwork` of it is returned instead and ``checkpoint`` is not read.
         tracking_uri: the MLflow store of a ``models:/`` checkpoint.
         device: where the network goes (default: where it is).
+        precision: ``fp32`` (the network as trained) or ``bf16``
+            (:class:`~echocare.networks.precision.BF16Inference`: bf16 autocast; on the CPU with
+            the fast paths and bfloat16 matrix weights). The bundles' ``precision`` id.
     """
+    check_precision(precision)
     if onnx_model:
+        if precision != "fp32":
+            raise ValueError(f"{onnx_model}: precision {precision} applies to PyTorch networks; an ONNX model runs as exported (fp32)")
         loaded: nn.Module = OnnxRuntimeNetwork(onnx_model)
     else:
         loaded = load_network_checkpoint(network, checkpoint, tracking_uri=tracking_uri)
-    return loaded.to(device) if device is not None else loaded
+    loaded = loaded.to(device) if device is not None else loaded
+    return with_precision(loaded, precision, device)

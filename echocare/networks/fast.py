@@ -192,9 +192,10 @@ def _relative_bias(attn: nn.Module, n: int) -> torch.Tensor:
 
 
 def _fusable(x: torch.Tensor, linear: nn.Module) -> bool:
-    # plain nn.Linear only: adapters (LoRA) and other wrappers run their own forward
-    return type(linear) is nn.Linear and _MKLDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 \
-        and linear.weight.dtype == torch.float32
+    # plain nn.Linear only: adapters (LoRA) and other wrappers run their own forward; bfloat16
+    # where the weights are bfloat16 too (see echocare.networks.precision)
+    return type(linear) is nn.Linear and x.device.type == "cpu" and x.dtype in _MKLDNN_LINEAR \
+        and linear.weight.dtype == x.dtype and (linear.bias is None or linear.bias.dtype == x.dtype)
 
 
 def _inference_linear(x: torch.Tensor, linear: nn.Module, gelu: bool = False) -> torch.Tensor:
@@ -214,21 +215,37 @@ def _inference_linear_add(x: torch.Tensor, linear: nn.Module, residual: torch.Te
     return residual.add_(linear(x))
 
 
-def _check_mkldnn_linear() -> bool:
+def _check_mkldnn_linear(dtype: torch.dtype) -> bool:
     try:
-        x = torch.randn(4, 8)
-        lin = nn.Linear(8, 16)
+        x = torch.randn(4, 8).to(dtype)
+        lin = nn.Linear(8, 16).to(dtype)
+        atol = 1e-5 if dtype == torch.float32 else 0.05
         out = torch.ops.mkldnn._linear_pointwise(x, lin.weight, lin.bias, "gelu", [], "none")
         ref = F.gelu(lin(x))
-        res = torch.randn(4, 16)
+        res = torch.randn(4, 16).to(dtype)
         out2 = torch.ops.mkldnn._linear_pointwise.binary(x, res, lin.weight, lin.bias, "add")
-        return bool(torch.allclose(out, ref, atol=1e-5) and torch.allclose(out2, res + lin(x), atol=1e-5))
-    except Exception:  # builds without oneDNN
+        return bool(
+            out.dtype == dtype
+            and torch.allclose(out.float(), ref.float(), atol=atol)
+            and torch.allclose(out2.float(), (res + lin(x)).float(), atol=atol)
+        )
+    except Exception:  # builds without oneDNN, or without its bfloat16 kernels
         return False
 
 
-with torch.no_grad():
-    _MKLDNN_LINEAR = torch.backends.mkldnn.is_available() and _check_mkldnn_linear()
+def _mkldnn_dtypes(check) -> frozenset[torch.dtype]:
+    """The dtypes whose fused oneDNN kernel passes ``check`` (bfloat16 only where oneDNN has bf16 kernels)."""
+    if not torch.backends.mkldnn.is_available():
+        return frozenset()
+    dtypes = [torch.float32]
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        dtypes.append(torch.bfloat16)
+    with torch.no_grad():
+        return frozenset(d for d in dtypes if check(d))
+
+
+#: dtypes of the fused oneDNN linear kernels (float32; bfloat16 on CPUs with bf16 support).
+_MKLDNN_LINEAR = _mkldnn_dtypes(_check_mkldnn_linear)
 
 
 class FastBasicLayer(_FastModule, BasicLayer):
@@ -383,7 +400,7 @@ def _packed(module: nn.Module, x: torch.Tensor, transposed: bool) -> torch.Tenso
     """The module's weight reordered once for oneDNN (per input shape), while the weight is unchanged."""
     weight = module.weight
     cache = module.__dict__.setdefault("_fast_packed", {})
-    key = tuple(x.shape)
+    key = (tuple(x.shape), x.dtype)
     stamp = (weight.data_ptr(), None if weight.is_inference() else weight._version)
     hit = cache.get(key)
     if hit is not None and hit[0] == stamp:
@@ -406,11 +423,11 @@ def _packed(module: nn.Module, x: torch.Tensor, transposed: bool) -> torch.Tenso
 
 def _packed_conv_ok(module: nn.Module, x: torch.Tensor) -> bool:
     return (
-        _MKLDNN_CONV
+        x.dtype in _MKLDNN_CONV
         and not torch.is_grad_enabled()
         and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and module.weight.dtype == torch.float32
+        and module.weight.dtype == x.dtype
+        and (module.bias is None or module.bias.dtype == x.dtype)
         and x.ndim == 4
         and module.padding_mode == "zeros"
         and not isinstance(module.padding, str)
@@ -452,24 +469,29 @@ class FastConvTranspose2d(_FastModule, nn.ConvTranspose2d):
         return _like(out, x)
 
 
-def _check_mkldnn_conv() -> bool:
+def _check_mkldnn_conv(dtype: torch.dtype) -> bool:
     try:
-        with torch.no_grad():
-            x = torch.randn(1, 4, 8, 8)
-            conv = nn.Conv2d(4, 6, 3, padding=1, bias=True)
-            out = torch.ops.mkldnn._convolution_pointwise(
-                x, _packed(conv, x, False), conv.bias, [1, 1], [1, 1], [1, 1], 1, "none", [], ""
-            )
-            up = nn.ConvTranspose2d(4, 6, 2, stride=2)
-            out2 = torch.ops.mkldnn._convolution_transpose_pointwise(
-                x, _packed(up, x, True), up.bias, [0, 0], [0, 0], [2, 2], [1, 1], 1, "none", [], ""
-            )
-            return bool(torch.allclose(out, conv(x), atol=1e-5) and torch.allclose(out2, up(x), atol=1e-5))
-    except Exception:  # builds without oneDNN
+        x = torch.randn(1, 4, 8, 8).to(dtype)
+        conv = nn.Conv2d(4, 6, 3, padding=1, bias=True).to(dtype)
+        out = torch.ops.mkldnn._convolution_pointwise(
+            x, _packed(conv, x, False), conv.bias, [1, 1], [1, 1], [1, 1], 1, "none", [], ""
+        )
+        up = nn.ConvTranspose2d(4, 6, 2, stride=2).to(dtype)
+        out2 = torch.ops.mkldnn._convolution_transpose_pointwise(
+            x, _packed(up, x, True), up.bias, [0, 0], [0, 0], [2, 2], [1, 1], 1, "none", [], ""
+        )
+        atol = 1e-5 if dtype == torch.float32 else 0.05
+        return bool(
+            out.dtype == dtype
+            and torch.allclose(out.float(), conv(x).float(), atol=atol)
+            and torch.allclose(out2.float(), up(x).float(), atol=atol)
+        )
+    except Exception:  # builds without oneDNN, or without its bfloat16 kernels
         return False
 
 
-_MKLDNN_CONV = torch.backends.mkldnn.is_available() and _check_mkldnn_conv()
+#: dtypes of the packed oneDNN convolutions (float32; bfloat16 on CPUs with bf16 support).
+_MKLDNN_CONV = _mkldnn_dtypes(_check_mkldnn_conv)
 
 
 
@@ -518,10 +540,17 @@ def _channels_last_instance_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tens
         and not norm.track_running_stats
         and x.ndim == 4
         and x.shape[1] == norm.num_features
-        and x.dtype in (torch.float32, torch.float64)
+        and x.dtype in (torch.float32, torch.float64, torch.bfloat16)
         and x.is_contiguous(memory_format=torch.channels_last)
     ):
         return None
+    if x.dtype == torch.bfloat16:
+        # PyTorch's channels-last group-norm kernel, one channel per group: statistics in
+        # float32 (its one-pass variance is far below bfloat16's rounding), float32 affine
+        # parameters, output channels-last; 20x faster than the float32 passes below
+        weight = norm.weight if norm.affine else None
+        bias = norm.bias if norm.affine else None
+        return F.group_norm(x, x.shape[1], weight, bias, norm.eps)
     n, c, h, w = x.shape
     tokens = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view: x is channels-last
     out = tokens - tokens.mean(1, keepdim=True)
