@@ -139,6 +139,9 @@ class EchoCareCLI:
         never a source or inside one.
         --max-pixels N (default 100000000): files with frames of more than N pixels fail before decoding.
         --hide-source-paths: report.json and the journal name files by sha256("<source>/<path>")[:16].
+        --engine ray [--ray-address HOST:PORT]: the per-file work as Ray tasks (pip install 'echocare[scale]');
+        without an address, a local Ray instance of --workers CPUs on 127.0.0.1. SRC may be an fsspec URL.
+        --format webdataset --shard-size N: OUT/shards/shard-NNNNNN.tar and OUT/shards.json instead of images.
         Each file that failed is printed (failed: FILE: reason); exits with status 1 if any failed.
         """
         from echocare.datasets.curation import curate

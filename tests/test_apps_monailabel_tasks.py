@@ -151,7 +151,7 @@ def _bundle_inference(name: str, output_root: Path, image: Path, work: Path) -> 
 
     config_file = str(APP.parents[1] / "bundles" / name / "configs" / "inference.yaml")
     run("inferring", config_file=config_file, input_dir=str(image), output_dir=str(output_root / name),
-        predictions_dir=str(work), num_workers=0, device="$torch.device('cpu')", **SMALL)
+        predictions_dir=str(work), num_workers=0, device="$torch.device('cpu')", network_size="tiny", image_size=64)
     records = json.loads((work / "predictions.json").read_text())
     return records[0]
 
