@@ -26,3 +26,14 @@ def write_dicom(path: Path, arr: np.ndarray, pi: str, bits_stored: int | None = 
         setattr(ds, key, value)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def sr_numeric_values(sr, meaning: str) -> list[float]:
+    """The numeric values of the SR content items whose concept name has ``meaning``, in order."""
+    values = []
+    for item in sr.iterall():
+        if item.keyword == "ContentSequence":
+            for content in item.value:
+                if content.get("ValueType") == "NUM" and content.ConceptNameCodeSequence[0].CodeMeaning == meaning:
+                    values.append(float(content.MeasuredValueSequence[0].NumericValue))
+    return values

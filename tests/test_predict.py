@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from dicom_helpers import sr_numeric_values as _numeric_values
 from dicom_helpers import write_dicom
 from PIL import Image
 from pydicom.uid import generate_uid
@@ -105,17 +106,6 @@ def _references(ds) -> dict[str, set[str]]:
                 if "ReferencedSOPInstanceUID" in item:
                     found.setdefault(str(item.ReferencedSOPInstanceUID), set()).add(str(item.get("ReferencedSOPClassUID")))
     return found
-
-
-def _numeric_values(sr, meaning: str) -> list[float]:
-    """The numeric values of the SR content items whose concept name has ``meaning``."""
-    values = []
-    for item in sr.iterall():
-        if item.keyword == "ContentSequence":
-            for content in item.value:
-                if content.get("ValueType") == "NUM" and content.ConceptNameCodeSequence[0].CodeMeaning == meaning:
-                    values.append(float(content.MeasuredValueSequence[0].NumericValue))
-    return values
 
 
 def test_segmentation_of_a_study_folder(study, seg_checkpoint, tmp_path, capsys) -> None:

@@ -393,9 +393,11 @@ def write_overlay_capture(
 
     masks = np.asarray(masks)
     frames = list(range(masks.shape[0])) if frames is None else [int(f) for f in frames]
-    pixels = np.stack([_uint8(overlay_rgb(np.asarray(image).transpose(2, 0, 1), mask)) for image, mask in zip(images, masks)])
-    if pixels.shape[0] != masks.shape[0] or len(frames) != masks.shape[0]:
-        raise ValueError(f"{pixels.shape[0]} images and {len(frames)} frame numbers for {masks.shape[0]} masks")
+    drawn = [_uint8(overlay_rgb(np.asarray(image).transpose(2, 0, 1), mask)) for image, mask in zip(images, masks)]
+    if len(drawn) != masks.shape[0] or len(frames) != masks.shape[0]:
+        raise ValueError(f"{len(drawn)} images and {len(frames)} frame numbers for {masks.shape[0]} masks")
+    pixels = np.stack(drawn)
+    del drawn
 
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
