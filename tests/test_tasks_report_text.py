@@ -125,6 +125,56 @@ def test_meteor_matches_nltk_without_synonyms():
     )
 
 
+def _wordnet_or_skip():
+    from echocare.tasks.report.metrics import load_wordnet
+
+    wordnet = load_wordnet()
+    if wordnet is None:
+        pytest.skip("no WordNet here: neither NLTK's wordnet corpus nor Debian's wordnet-base "
+                    "(.ci/run installs it: apt-get install wordnet-base)")
+    return wordnet
+
+
+def test_meteor_with_wordnet_matches_nltk():
+    # WordNet from NLTK's corpus or Debian's wordnet-base through NLTK's WordNetCorpusReader; NLTK's
+    # meteor_score, given the same WordNet, is the independent reference.
+    from nltk.translate.meteor_score import meteor_score
+
+    wordnet = _wordnet_or_skip()
+    assert {"big", "large"} <= {l.name() for s in wordnet.synsets("large") for l in s.lemmas()}
+    pairs = [
+        ("the kidney shows a small stone", "the kidney displays a little stone"),
+        ("a large hypoechoic mass is seen", "a big hypoechoic mass is visible"),
+        ("the liver is enlarged with a rough surface", "the liver is large with a coarse surface"),
+        ("It is a guide to action which ensures that the military always obeys the commands of the party",
+         "It is a guide to action that ensures that the military will forever heed Party commands"),
+    ]
+    for hyp, ref in pairs:
+        h, r = metric_tokens(hyp), metric_tokens(ref)
+        assert single_meteor(h, r, synonyms=True) == pytest.approx(meteor_score([r], h, wordnet=wordnet), abs=1e-12)
+    # the synonym stage matters: "shows" ~ "displays" (stems show, display) match only with WordNet;
+    # NLTK looks synonyms up on Porter stems, so "large" (larg) ~ "big" does not match, with NLTK or here
+    h, r = metric_tokens(pairs[0][0]), metric_tokens(pairs[0][1])
+    assert round(single_meteor(h, r, synonyms=True), 4) == 0.8067
+    assert round(single_meteor(h, r, synonyms=False), 4) == 0.5260
+
+
+def test_meteor_without_wordnet_is_refused_when_synonyms_are_asked_for(monkeypatch, tmp_path):
+    from echocare.tasks.report import metrics
+
+    monkeypatch.setattr(metrics, "load_wordnet", lambda *a, **k: None)
+    metrics._synonyms.cache_clear()
+    h, r = metric_tokens("a large mass"), metric_tokens("a big mass")
+    assert single_meteor(h, r) == single_meteor(h, r, synonyms=False)  # the default needs no WordNet
+    with pytest.raises(metrics.WordNetMissingError, match="apt-get install wordnet-base.*--meteor_wordnet false"):
+        single_meteor(h, r, synonyms=True)
+    with pytest.raises(metrics.WordNetMissingError, match="wordnet-base"):
+        report_metrics(False, "bleu4", meteor_wordnet=True)
+    # the bundle's default: no WordNet, said in the metrics output
+    chosen = report_metrics(False, "bleu4", meteor_wordnet="false")
+    assert chosen["meteor_wordnet"].compute() == 0.0 and chosen["meteor"].meteor_wordnet is False
+
+
 def test_meteor_hand_computed_chunks():
     # hypothesis a b c d, reference c d a b: 4 matches in 2 chunks; P = R = 1
     score = single_meteor(list("abcd"), list("cdab"), synonyms=False)

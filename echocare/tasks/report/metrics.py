@@ -10,10 +10,13 @@ character, as is usual for Chinese text), words of other scripts whole.
   (the shorter on ties); no smoothing (0 when some order has no match), as NLTK's
   ``corpus_bleu``.
 * ``meteor``: Banerjee & Lavie (2005) as NLTK's ``meteor_score`` computes it (alpha 0.9,
-  beta 3, gamma 0.5): unigrams aligned in stages, exact forms, then Porter stems, then
-  WordNet synonyms *only when the NLTK WordNet corpus is installed* (``nltk.download("wordnet")``;
-  without it, and always with ``synonyms=False``, the score uses exact and stem matches only,
-  fully offline); F-mean = P R / (alpha P + (1 - alpha) R); penalty = gamma (chunks /
+  beta 3, gamma 0.5): unigrams aligned in stages, exact forms, then Porter stems, then,
+  only with ``synonyms=True``, WordNet synonyms. The default, ``synonyms=False``, uses exact
+  and stem matches only: offline and the same on every machine (equal to NLTK's
+  ``meteor_score`` with an empty WordNet). ``synonyms=True`` reads NLTK's WordNet corpus when
+  installed, else Debian's ``wordnet-base`` (WordNet 3.0, ``apt-get install wordnet-base``)
+  through NLTK's ``WordNetCorpusReader`` (:func:`load_wordnet`), and refuses to score without
+  either (:class:`WordNetMissingError`); F-mean = P R / (alpha P + (1 - alpha) R); penalty = gamma (chunks /
   matches)^beta; mean over reports of the best score over its references. Stems and
   synonyms are English; Chinese characters match exactly.
 * ``rouge_l``: longest common subsequence F-measure with beta 1.2, as the COCO caption
@@ -31,9 +34,11 @@ character, as is usual for Chinese text), words of other scripts whole.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,21 +50,29 @@ import ignite.distributed as idist
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
 
+from echocare.bundle import as_bool
+from echocare.errors import EchoCareError
 from echocare.tasks.report.tokenizer import is_cjk, split_text
 
 __all__ = [
     "REPORT_METRIC_NAMES",
+    "DEBIAN_WORDNET_DIR",
     "FindingsVocabulary",
+    "MeteorSetting",
     "ReportScore",
+    "WordNetMissingError",
     "corpus_bleu",
     "findings_scores",
+    "load_wordnet",
     "meteor",
     "metric_tokens",
     "report_metrics",
+    "require_wordnet",
     "report_scores",
     "rouge_l",
     "single_meteor",
     "single_rouge_l",
+    "wordnet_available",
 ]
 
 #: Names of :func:`report_scores`' results (the metric names of docs/architecture.md plus the findings details).
@@ -129,22 +142,95 @@ def _porter():
     return PorterStemmer()
 
 
-@lru_cache(maxsize=1)
-def wordnet_available() -> bool:
-    """True when NLTK's WordNet corpus is installed (METEOR then matches synonyms too)."""
+#: Where Debian's ``wordnet-base`` package installs WordNet 3.0.
+DEBIAN_WORDNET_DIR = Path("/usr/share/wordnet")
+
+#: WordNet 3.0's lexicographer files (lexnames(5WN): number, name, part of speech 1 noun, 2 verb,
+#: 3 adjective, 4 adverb). NLTK's reader opens a ``lexnames`` file that Debian's wordnet-base
+#: leaves out (its content is this fixed list, printed in the package's lexnames(5WN) page).
+WORDNET_LEXNAMES = (
+    ("adj.all", 3), ("adj.pert", 3), ("adv.all", 4), ("noun.Tops", 1), ("noun.act", 1), ("noun.animal", 1),
+    ("noun.artifact", 1), ("noun.attribute", 1), ("noun.body", 1), ("noun.cognition", 1),
+    ("noun.communication", 1), ("noun.event", 1), ("noun.feeling", 1), ("noun.food", 1), ("noun.group", 1),
+    ("noun.location", 1), ("noun.motive", 1), ("noun.object", 1), ("noun.person", 1), ("noun.phenomenon", 1),
+    ("noun.plant", 1), ("noun.possession", 1), ("noun.process", 1), ("noun.quantity", 1), ("noun.relation", 1),
+    ("noun.shape", 1), ("noun.state", 1), ("noun.substance", 1), ("noun.time", 1), ("verb.body", 2),
+    ("verb.change", 2), ("verb.cognition", 2), ("verb.communication", 2), ("verb.competition", 2),
+    ("verb.consumption", 2), ("verb.contact", 2), ("verb.creation", 2), ("verb.emotion", 2), ("verb.motion", 2),
+    ("verb.perception", 2), ("verb.possession", 2), ("verb.social", 2), ("verb.stative", 2), ("verb.weather", 2),
+    ("adj.ppl", 3),
+)
+
+
+class WordNetMissingError(EchoCareError, LookupError):
+    """METEOR's WordNet stage was asked for on a machine without WordNet."""
+
+
+def _debian_wordnet(debian_dir: Path):
+    """NLTK's ``WordNetCorpusReader`` on Debian's wordnet-base, handed the ``lexnames`` file the
+    package lacks from :data:`WORDNET_LEXNAMES`, without NLTK's map from its own WordNet (which
+    is absent; the map serves multilingual data only); the folder is authorised in ``nltk.data.path``
+    (NLTK reads corpora only below those folders)."""
+    import nltk
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    lexnames = "".join(f"{i:02d}\t{name}\t{pos}\n" for i, (name, pos) in enumerate(WORDNET_LEXNAMES))
+
+    class DebianWordNet(WordNetCorpusReader):
+        def open(self, fileid):
+            if fileid == "lexnames":
+                return io.StringIO(lexnames)
+            return super().open(fileid)
+
+        def map_wn(self, version="wordnet"):
+            return None  # the map to NLTK's own WordNet 3.0 serves multilingual data only; this one is 3.0
+
+    root = str(debian_dir.resolve())
+    if root not in nltk.data.path:
+        nltk.data.path.append(root)
+    with warnings.catch_warnings():  # "multilingual functions are not available": not used here
+        warnings.filterwarnings("ignore", message="The multilingual functions", category=UserWarning)
+        return DebianWordNet(root, None)
+
+
+@lru_cache(maxsize=4)
+def load_wordnet(debian_dir: str | os.PathLike[str] = DEBIAN_WORDNET_DIR):
+    """The WordNet METEOR's synonym stage reads: NLTK's ``wordnet`` corpus when installed, else
+    Debian's wordnet-base in ``debian_dir`` (WordNet 3.0, as NLTK's corpus) through NLTK's
+    ``WordNetCorpusReader``; None when neither is there."""
     try:
         from nltk.corpus import wordnet
 
         wordnet.ensure_loaded()
-        return True
+        return wordnet
     except (LookupError, OSError, ImportError):
-        return False
+        pass
+    debian_dir = Path(debian_dir)
+    if not (debian_dir / "data.noun").is_file():
+        return None
+    return _debian_wordnet(debian_dir)
+
+
+def wordnet_available() -> bool:
+    """True when :func:`load_wordnet` finds WordNet (``synonyms=True`` needs it)."""
+    return load_wordnet() is not None
+
+
+def require_wordnet():
+    """The WordNet of :func:`load_wordnet`, or :class:`WordNetMissingError` saying how to get it."""
+    wordnet = load_wordnet()
+    if wordnet is None:
+        raise WordNetMissingError(
+            f"METEOR with WordNet synonyms: no WordNet on this machine (neither NLTK's wordnet corpus nor "
+            f"Debian's wordnet-base in {DEBIAN_WORDNET_DIR}); apt-get install wordnet-base, or score without "
+            "synonyms (the bundles' --meteor_wordnet false)"
+        )
+    return wordnet
 
 
 @lru_cache(maxsize=20000)
 def _synonyms(word: str) -> frozenset[str]:
-    from nltk.corpus import wordnet
-
+    wordnet = require_wordnet()
     return frozenset(l.name() for s in wordnet.synsets(word) for l in s.lemmas() if "_" not in l.name()) | {word}
 
 
@@ -176,11 +262,13 @@ def single_meteor(
     alpha: float = 0.9,
     beta: float = 3.0,
     gamma: float = 0.5,
-    synonyms: bool | None = None,
+    synonyms: bool = False,
 ) -> float:
     """METEOR of one tokenised hypothesis against one reference (see the module docstring).
-    ``synonyms``: WordNet stage on/off; None = on when the corpus is installed."""
-    use_wordnet = wordnet_available() if synonyms is None else bool(synonyms)
+    ``synonyms``: the WordNet stage (True raises :class:`WordNetMissingError` without WordNet)."""
+    use_wordnet = bool(synonyms)
+    if use_wordnet:
+        require_wordnet()
     hyp = list(enumerate(hypothesis))
     ref = list(enumerate(reference))
     if not hyp or not ref:
@@ -206,7 +294,7 @@ def single_meteor(
     return (1 - gamma * (chunks / m) ** beta) * fmean
 
 
-def meteor(hypotheses: Sequence[str], references: Sequence[Sequence[str]], synonyms: bool | None = None) -> float:
+def meteor(hypotheses: Sequence[str], references: Sequence[Sequence[str]], synonyms: bool = False) -> float:
     """Mean over reports of the best METEOR over each report's references (texts)."""
     if not hypotheses:
         return 0.0
@@ -380,7 +468,7 @@ def report_scores(
     generated: Sequence[str],
     references: Sequence[str | Sequence[str]],
     vocabulary: FindingsVocabulary | None = None,
-    synonyms: bool | None = None,
+    synonyms: bool = False,
 ) -> dict[str, float]:
     """Every report metric of :data:`REPORT_METRIC_NAMES` (findings ones only with a vocabulary).
 
@@ -388,7 +476,7 @@ def report_scores(
         generated: one generated report text per case.
         references: the reference report of each case (a text, or a list of texts).
         vocabulary: findings vocabulary; None leaves the findings scores out.
-        synonyms: METEOR's WordNet stage (None: when the corpus is installed).
+        synonyms: METEOR's WordNet stage (see the module docstring).
     """
     refs = [[r] if isinstance(r, str) else list(r) for r in references]
     bleu = corpus_bleu([metric_tokens(g) for g in generated], [[metric_tokens(r) for r in rs] for rs in refs])
@@ -405,7 +493,9 @@ class ReportScore(Metric):
 
     Reads MONAI's decollated ``engine.state.output``: a list of per-case dicts holding the
     generated text under ``generated`` and the reference under ``report``. Texts of every
-    process are gathered under DDP. ``compute()`` returns :func:`report_scores`'s ``name``.
+    process are gathered under DDP. ``compute()`` returns :func:`report_scores`'s ``name``;
+    ``meteor_wordnet``: METEOR's WordNet stage (refused at once, naming what to install, when
+    WordNet is absent).
     """
 
     def __init__(
@@ -414,11 +504,15 @@ class ReportScore(Metric):
         vocabulary: FindingsVocabulary | str | os.PathLike[str] | None = None,
         output_transform: Callable = lambda x: x,
         device: str = "cpu",
+        meteor_wordnet: bool = False,
     ) -> None:
         if name not in REPORT_METRIC_NAMES:
             raise ValueError(f"unknown report metric {name!r}; valid: {', '.join(REPORT_METRIC_NAMES)}")
         if name.startswith("findings") and vocabulary is None:
             raise ValueError(f"{name} needs a findings vocabulary")
+        self.meteor_wordnet = bool(meteor_wordnet)
+        if self.meteor_wordnet and name == "meteor":
+            require_wordnet()
         self.name = name
         self.vocabulary = FindingsVocabulary.from_yaml(vocabulary) if isinstance(vocabulary, (str, os.PathLike)) else vocabulary
         super().__init__(output_transform=output_transform, device=device)
@@ -440,19 +534,48 @@ class ReportScore(Metric):
             raise ValueError(f"{self.name}: no report was generated in this epoch")
         generated, references = zip(*pairs)
         vocabulary = self.vocabulary if self.name.startswith("findings") else None
-        return float(report_scores(list(generated), list(references), vocabulary)[self.name])
+        return float(report_scores(list(generated), list(references), vocabulary, self.meteor_wordnet)[self.name])
+
+
+class MeteorSetting(Metric):
+    """``meteor_wordnet`` in the metrics output: 1.0 when METEOR used WordNet synonyms, 0.0 when
+    exact and stem matches only, so every reported METEOR says which of the two it is."""
+
+    def __init__(self, meteor_wordnet: bool, output_transform: Callable = lambda x: x, device: str = "cpu") -> None:
+        self.value = 1.0 if meteor_wordnet else 0.0
+        super().__init__(output_transform=output_transform, device=device)
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        return None
+
+    @reinit__is_reduced
+    def update(self, output: Any) -> None:
+        return None
+
+    def compute(self) -> float:
+        return self.value
 
 
 def report_metrics(
-    key_metric: bool, key: str = "bleu4", vocabulary: FindingsVocabulary | str | os.PathLike[str] | None = None
+    key_metric: bool,
+    key: str = "bleu4",
+    vocabulary: FindingsVocabulary | str | os.PathLike[str] | None = None,
+    meteor_wordnet: bool = False,
 ) -> dict[str, Metric]:
     """The report bundle's metric set: ``{key: ...}`` (the key metric, which picks the best
     checkpoint) or every other metric of :data:`REPORT_METRIC_NAMES` (the findings ones only
-    when a vocabulary is given)."""
+    when a vocabulary is given) plus ``meteor_wordnet`` (:class:`MeteorSetting`: which METEOR
+    this is). ``meteor_wordnet``: METEOR's WordNet stage (the bundle's ``meteor_wordnet`` id,
+    default false)."""
+    meteor_wordnet = as_bool(meteor_wordnet)
     if isinstance(vocabulary, (str, os.PathLike)):
         vocabulary = FindingsVocabulary.from_yaml(vocabulary) if str(vocabulary) else None
     names = [n for n in REPORT_METRIC_NAMES if vocabulary is not None or not n.startswith("findings")]
     if key not in names:
         raise ValueError(f"key metric {key!r} is not available; choose one of {names}")
     chosen = [key] if key_metric else [n for n in names if n != key]
-    return {n: ReportScore(n, vocabulary) for n in chosen}
+    metrics: dict[str, Metric] = {n: ReportScore(n, vocabulary, meteor_wordnet=meteor_wordnet) for n in chosen}
+    if not key_metric:
+        metrics["meteor_wordnet"] = MeteorSetting(meteor_wordnet)
+    return metrics
