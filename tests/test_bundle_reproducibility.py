@@ -58,20 +58,22 @@ BUNDLES: dict[str, tuple] = {
 }
 
 # eval/summary.json of each bundle and its weights fingerprint (the tree before #16's move, one CPU thread).
+# Re-recorded for #18: ddti_seg, musv_seg, abdomen_seg, busbra_cls and usreport (augmentation shifts in pixels,
+# point 5), the segmentation bundles also scored at each image's original size (point 11).
 RECORDED: dict[str, dict[str, float]] = {
     "abdomen_seg": {
         "dice_bladder": 0.0,
-        "dice_kidney": 0.0429447852075,
-        "dice_liver": 0.470123067498,
-        "dice_pancreas": 0.034981906414,
+        "dice_kidney": 0.0440729483962,
+        "dice_liver": 0.454079672694,
+        "dice_pancreas": 0.0370813384652,
         "dice_spleen": 0.0,
-        "mean_dice": 0.109609950334,
-        "mean_nsd": 0.138178572059,
-        "model.pt |weights| sum": 125733.054569,
+        "mean_dice": 0.107046786696,
+        "mean_nsd": 0.137311771512,
+        "model.pt |weights| sum": 125734.548561,
         "nsd_bladder": 0.0,
-        "nsd_kidney": 0.14401294291,
-        "nsd_liver": 0.42681415379,
-        "nsd_pancreas": 0.120065785944,
+        "nsd_kidney": 0.145367413759,
+        "nsd_liver": 0.424931243062,
+        "nsd_pancreas": 0.116260163486,
         "nsd_spleen": 0.0,
     },
     "brain_landmark": {
@@ -107,9 +109,9 @@ RECORDED: dict[str, dict[str, float]] = {
         "sdr_4px": 0.0208333333333,
     },
     "busbra_cls": {
-        "accuracy": 0.5,
-        "balanced_accuracy": 0.5,
-        "macro_f1": 0.416666666667,
+        "accuracy": 0.25,
+        "balanced_accuracy": 0.25,
+        "macro_f1": 0.166666666667,
         "model.pt |weights| sum": 69793.5026924,
     },
     "camus_ef": {
@@ -123,11 +125,11 @@ RECORDED: dict[str, dict[str, float]] = {
         "rmse": 23.8836873068,
     },
     "ddti_seg": {
-        "dice_nodule": 0.592138923705,
-        "mean_dice": 0.592138923705,
-        "mean_nsd": 0.375551708043,
-        "model.pt |weights| sum": 125724.540048,
-        "nsd_nodule": 0.375551708043,
+        "dice_nodule": 0.655455321074,
+        "mean_dice": 0.655455321074,
+        "mean_nsd": 0.518940031528,
+        "model.pt |weights| sum": 125725.450288,
+        "nsd_nodule": 0.518940031528,
     },
     "echocare_pretrain": {
         "anatomy_acc_organ": 0.0,
@@ -157,13 +159,13 @@ RECORDED: dict[str, dict[str, float]] = {
         "model.pt |weights| sum": 69109.1769371,
     },
     "musv_seg": {
-        "dice_artery": 0.0263564055786,
-        "dice_vein": 0.105983387679,
-        "mean_dice": 0.0661698952317,
-        "mean_nsd": 0.0962651371956,
-        "model.pt |weights| sum": 125728.735572,
-        "nsd_artery": 0.0353819075972,
-        "nsd_vein": 0.157148368657,
+        "dice_artery": 0.0255822679028,
+        "dice_vein": 0.102644607425,
+        "mean_dice": 0.0641134362668,
+        "mean_nsd": 0.0919552706182,
+        "model.pt |weights| sum": 125723.308231,
+        "nsd_artery": 0.0349589772522,
+        "nsd_vein": 0.148951560259,
     },
     "thyroid_cls": {
         "accuracy": 0.75,
@@ -193,7 +195,7 @@ RECORDED: dict[str, dict[str, float]] = {
         "target_piqe": 55.4365907978,
     },
     "usreport": {
-        "bleu1": 0.0276340106765,
+        "bleu1": 0.115302535286,
         "bleu2": 0.0,
         "bleu3": 0.0,
         "bleu4": 0.0,
@@ -202,9 +204,9 @@ RECORDED: dict[str, dict[str, float]] = {
         "findings_macro_f1": 0.0,
         "findings_precision": 0.0,
         "findings_recall": 0.0,
-        "meteor": 0.0642857142857,
-        "model.pt |weights| sum": 67563.2425112,
-        "rouge_l": 0.0847677228786,
+        "meteor": 0.0613677286591,
+        "model.pt |weights| sum": 67563.5419423,
+        "rouge_l": 0.0689192680807,
     },
 }
 

@@ -20,6 +20,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score
 from echocare.tasks.supervised import (
     ClassificationScore,
     SegmentationScored,
+    SegmentationScoredAtOriginalSize,
     binary_classification_scores,
     classification_scores,
     confusion_matrix,
@@ -204,6 +205,57 @@ def test_segmentation_scored_in_an_evaluator_with_mean_of_output():
     assert isinstance(out[0]["mean_dice"], float)
     assert engine.state.metrics["mean_dice"] == pytest.approx((expected1["mean_dice"] + 1.0) / 2)
     assert engine.state.metrics["nsd_artery"] == pytest.approx((3 / 4 + 1.0) / 2)
+
+
+def _circle_through_grid(tmp_path: Path, original: tuple[int, int], grid: int) -> dict:
+    """An evaluation item whose reference is a disc saved at ``original`` (H, W) size and whose
+    prediction is that disc area-downsampled to the ``grid`` x ``grid`` network grid (as the bundles'
+    ``Resized`` does to images), as one-hot class probabilities on that grid; the item's ``label`` is
+    the reference resized to the grid by nearest neighbour, as the bundles resize masks."""
+    from PIL import Image
+
+    rows, cols = np.mgrid[: original[0], : original[1]]
+    disc = ((rows - 0.45 * original[0]) ** 2 + (cols - 0.55 * original[1]) ** 2 <= (0.3 * min(original)) ** 2)
+    mask_file = tmp_path / "disc.png"
+    Image.fromarray(disc.astype(np.uint8) * 255).save(mask_file)
+    small = torch.nn.functional.interpolate(torch.from_numpy(disc).float()[None, None], size=(grid, grid), mode="area")
+    labels = (small[0, 0] >= 0.5).long()
+    probabilities = torch.nn.functional.one_hot(labels, 2).permute(2, 0, 1).float()
+    return {
+        "pred": MetaTensor(probabilities),
+        "label": MetaTensor(
+            torch.nn.functional.interpolate(torch.from_numpy(disc).float()[None, None], size=(grid, grid))[0],
+            meta={"filename_or_obj": str(mask_file)},
+        ),
+        "original_size": torch.tensor(original),
+        "spacing": [torch.tensor(float("nan")), torch.tensor(float("nan"))],  # unknown: original pixels
+        "eval_spacing": torch.tensor([original[0] / grid, original[1] / grid], dtype=torch.float64),
+    }
+
+
+def test_segmentation_scored_at_original_size_reads_the_reference_at_full_size(tmp_path: Path) -> None:
+    """#18: a prediction that is the reference down- and up-sampled through a 128 px grid is near
+    perfect at the original 300x300 size (NSD >= 0.9 at 2 original pixels), where scoring on the grid
+    against the resized reference, with a tolerance under one grid pixel, gives it about half."""
+    item = _circle_through_grid(tmp_path, (300, 300), 128)
+    names = ["background", "nodule"]
+    at_original = SegmentationScoredAtOriginalSize(names, tolerance=2.0)(item)
+    on_grid = SegmentationScored(names, tolerance=2.0)(item)
+    assert at_original["nsd_nodule"] >= 0.9 and at_original["dice_nodule"] >= 0.98
+    assert on_grid["nsd_nodule"] < 0.7 < at_original["nsd_nodule"]
+    assert at_original["mean_nsd"] == at_original["nsd_nodule"]
+
+    # spacing known (mm): the tolerance is in mm; 0.1 mm pixels make 2 mm = 20 pixels, so the
+    # resampling steps fall well inside it, and a tolerance of 0.05 mm (half a pixel) cuts NSD
+    mm = {**item, "spacing": [torch.tensor(0.1), torch.tensor(0.1)]}
+    assert SegmentationScoredAtOriginalSize(names, tolerance=2.0)(mm)["nsd_nodule"] == 1.0
+    assert SegmentationScoredAtOriginalSize(names, tolerance=0.05)(mm)["nsd_nodule"] < at_original["nsd_nodule"]
+
+    # an image of another size than its mask, and a label that does not name its file, are refused
+    with pytest.raises(ValueError, match="disc.png: mask is 300x300 pixels but its image's original size is 200x300"):
+        SegmentationScoredAtOriginalSize(names)({**item, "original_size": torch.tensor([200, 300])})
+    with pytest.raises(ValueError, match="does not name its mask file"):
+        SegmentationScoredAtOriginalSize(names)({**item, "label": torch.zeros(1, 128, 128)})
 
 
 # --------------------------------------------------------------------------- classification

@@ -32,6 +32,7 @@ __all__ = [
     "LoadLabelMapd",
     "ClassLabeld",
     "EvalSpacingd",
+    "original_pixel_size",
     "check_task_item",
     "LoadFramed",
     "class_weights",
@@ -372,6 +373,23 @@ class LoadLabelMapd(MapTransform):
         return d
 
 
+def original_pixel_size(spacing: Any) -> tuple[float, float]:
+    """(row, col) size of one pixel of the original image: an item's ``spacing`` in mm when it
+    is known, else (1.0, 1.0), i.e. original pixels.
+
+    ``spacing`` may be ``None``, a (row, col) list, tuple, array or tensor, or what a decollated
+    batch makes of a list (a list of 0-d tensors); NaN in it (the datalist's "unknown") gives pixels.
+    """
+    if spacing is None:
+        return 1.0, 1.0
+    values = [float(torch.as_tensor(v).reshape(-1)[0]) for v in spacing]
+    if len(values) < 2:
+        raise ValueError(f"spacing must give the (row, col) size of a pixel, got {spacing!r}")
+    if any(np.isnan(values[:2])):
+        return 1.0, 1.0
+    return values[0], values[1]
+
+
 class EvalSpacingd(MapTransform):
     """Record the size of one pixel of the network's grid, for surface metrics.
 
@@ -397,10 +415,7 @@ class EvalSpacingd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         height, width = (int(s) for s in d[self.image_key].shape[-2:])
-        spacing = d.get(self.spacing_key)
-        row_mm, col_mm = (1.0, 1.0)
-        if spacing is not None and not any(np.isnan(np.asarray(spacing, dtype=float))):
-            row_mm, col_mm = (float(spacing[0]), float(spacing[1]))
+        row_mm, col_mm = original_pixel_size(d.get(self.spacing_key))
         d[self.output_key] = torch.tensor(
             [row_mm * height / self.spatial_size[0], col_mm * width / self.spatial_size[1]], dtype=torch.float64
         )
