@@ -205,6 +205,7 @@ RECORDED: dict[str, dict[str, float]] = {
         "findings_precision": 0.0,
         "findings_recall": 0.0,
         "meteor": 0.0613677286591,
+        "meteor_wordnet": 0.0,
         "model.pt |weights| sum": 67563.5419423,
         "rouge_l": 0.0689192680807,
     },
