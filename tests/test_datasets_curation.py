@@ -152,6 +152,29 @@ def build_mixed(root: Path) -> dict[str, list[str]]:
     }
 
 
+def build_small(root: Path, video: bool = False) -> dict[str, list[str]]:
+    """Two source folders of 8 small PNGs (80x80) for the engine and format tests: five scans, an
+    exact and a near duplicate, a blank; with ``video`` also a 21-frame clip (frames 0, 10, 20:
+    three scenes). Returns what each file is expected to give."""
+    a, b = root / "breast", root / "abdomen"
+    imgs = [phantom(50 + s, 80) for s in range(5)]
+    for name, img in zip(["s0.png", "s1.png", "sub/s2.png", "sub/s3.png"], imgs):
+        save(a / name, img)
+    save(b / "s4.png", imgs[4])
+    noisy = np.clip(imgs[1].astype(np.int16) + np.random.default_rng(0).integers(-4, 5, imgs[1].shape) + 6,
+                    0, 255).astype(np.uint8)
+    noisy[imgs[1] == 0] = 0
+    save(b / "near_s1.png", noisy)
+    shutil.copy(a / "s0.png", b / "copy_of_s0.png")
+    save(b / "blank.png", np.zeros((80, 80), np.uint8))
+    expected = {"kept": ["s0.png", "s1.png", "s2.png", "s3.png", "s4.png"], "exact_duplicate": ["copy_of_s0.png"],
+                "near_duplicate": ["near_s1.png"], "blank": ["blank.png"]}
+    if video:
+        write_video(b / "clip.mp4", [phantom(60 + k // 10, 64, organ="abdomen/liver") for k in range(21)])
+        expected["kept"] += ["clip.mp4#0", "clip.mp4#10", "clip.mp4#20"]
+    return expected
+
+
 def _png_bytes(arr: np.ndarray) -> bytes:
     import io
 
