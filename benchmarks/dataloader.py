@@ -25,6 +25,9 @@ JSON (``--out``): ``images_per_s_per_worker`` (all formats mixed, equal numbers 
 ``per_format_per_cpu_s`` (the same per CPU second of the process: what a worker with a core
 to itself reaches, whatever else runs on the machine), ``workers`` rows, and the settings.
 
+Every batch is checked (shape (B, 3, 256, 256), float32, values in [0, 1]). ``--quick`` (4 files per
+format, one pass, no workers) checks that and the JSON keys for the test suite; its rates mean nothing.
+
 Usage: ``python benchmarks/dataloader.py [--n 64] [--workers 2] [--out results.json]``
 """
 
@@ -150,6 +153,8 @@ def images_per_s(items: list[dict], transform, batch_size: int, workers: int, re
             image = batch["image"]
             if tuple(image.shape[1:]) != (3, 256, 256) or image.dtype != torch.float32:
                 raise RuntimeError(f"unexpected batch {tuple(image.shape)} {image.dtype}")
+            if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+                raise RuntimeError(f"batch values outside [0, 1]: {image.min().item()} .. {image.max().item()}")
             count += image.shape[0]
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         if r > 0:  # the first pass warms the page cache and the workers
@@ -173,7 +178,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes (best counts)")
     parser.add_argument("--workers", type=int, default=2, help="also time a DataLoader with this many workers (0: skip)")
     parser.add_argument("--out", type=str, default="", help="write the results as JSON")
+    parser.add_argument("--quick", action="store_true",
+                        help="4 files per format, batches of 4, one pass, no workers: checks batches and JSON keys (tests)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.batch_size, args.repeats, args.workers = 4, 4, 1, 0
 
     torch.set_num_threads(1)  # a DataLoader worker runs single-threaded
     transform = bundle_preprocessing(256)
@@ -208,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         "workers": worker_rows,
         "image_size": 256,
         "files_per_format": args.n,
+        "quick": args.quick,
         "batch_size": args.batch_size,
         "pipeline": "bundles/echocare_pretrain/configs/train.yaml train#preprocessing",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",

@@ -11,7 +11,7 @@
     echocare registry register --run RUN_ID_OR_NAME --name NAME [--alias champion] [--tracking-uri URI | --output-dir OUT]
     echocare registry list [--name NAME] [--tracking-uri URI | --output-dir OUT]
     echocare registry promote NAME VERSION ALIAS [--tracking-uri URI | --output-dir OUT]
-    echocare predict BUNDLE --input PATH [--input PATH ...] --out DIR [--checkpoint CKPT] [--config OVERLAY] [--max-frames N]
+    echocare predict BUNDLE --input PATH [--input PATH ...] --out DIR [--checkpoint CKPT] [--config OVERLAY] [--max-frames N] [--precision bf16]
 
 A refused command prints ``error: <file>: <problem>`` and exits 2; a batch with failed items prints
 ``failed: <file>: <problem>`` per item and exits 1. ``--debug`` (anywhere) or ``ECHOCARE_DEBUG=1`` shows
@@ -242,6 +242,7 @@ class EchoCareCLI:
         max_frames: int | None = None,
         override: str | list[str] | None = None,
         max_pixels: int | None = None,
+        precision: str | None = None,
         **bundle_args: object,
     ) -> None:
         """Run BUNDLE (segmentation or classification) on images, DICOM files, study folders, videos.
@@ -253,6 +254,8 @@ class EchoCareCLI:
         --checkpoint CKPT (default the bundle's models/model.pt); --config OVERLAY (variant overlays);
         --max-frames N: only the first N frames of multi-frame inputs; --max-pixels N: inputs with frames of more
         than N pixels (height x width, from the header; default, and at most, 100000000) fail before decoding;
+        --precision fp32 (the bundle's default) or bf16: bf16 autocast (on the CPU: the fast paths with bf16 matrix units, AMX or
+        AVX-512 BF16); see the bundle's README for whether its answers change in bf16.
         --override ID=VALUE and any other --ID VALUE (e.g. --network_size tiny --image_size 128 --device cpu) go to
         the bundle.
         A bad input is reported on one line (failed: PATH: reason) and skipped; exits with status 1 if any failed.
@@ -261,12 +264,15 @@ class EchoCareCLI:
 
         from echocare.io.readers import DEFAULT_MAX_PIXELS
         from echocare.experiments import parse_overrides
+        from echocare.networks.precision import PRECISIONS
         from echocare.predict import predict
 
+        if precision is not None and precision not in PRECISIONS:
+            sys.exit(f"echocare predict: --precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         rows = predict(
             bundle, input, out, checkpoint=checkpoint, config=config,
             max_frames=None if max_frames is None else int(max_frames),
-            overrides={**parse_overrides(override or []), **bundle_args},
+            overrides={**parse_overrides(override or []), **bundle_args, **({"precision": precision} if precision else {})},
             max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels),
         )
         if any(r.status == "failed" for r in rows):
