@@ -115,6 +115,7 @@ def tracking_uri(output_dir: str | os.PathLike[str] | None, tracking_uri: str | 
 REQUIRED_ID_MEANINGS = {
     "input_dir": "a file, folder or datalist",
     "datalist": 'a MONAI datalist JSON with "training" and "validation" lists of the bundle\'s items',
+    "shards": "a shards.json index of WebDataset shards, from echocare curate --format webdataset",
 }
 #: Optional ids :func:`require_ids` explains beside a missing one, when the config has them.
 OPTIONAL_ID_MEANINGS = {
@@ -153,7 +154,8 @@ def readme_example(bundle_root: str | os.PathLike[str], run: str) -> list[str]:
     return []
 
 
-def require_ids(values: dict[str, Any], bundle_root: str | os.PathLike[str] | None = None, run: str = "training") -> None:
+def require_ids(values: dict[str, Any], bundle_root: str | os.PathLike[str] | None = None, run: str = "training",
+                alternatives: dict[str, dict[str, Any]] | None = None) -> None:
     """Refuse a bundle run whose required ids are empty, before anything is built: the first item of
     each bundle's ``training``, ``evaluating`` and ``inferring`` lists (never of ``network_def`` or
     the other parts MONAI's ``verify_net_in_out`` and MONAI Label parse without an input).
@@ -164,16 +166,23 @@ def require_ids(values: dict[str, Any], bundle_root: str | os.PathLike[str] | No
         bundle_root: the bundle's folder: its name heads the message and its ``docs/README.md``
             gives the example command.
         run: the run id, for the message and the README example.
+        alternatives: per required id, the ids that can stand in for it and their values
+            (``{"datalist": {"shards": @shards}}``: the pretraining bundle streams shards instead);
+            the id is missing only when they are all missing too, and the message names them all.
 
     Raises:
         MissingIdError: one message naming each missing id and what it is: first line
-            ``pass --ID (what it is)[, --ID2 (...)]``, then the optional ids that go with them and
-            the README's example.
+            ``pass --ID (what it is)[ or --ALT (...)][, --ID2 (...)]``, then the optional ids that
+            go with them and the README's example.
     """
-    missing = [name for name, value in values.items() if _missing(value)]
+    alternatives = alternatives or {}
+    missing = [name for name, value in values.items()
+               if _missing(value) and all(_missing(v) for v in alternatives.get(name, {}).values())]
     if not missing:
         return None
-    what = ", ".join(f"--{name} ({REQUIRED_ID_MEANINGS.get(name, 'required')})" for name in missing)
+    what = ", ".join(" or ".join(f"--{id_} ({REQUIRED_ID_MEANINGS.get(id_, 'required')})"
+                                 for id_ in (name, *alternatives.get(name, {})))
+                     for name in missing)
     lines = [f"pass {what}"]
     where = f"{Path(bundle_root).name} {run}" if bundle_root else run
     lines.append(f"  {where} cannot guess {'it' if len(missing) == 1 else 'them'}")

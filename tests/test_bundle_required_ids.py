@@ -20,6 +20,8 @@ BUNDLES = sorted(p.parent.parent.name for p in (REPO / "bundles").glob("*/config
 #: run list -> (file, the id it requires)
 RUNS = {"training": ("train.yaml", "datalist"), "evaluating": ("evaluate.yaml", "datalist"),
         "inferring": ("inference.yaml", "input_dir")}
+#: (bundle, run) -> what stands in for the required id there: the pretraining bundle streams shards
+ALTERNATIVES = {("echocare_pretrain", "training"): "alternatives={'datalist': {'shards': @shards}}"}
 #: parsed without an input by MONAI's verify_net_in_out and MONAI Label
 PARSED_WITHOUT_INPUT = ("network_def", "preprocessing", "postprocessing", "inferer")
 
@@ -91,6 +93,20 @@ def test_example_comes_from_the_bundle_readme(tmp_path: Path) -> None:
     assert text.endswith("      --network_size tiny")
 
 
+def test_an_alternative_id_stands_in_and_both_are_named_when_neither_is_given() -> None:
+    """Issue #18 point 3: the pretraining bundle needs ``datalist`` or ``shards``."""
+    either = {"datalist": {"shards": "corpus/shards.json"}}
+    assert require_ids({"datalist": ""}, None, "training", alternatives=either) is None
+    assert require_ids({"datalist": "d.json"}, None, "training", alternatives={"datalist": {"shards": None}}) is None
+    with pytest.raises(MissingIdError) as caught:
+        require_ids({"datalist": " "}, None, "training", alternatives={"datalist": {"shards": None}})
+    lines = str(caught.value).splitlines()
+    assert lines[0] == ('pass --datalist (a MONAI datalist JSON with "training" and "validation" lists of the '
+                        "bundle's items) or --shards (a shards.json index of WebDataset shards, from echocare "
+                        "curate --format webdataset)")
+    assert lines[1] == "  training cannot guess it"
+
+
 # --- where the bundles call it ----------------------------------------------------------------------
 
 
@@ -99,7 +115,8 @@ def test_the_check_is_the_first_item_of_every_run_list(bundle: str) -> None:
     for run, (file, required) in RUNS.items():
         config = yaml.safe_load((REPO / "bundles" / bundle / "configs" / file).read_text())
         first = config[run][0]
-        assert first.startswith(f"$echocare.bundle.require_ids({{'{required}': @{required}}}, @bundle_root, '{run}')"), (
+        alternative = f", {ALTERNATIVES[bundle, run]}" if (bundle, run) in ALTERNATIVES else ""
+        assert first.startswith(f"$echocare.bundle.require_ids({{'{required}': @{required}}}, @bundle_root, '{run}'{alternative})"), (
             f"bundles/{bundle}/configs/{file}: `{run}` starts with {first!r}")
         assert config[run][1:], f"bundles/{bundle}/configs/{file}: `{run}` runs nothing after the check"
         for part in PARSED_WITHOUT_INPUT:
@@ -173,5 +190,6 @@ def test_pretraining_and_evaluating_need_a_datalist(bundle: str, run: str, tmp_p
     cause = caught.value.__cause__
     assert isinstance(cause, MissingIdError), repr(caught.value)
     assert str(cause).splitlines()[0].startswith("pass --datalist ")
+    assert (" or --shards (" in str(cause).splitlines()[0]) == (bundle == "echocare_pretrain")
     assert str(cause).splitlines()[1] == f"  {bundle} {run} cannot guess it"
     assert not (tmp_path / "out").exists()

@@ -18,6 +18,7 @@ from monai.handlers import CheckpointSaver, MLFlowHandler
 from PIL import Image
 
 from echocare.datasets.samplers import ResumableSampler
+from echocare.datasets.shard_stream import ShardStream
 from echocare.datasets.skipping import skipped_row
 from echocare.networks.encoder import encoder_of, encoder_state_dict
 
@@ -158,13 +159,14 @@ class BestModelState:
 
 
 class SamplerEpochSetter:
-    """Before each epoch, point a :class:`ResumableSampler` at the epoch and the first batch to run.
+    """Before each epoch, point a :class:`ResumableSampler` (or a
+    :class:`~echocare.datasets.ShardStream`, which orders itself) at the epoch and the first batch to run.
 
     After ``CheckpointLoader`` restored iteration ``e * L + k``, Ignite resumes epoch ``e + 1``
     at its ``k``-th iteration; the sampler then skips the ``k`` batches already trained on.
     """
 
-    def __init__(self, sampler: ResumableSampler) -> None:
+    def __init__(self, sampler: ResumableSampler | ShardStream) -> None:
         self.sampler = sampler
 
     def attach(self, engine: Engine) -> None:
