@@ -268,7 +268,7 @@ class EchoCareCLI:
         from echocare.predict import predict
 
         if precision is not None and precision not in PRECISIONS:
-            sys.exit(f"echocare predict: --precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+            raise ValueError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         rows = predict(
             bundle, input, out, checkpoint=checkpoint, config=config,
             max_frames=None if max_frames is None else int(max_frames),

@@ -160,6 +160,9 @@ def test_expected_errors_print_one_line_and_exit_2(tmp_path, capsys) -> None:
     assert (code, err) == (2, "error: --out: needs a value (a path)\n")
     code, _, err = _exit_code(capsys, "predict", "ddti_seg", "--input", "--out", str(tmp_path / "p"))  # a shell variable left empty
     assert (code, err) == (2, "error: --input: needs a value (a path)\n")
+    code, _, err = _exit_code(capsys, "predict", "ddti_seg", "--input", str(tmp_path), "--out", str(tmp_path / "p"),
+                              "--precision", "fp16")
+    assert (code, err) == (2, "error: --precision: must be one of fp32, bf16, got 'fp16'\n")
 
 
 def test_a_batch_with_failed_items_exits_1(tmp_path, capsys) -> None:
