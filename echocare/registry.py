@@ -18,10 +18,13 @@ docs/architecture.md, "Metric names"), ``bundle``,
 ``key_metric``, ``best_epoch`` and the run's ``network_size`` / ``image_size`` / ``class_names``
 params. Bundles load a version with ``checkpoint: models:/NAME@ALIAS`` or
 ``models:/NAME/VERSION`` (:func:`echocare.registered_models.fetch_checkpoint`, called by
-:func:`echocare.networks.load_network_checkpoint`).
+:func:`echocare.networks.load_network_checkpoint`), and their shape-defining ids default to the
+version's recorded values (:func:`echocare.registered_models.recorded`) unless given.
 
 Tracking store: an explicit ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the bundle's
-default ``<output_dir>/mlruns.db``; the model registry lives in the same store.
+default ``<output_dir>/mlruns.db``; the model registry lives in the same store. Registering
+also records the store in the user's index (:func:`echocare.registered_models.model_stores_file`),
+where loading a ``models:/NAME`` that the given store lacks looks next.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from echocare.registered_models import (
     model_version,
     parse_registry_uri,
     registered_model,
+    remember_model_store,
     resolve_tracking_uri,
 )
 
@@ -368,6 +372,7 @@ def register_run(
     version = client.create_model_version(name, source, run_id=run_id, tags=_version_tags(record), description=description)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
+    remember_model_store(name, store)  # so that models:/NAME... is found here without --tracking_uri
     return {
         "name": name, "version": int(version.version), "alias": alias, "run_id": run_id, "bundle": record.bundle,
         "key_metric": record.key_metric, "best_epoch": record.best_epoch, "metrics": record.metrics,

@@ -363,3 +363,68 @@ def test_register_by_run_name(runs, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(RegistryError, match=r"^no MLflow run 'no_such_name' in sqlite:///.* \(no run has that id or that name\)$"):
         register_run("no_such_name", "musv_by_name", tracking_uri=store)
     assert sorted(int(v.version) for v in client.search_model_versions("name = 'musv_by_name'")) == [1, 2]  # no refusal added one
+
+
+INFERENCE = str(REPO / "bundles" / "musv_seg" / "configs" / "inference.yaml")
+
+
+def _masks(folder: Path) -> dict[str, "np.ndarray"]:
+    import numpy as np
+    from PIL import Image
+
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
+
+
+def test_a_registered_model_carries_its_settings_and_its_store(runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The run trained at network_size tiny and image_size 64 (the bundle defaults: base, 256). Registered,
+    # it is used with --checkpoint models:/NAME@ALIAS alone: the recorded sizes and class names apply,
+    # and its store is found from the registration (the inference's own --output_dir holds none).
+    out, run_id = runs["sqlite"]
+    data = runs["data"]
+    index = tmp_path / "model_stores.json"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["ECHOCARE_MODEL_STORES"] = str(index)
+    monkeypatch.setenv("ECHOCARE_MODEL_STORES", str(index))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    register_run(run_id, "musv_settings", alias="champion", output_dir=out)
+    assert json.loads(index.read_text())["musv_settings"] == [f"sqlite:///{(out / 'mlruns.db').resolve()}"]
+
+    inputs = str(data / "datalist.json")
+    common = ["--input_dir", inputs, "--datalist_key", "validation", "--num_workers", "0"]
+    registered, local = tmp_path / "registered", tmp_path / "local"
+    from bundle_helpers import bundle
+
+    bundle("inferring", "--config_file", INFERENCE, *common, "--output_dir", str(registered),
+           "--checkpoint", "models:/musv_settings@champion", env=env)
+    bundle("inferring", "--config_file", INFERENCE, *common, "--output_dir", str(local),
+           "--checkpoint", str(out / "models" / "model.pt"), "--network_size", "tiny", "--image_size", "64", env=env)
+    by_registered, by_file = _masks(registered / "predictions"), _masks(local / "predictions")
+    assert by_registered and by_registered.keys() == by_file.keys()
+    for name, mask in by_file.items():
+        assert (by_registered[name] == mask).all(), name
+
+    # What the config resolves to, in-process: recorded values unless given; evaluation too.
+    parser = ConfigParser()
+    parser.read_config(INFERENCE)
+    parser.update({"checkpoint": "models:/musv_settings/1", "output_dir": str(tmp_path / "other")})
+    assert (parser.get_parsed_content("network_size"), parser.get_parsed_content("image_size")) == ("tiny", 64)
+    assert parser.get_parsed_content("class_names") == ["background", "artery", "vein"]
+    parser.update({"image_size": 96})  # given on the command line: it wins
+    assert parser.get_parsed_content("image_size") == 96 and parser.get_parsed_content("network_size") == "tiny"
+    evaluation = ConfigParser()
+    evaluation.read_config([TRAIN, EVALUATE])
+    evaluation.update({"checkpoint": "models:/musv_settings@champion", "output_dir": str(tmp_path / "other")})
+    assert (evaluation.get_parsed_content("network_size"), evaluation.get_parsed_content("image_size")) == ("tiny", 64)
+    training = ConfigParser()  # training starts from a checkpoint's weights, never from its settings
+    training.read_config(TRAIN)
+    training.update({"checkpoint": "models:/musv_settings@champion"})
+    assert (training.get_parsed_content("network_size"), training.get_parsed_content("image_size")) == ("base", 256)
+
+    # No store holds the model: one line naming --tracking_uri.
+    index.write_text("{}")
+    with pytest.raises(RegistryError) as refused:
+        fetch_checkpoint("models:/musv_settings@champion", tmp_path, tracking_uri=f"sqlite:///{tmp_path / 'none.db'}")
+    assert "--tracking_uri" in str(refused.value) and "\n" not in str(refused.value)
+    result = bundle("inferring", "--config_file", INFERENCE, *common, "--output_dir", str(tmp_path / "nowhere"),
+                    "--checkpoint", "models:/musv_settings@champion", env=dict(env, ECHOCARE_MODEL_STORES=str(index)), check=False)
+    assert result.returncode != 0 and "--tracking_uri" in result.stderr

@@ -201,7 +201,7 @@ def test_metadata_is_valid() -> None:
     configs = REPO / "bundles" / "focus_det" / "configs"
     verify_metadata(meta_file=str(configs / "metadata.json"), filepath=str(REPO / "bundles" / "metadata_schema.json"))
     metadata = json.loads((configs / "metadata.json").read_text())
-    classes = ConfigParser.load_config_file(configs / "train.yaml")["class_names"]
+    classes = ConfigParser(ConfigParser.load_config_file(configs / "train.yaml")).get_parsed_content("class_names")
     assert metadata["network_data_format"]["outputs"]["pred"]["num_channels"] == 6 * len(classes)
     for part in ("evaluate.yaml", "inference.yaml", "multi_gpu_train.yaml", "hc18.yaml", "logging.conf"):
         assert (configs / part).is_file()

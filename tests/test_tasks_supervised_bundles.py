@@ -119,7 +119,7 @@ def test_metadata_is_valid(name: str) -> None:
                     filepath=str(REPO / "bundles" / "metadata_schema.json"))
     metadata = json.loads((REPO / "bundles" / name / "configs" / "metadata.json").read_text())
     assert metadata["network_data_format"]["outputs"]["pred"]["num_channels"] == len(
-        ConfigParser.load_config_file(REPO / "bundles" / name / "configs" / "train.yaml")["class_names"]
+        ConfigParser(ConfigParser.load_config_file(REPO / "bundles" / name / "configs" / "train.yaml")).get_parsed_content("class_names")
     )
     for part in ("train.yaml", "evaluate.yaml", "inference.yaml", "multi_gpu_train.yaml", "logging.conf"):
         assert (REPO / "bundles" / name / "configs" / part).is_file()
