@@ -27,6 +27,11 @@ faster, without touching a single parameter or buffer:
   the high-resolution blocks, so that the deep, weight-bound blocks read their weights once
   per batch.
 
+* **bfloat16** (``precision: bf16``, :mod:`echocare.networks.precision`): where the matrix
+  weights and inputs are bfloat16, the fused linears and packed convolutions run oneDNN's
+  bfloat16 kernels (AMX / AVX-512 BF16), and the channels-last instance norms PyTorch's
+  channels-last group-norm kernel (float32 statistics; no layout copies).
+
 Parameter names and shapes never change (the modules keep their classes' attributes; only
 their ``forward`` changes, by switching ``__class__`` to a subclass), so state dicts load
 and save exactly as before, in the released layout. :func:`reference_paths` switches back.
