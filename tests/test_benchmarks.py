@@ -1,0 +1,75 @@
+"""The benchmarks' ``--quick`` modes: correctness and the JSON keys, never times (issue #19)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_inference_quick_writes_every_key_and_bf16_agrees(tmp_path):
+    out = tmp_path / "inference.json"
+    result = _benchmark("inference").main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["outputs_equal"] and result["quick"]
+    assert set(result["cpu_isa"]) <= {"amx_bf16", "avx512_bf16", "avx512f"}
+    assert result["sgemm_gflops"] > 0 and result["bf16_gemm_gflops"] > 0
+    cases = {(c["network"], c["batch_size"]) for c in result["cases"]}
+    assert cases == {("ddti_seg", 1), ("ddti_seg", 2), ("busbra_cls", 1), ("busbra_cls", 2)}
+    for case in result["cases"]:
+        assert case["max_abs_diff"] <= 1e-4  # the fast path is exact
+        for key in ("speedup_fp32", "fp32_fraction_of_bound", "speedup_bf16", "agreement_bf16"):
+            assert math.isfinite(case[key]) and case[key] > 0, key
+        assert result[key] == min(c[key] for c in result["cases"])
+    # bf16 against float32 on the (real or phantom) validation images of the briefly trained tiny networks
+    assert result["agreement"]["ddti_seg"]["agreement_bf16"] >= 0.9
+    assert result["agreement"]["busbra_cls"]["agreement_bf16"] >= 0.75
+    assert result["agreement"]["busbra_cls"]["max_prob_diff_bf16"] < 0.1
+    assert 0.5 <= result["ellipse_iou_bf16"] <= 1.0
+    assert 0 <= result["ef_diff_points_bf16"] < 5.0
+    assert set(result["targets"]) == {"speedup_bf16_ge_2.5", "agreement_bf16_ge_0.99", "fp32_fraction_of_bound_ge_0.9"}
+    for name in ("ddti_seg", "busbra_cls"):
+        record = result["training"][name]
+        assert record["steps"] == 2 and Path(record["saved_to"]).is_file()
+    # a second run loads the cached weights instead of training again
+    again = _benchmark("inference").main(["--quick", "--networks", "busbra_cls", "--no-other-bundles", "--out", str(out)])
+    assert "loaded_from" in again["training"]["busbra_cls"]
+    assert again["agreement"]["busbra_cls"] == result["agreement"]["busbra_cls"]
+
+
+def test_dataloader_quick_checks_batches_and_keys(tmp_path):
+    out = tmp_path / "dataloader.json"
+    result = _benchmark("dataloader").main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["images_per_s_per_worker"] == result["images_per_s_per_worker"] > 0
+    assert set(result["per_format"]) == {"png_256", "png_480x640", "dicom_mono_480x640", "dicom_jpeg_rgb_480x640"}
+    assert result["files_per_format"] == 4 and result["quick"]
+
+
+@pytest.mark.slow
+def test_gpu_pretrain_step_dry_run_on_cpu(tmp_path):
+    """``gpu_pretrain_step.sh --dry-run``: the GPU command's code path on the CPU at tiny sizes
+    (bf16 autocast, every variant and torch.compile); every variant passes its gradient check."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_pretrain_step.sh"), "--dry-run", str(tmp_path)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    result = json.loads((tmp_path / "pretrain_step_dry_run.json").read_text())
+    rows = {row["variant"]: row for row in result["variants"]}
+    assert {"reference", "fast", "fast+compile"} <= set(rows)
+    assert result["precision"] == "bf16 autocast"
+    assert all(row["check"]["ok"] for name, row in rows.items() if name != "reference")
