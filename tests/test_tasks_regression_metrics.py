@@ -71,3 +71,21 @@ def test_ignite_metric_over_decollated_batches() -> None:
     np.testing.assert_allclose(metrics["mae"].true, [50, 60, 30, 70])
     state = engine.run(batches[:1])  # reset between runs
     assert state.metrics["mae"] == pytest.approx(1.0)
+
+
+def test_mean_value_baseline_predicts_the_training_mean(tmp_path) -> None:
+    import json
+
+    from PIL import Image
+
+    from echocare.tasks.regression import mean_value_baseline
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    content = {
+        "training": [{"image": "a.png", "value": v} for v in (100.0, 140.0, 180.0)],  # mean 140
+        "validation": [{"image": "a.png", "value": v} for v in (120.0, 200.0)],
+    }
+    (tmp_path / "dl.json").write_text(json.dumps(content))
+    baseline = mean_value_baseline(tmp_path / "dl.json")
+    assert baseline["mae"] == pytest.approx((20 + 60) / 2) and baseline["bias"] == pytest.approx((20 - 60) / 2)
+    assert math.isnan(baseline["pearson_r"])  # a constant correlates with nothing

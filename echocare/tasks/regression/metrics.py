@@ -21,6 +21,7 @@ Definitions, with errors ``e_i = pred_i - true_i`` over ``n`` items:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -30,8 +31,9 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
 
 from echocare.engines.distributed import gather_rows
+from echocare.tasks.regression.data import load_regression_datalist
 
-__all__ = ["REGRESSION_SCORE_NAMES", "RegressionScore", "regression_metrics", "regression_scores"]
+__all__ = ["REGRESSION_SCORE_NAMES", "RegressionScore", "mean_value_baseline", "regression_metrics", "regression_scores"]
 
 #: names :class:`RegressionScore` accepts (keys of :func:`regression_scores`).
 REGRESSION_SCORE_NAMES = ("mae", "mae_se", "rmse", "bias", "loa_low", "loa_high", "pearson_r")
@@ -77,6 +79,24 @@ def regression_scores(pred: Any, true: Any) -> dict[str, float]:
         "loa_high": bias + 1.96 * sd_error,
         "pearson_r": pearson,
     }
+
+
+def mean_value_baseline(
+    datalist: str | os.PathLike[str],
+    target_key: str = "value",
+    base_dir: str | os.PathLike[str] | None = None,
+    key: str = "validation",
+) -> dict[str, float]:
+    """The trivial baseline: every item of the list ``key`` gets the mean training target.
+
+    Returns :func:`regression_scores` of that constant against the targets of ``key``, in the
+    targets' unit (``mae`` in mm for head circumference, EF points for ``ef``); ``pearson_r``
+    is NaN (a constant).
+    """
+    training = load_regression_datalist(datalist, "training", target_key, base_dir=base_dir, check_images=False)
+    evaluated = load_regression_datalist(datalist, key, target_key, base_dir=base_dir, check_images=False)
+    mean = float(np.mean([item["value"] for item in training]))
+    return regression_scores([mean] * len(evaluated), [item["value"] for item in evaluated])
 
 
 def _identity(output: Any) -> Any:
