@@ -249,6 +249,55 @@ def test_perceptual_hash_and_index():
         assert index.query(q) == (str(k), 7)
 
 
+def _flip_bits(h: int, rng: np.random.Generator, k: int) -> int:
+    for bit in rng.choice(64, k, replace=False):
+        h ^= 1 << int(bit)
+    return h
+
+
+@pytest.mark.parametrize("threshold", [0, 3, 6, 10])
+def test_hash_index_takes_the_decisions_of_a_brute_force_search(threshold):
+    """Random, clustered and near-duplicate hashes (signed, as perceptual_hash gives them), queried
+    while they are added (before the first merge into the rows, between merges, with long rows):
+    the same first match and distance as a linear scan, or None where it finds none."""
+    rng = np.random.default_rng(threshold)
+    mask = (1 << 64) - 1
+    centres = [int(h) for h in rng.integers(-2**63, 2**63 - 1, 20, dtype=np.int64)]
+    common_top = int(rng.integers(0, 2**32)) << 32  # bands 2 and 3 shared: two long rows
+    hashes = []
+    for k in range(6000):
+        kind = k % 3
+        if kind == 0:
+            h = int(rng.integers(-2**63, 2**63 - 1, dtype=np.int64))
+        elif kind == 1:
+            h = _flip_bits(centres[int(rng.integers(20))], rng, int(rng.integers(0, threshold + 3)))
+        else:
+            h = common_top | int(rng.integers(0, 2**32))
+        hashes.append(h)
+
+    def brute_force(added: list[int], q: int) -> tuple[str, int] | None:
+        x = np.array([(h ^ q) & mask for h in added], np.uint64)
+        distances = np.unpackbits(x.view(np.uint8)).reshape(-1, 64).sum(axis=1)
+        within = np.flatnonzero(distances <= threshold)
+        return (str(within[0]), int(distances[within[0]])) if within.size else None
+
+    index = HashIndex(threshold)
+    found = 0
+    for k, h in enumerate(hashes):
+        if k in (1, 50, 700) or (k and k % 900 == 0):
+            for _ in range(25):
+                if rng.random() < 0.3:
+                    q = int(rng.integers(-2**63, 2**63 - 1, dtype=np.int64))
+                else:  # an added hash, up to a little beyond the threshold away
+                    q = _flip_bits(hashes[int(rng.integers(k))], rng, int(rng.integers(0, threshold + 3)))
+                expected = brute_force(hashes[:k], q)
+                assert index.query(q) == expected, (k, q)
+                found += expected is not None
+        index.add(h, str(k))
+    assert len(index) == 6000 and 0 < found < 8 * 25  # both outcomes met
+    assert hamming(-1, 0) == 64 and hamming(-(2**63), 2**63) == 0  # bit patterns, whatever the sign
+
+
 # -------------------------------------------------------------------------- mapping
 
 

@@ -387,61 +387,131 @@ def perceptual_hash(image: np.ndarray) -> int:
     return int(sum(1 << (63 - i) for i in np.flatnonzero(bits)))
 
 
+#: The 64 bits of a hash. :func:`perceptual_hash` sums numpy int64 bits, so its hashes come
+#: signed (bit 63, the DC term, is the sign); distances and the index use the 64-bit pattern.
+_HASH_MASK = (1 << 64) - 1
+
+
 def hamming(a: int, b: int) -> int:
-    """Number of differing bits of two hashes."""
-    return bin(a ^ b).count("1")
+    """Number of differing bits of two 64-bit hashes (signed or unsigned: the bit patterns count)."""
+    return bin((a ^ b) & _HASH_MASK).count("1")
+
+
+if hasattr(np, "bitwise_count"):  # numpy >= 2
+
+    def _popcount(x: np.ndarray) -> np.ndarray:
+        """Set bits of each element of a uint64 array (uint8)."""
+        return np.bitwise_count(x)
+
+else:
+    _BITS_OF_BYTE = np.array([bin(v).count("1") for v in range(256)], np.uint8)
+
+    def _popcount(x: np.ndarray) -> np.ndarray:
+        """Set bits of each element of a uint64 array (uint8; a table per byte)."""
+        return _BITS_OF_BYTE[np.ascontiguousarray(x).view(np.uint8)].reshape(-1, 8).sum(axis=1, dtype=np.uint8)
 
 
 class HashIndex:
-    """Near-neighbour search of 64-bit hashes within a Hamming radius (multi-index hashing).
+    """Near-neighbour search of 64-bit hashes within a Hamming radius (multi-index hashing),
+    in about constant time per lookup at millions of hashes.
 
-    The hash is cut into 4 bands of 16 bits. Two hashes within distance ``t`` agree on
-    some band up to ``t // 4`` bits (pigeonhole), so a query probes, for each band, the
-    band's value with every flip of up to ``t // 4`` bits, and only checks the full
-    distance of the hashes found there: no linear scan over all hashes.
+    The hash is cut into 4 bands of 16 bits. Two hashes within distance ``t`` agree on some band
+    up to ``t // 4`` bits (pigeonhole), so a query probes, for each band, the band's value with
+    every flip of up to ``t // 4`` bits (17 values per band at the default ``t`` = 6), and
+    computes the full distance only of the hashes found there.
+
+    Layout (numpy; 24 bytes per hash, plus a pointer to its tag): the hashes in one uint64 array
+    in the order added, and for each (band, value) row the numbers (int32) of the hashes that have
+    it, rows one after the other, with the start of each row (compressed sparse rows). A probe is
+    two array reads; all the probes and distances of a query are one vectorised step, however
+    long a row is (similar images fill some rows). The hashes added since the rows were last
+    extended are checked by one vectorised scan; they are merged in (one linear pass) when they
+    reach ``2 * sqrt(len(index))``, which balances the scan per query against the merge per added
+    hash: both stay tens of microseconds at millions of hashes. An index with fewer hashes than
+    probes (68 at ``t`` = 6) is scanned whole.
     """
 
     BANDS = 4
+    BAND_BITS = 16
+    #: The fewest recent (scanned, not yet merged) hashes that trigger a merge.
+    MIN_RECENT = 1024
 
     def __init__(self, threshold: int) -> None:
         self.threshold = int(threshold)
-        self._tables: list[dict[int, list[int]]] = [dict() for _ in range(self.BANDS)]
-        self._values: list[tuple[int, str]] = []
+        self._hashes = np.zeros(1024, np.uint64)
+        self._tags: list[str] = []
+        self._indexed = 0  # hashes 0.._indexed-1 are in the rows
+        rows = self.BANDS << self.BAND_BITS
+        self._members = np.zeros(0, np.int32)  # the hash numbers of row 0, then of row 1, ...
+        self._starts = np.zeros(rows + 1, np.int64)  # row r (band b, value v: r = b * 65536 + v) is _members[_starts[r]:_starts[r + 1]]
         r = max(self.threshold, 0) // self.BANDS
-        self._flips = [0] + [sum(1 << b for b in bits) for k in range(1, r + 1)
-                             for bits in itertools.combinations(range(16), k)]
+        flips = [0] + [sum(1 << b for b in bits) for k in range(1, r + 1)
+                       for bits in itertools.combinations(range(self.BAND_BITS), k)]
+        self._flips = np.array(flips, np.int64)
 
     def __len__(self) -> int:
-        return len(self._values)
+        return len(self._tags)
 
-    @staticmethod
-    def _bands(h: int) -> list[int]:
-        return [(h >> (16 * i)) & 0xFFFF for i in range(HashIndex.BANDS)]
+    def _rows(self, hashes: np.ndarray) -> np.ndarray:
+        """(BANDS, n) row numbers of uint64 ``hashes``: band b's value plus b * 65536."""
+        shifts = np.arange(self.BANDS, dtype=np.uint64)[:, None] * np.uint64(self.BAND_BITS)
+        values = (hashes[None, :] >> shifts) & np.uint64((1 << self.BAND_BITS) - 1)
+        return values.astype(np.int64) + (np.arange(self.BANDS, dtype=np.int64)[:, None] << self.BAND_BITS)
 
     def add(self, h: int, tag: str) -> None:
-        idx = len(self._values)
-        self._values.append((h, tag))
-        for table, band in zip(self._tables, self._bands(h)):
-            table.setdefault(band, []).append(idx)
+        n = len(self._tags)
+        if n == len(self._hashes):
+            self._hashes = np.concatenate([self._hashes, np.zeros(n, np.uint64)])
+        self._hashes[n] = h & _HASH_MASK
+        self._tags.append(tag)
+        if n + 1 - self._indexed >= max(self.MIN_RECENT, 2 * math.isqrt(n + 1)):
+            self._merge_recent(n + 1)
+
+    def _merge_recent(self, n: int) -> None:
+        """Put hashes _indexed..n-1 in the rows: each at the end of its row, so rows stay in adding order."""
+        recent = self._hashes[self._indexed:n]
+        rows = self._rows(recent).ravel()
+        by_row = np.argsort(rows, kind="stable")
+        rows = rows[by_row]
+        numbers = np.tile(np.arange(self._indexed, n, dtype=np.int32), self.BANDS)[by_row]
+        self._members = np.insert(self._members, self._starts[rows + 1], numbers)
+        added = np.bincount(rows, minlength=len(self._starts) - 1)
+        self._starts[1:] += np.cumsum(added)
+        self._indexed = n
 
     def query(self, h: int) -> tuple[str, int] | None:
         """The first added (tag, distance) within the threshold of ``h``, or None."""
-        if self.threshold < 0:
+        n = len(self._tags)
+        if self.threshold < 0 or n == 0:
             return None
-        seen: set[int] = set()
-        best = None
-        for table, band in zip(self._tables, self._bands(h)):
-            for flip in self._flips:
-                for idx in table.get(band ^ flip, ()):
-                    if idx in seen:
-                        continue
-                    seen.add(idx)
-                    d = hamming(self._values[idx][0], h)
-                    if d <= self.threshold and (best is None or idx < best):
-                        best = idx
-        if best is None:
+        h &= _HASH_MASK
+        q = np.uint64(h)
+        found = []
+        # Probing pays when the rows hold more hashes than there are probes; else one scan of every hash is cheaper.
+        probed = self._indexed if self._flips.size * self.BANDS < self._indexed else 0
+        if probed:
+            band_rows = [(b << self.BAND_BITS) | ((h >> (self.BAND_BITS * b)) & ((1 << self.BAND_BITS) - 1))
+                         for b in range(self.BANDS)]  # as _rows, for one hash
+            rows = (np.array(band_rows, np.int64)[:, None] ^ self._flips[None, :]).ravel()
+            lo, hi = self._starts[rows], self._starts[rows + 1]
+            sizes = hi - lo
+            total = int(sizes.sum())
+            if total:
+                # positions lo[i] .. hi[i]-1 of every probed row, in one array
+                ends = np.cumsum(sizes)
+                positions = np.arange(total) + np.repeat(lo - (ends - sizes), sizes)
+                ids = self._members[positions]
+                near = ids[_popcount(self._hashes[ids] ^ q) <= self.threshold]
+                if near.size:
+                    found.append(int(near.min()))
+        if n > probed and not found:  # a match among the rows is older than every hash scanned here
+            scanned = np.flatnonzero(_popcount(self._hashes[probed:n] ^ q) <= self.threshold)
+            if scanned.size:
+                found.append(probed + int(scanned[0]))
+        if not found:
             return None
-        return self._values[best][1], hamming(self._values[best][0], h)
+        best = found[0]
+        return self._tags[best], int(_popcount(self._hashes[best:best + 1] ^ q)[0])
 
 
 def resize_pad(image: np.ndarray, size: int) -> np.ndarray:
