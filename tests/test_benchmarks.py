@@ -60,6 +60,15 @@ def test_dataloader_quick_checks_batches_and_keys(tmp_path):
     assert result["files_per_format"] == 4 and result["quick"]
 
 
+def test_shard_stream_quick_reads_the_same_images_as_the_datalist(tmp_path):
+    out = tmp_path / "shard_stream.json"
+    result = _benchmark("shard_stream").main(["--quick", "--size", "32", "--batch-size", "5", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert result["images_equal"] and result["images"] == 24 and result["quick"]
+    assert set(result) == {"images", "image_size", "batch_size", "shard_size", "datalist_images_per_s_per_worker",
+                           "shards_images_per_s_per_worker", "ratio", "images_equal", "quick"}
+
+
 @pytest.mark.slow
 def test_gpu_pretrain_step_dry_run_on_cpu(tmp_path):
     """``gpu_pretrain_step.sh --dry-run``: the GPU command's code path on the CPU at tiny sizes
