@@ -155,7 +155,7 @@ def readme_example(bundle_root: str | os.PathLike[str], run: str) -> list[str]:
 
 
 def require_ids(values: dict[str, Any], bundle_root: str | os.PathLike[str] | None = None, run: str = "training",
-                alternatives: dict[str, dict[str, Any]] | None = None) -> None:
+                either: dict[str, dict[str, Any]] | None = None) -> None:
     """Refuse a bundle run whose required ids are empty, before anything is built: the first item of
     each bundle's ``training``, ``evaluating`` and ``inferring`` lists (never of ``network_def`` or
     the other parts MONAI's ``verify_net_in_out`` and MONAI Label parse without an input).
@@ -166,7 +166,7 @@ def require_ids(values: dict[str, Any], bundle_root: str | os.PathLike[str] | No
         bundle_root: the bundle's folder: its name heads the message and its ``docs/README.md``
             gives the example command.
         run: the run id, for the message and the README example.
-        alternatives: per required id, the ids that can stand in for it and their values
+        either: per required id, the ids that can stand in for it and their values
             (``{"datalist": {"shards": @shards}}``: the pretraining bundle streams shards instead);
             the id is missing only when they are all missing too, and the message names them all.
 
@@ -175,13 +175,13 @@ def require_ids(values: dict[str, Any], bundle_root: str | os.PathLike[str] | No
             ``pass --ID (what it is)[ or --ALT (...)][, --ID2 (...)]``, then the optional ids that
             go with them and the README's example.
     """
-    alternatives = alternatives or {}
+    either = either or {}
     missing = [name for name, value in values.items()
-               if _missing(value) and all(_missing(v) for v in alternatives.get(name, {}).values())]
+               if _missing(value) and all(_missing(v) for v in either.get(name, {}).values())]
     if not missing:
         return None
     what = ", ".join(" or ".join(f"--{id_} ({REQUIRED_ID_MEANINGS.get(id_, 'required')})"
-                                 for id_ in (name, *alternatives.get(name, {})))
+                                 for id_ in (name, *either.get(name, {})))
                      for name in missing)
     lines = [f"pass {what}"]
     where = f"{Path(bundle_root).name} {run}" if bundle_root else run

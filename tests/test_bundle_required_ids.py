@@ -21,7 +21,7 @@ BUNDLES = sorted(p.parent.parent.name for p in (REPO / "bundles").glob("*/config
 RUNS = {"training": ("train.yaml", "datalist"), "evaluating": ("evaluate.yaml", "datalist"),
         "inferring": ("inference.yaml", "input_dir")}
 #: (bundle, run) -> what stands in for the required id there: the pretraining bundle streams shards
-ALTERNATIVES = {("echocare_pretrain", "training"): "alternatives={'datalist': {'shards': @shards}}"}
+ALTERNATIVES = {("echocare_pretrain", "training"): "{'datalist': {'shards': @shards}}"}
 #: parsed without an input by MONAI's verify_net_in_out and MONAI Label
 PARSED_WITHOUT_INPUT = ("network_def", "preprocessing", "postprocessing", "inferer")
 
@@ -96,10 +96,10 @@ def test_example_comes_from_the_bundle_readme(tmp_path: Path) -> None:
 def test_an_alternative_id_stands_in_and_both_are_named_when_neither_is_given() -> None:
     """Issue #18 point 3: the pretraining bundle needs ``datalist`` or ``shards``."""
     either = {"datalist": {"shards": "corpus/shards.json"}}
-    assert require_ids({"datalist": ""}, None, "training", alternatives=either) is None
-    assert require_ids({"datalist": "d.json"}, None, "training", alternatives={"datalist": {"shards": None}}) is None
+    assert require_ids({"datalist": ""}, None, "training", either=either) is None
+    assert require_ids({"datalist": "d.json"}, None, "training", either={"datalist": {"shards": None}}) is None
     with pytest.raises(MissingIdError) as caught:
-        require_ids({"datalist": " "}, None, "training", alternatives={"datalist": {"shards": None}})
+        require_ids({"datalist": " "}, None, "training", either={"datalist": {"shards": None}})
     lines = str(caught.value).splitlines()
     assert lines[0] == ('pass --datalist (a MONAI datalist JSON with "training" and "validation" lists of the '
                         "bundle's items) or --shards (a shards.json index of WebDataset shards, from echocare "
