@@ -6,7 +6,7 @@ A synthetic corpus of phantom ultrasound images (``--image-side`` pixels square,
 every file a different scene, so nearly all are kept and the driver's index grows with the
 input) is generated on the fly into a temporary folder: the largest size once, the smaller
 sizes as hard links to its first files. Sizes: 20,000 and 80,000 files by default, 500 and 2,000
-with ``--quick`` (about 10 minutes on 2 cores), or ``--sizes``.
+with ``--quick`` (meant to finish within 20 minutes on 2 cores), or ``--sizes``.
 
 Each run is ``curate`` in its own subprocess (``--engine local`` or ``ray`` with ``--workers`` 1
 and 2; Ray starts its own local instance, as ``echocare curate --engine ray`` does, and that start
