@@ -19,6 +19,8 @@ from PIL import Image
 
 from bundle_helpers import REPO, blob_dataset, bundle, bundles_in_one_process, mlflow_runs
 from echocare.phantoms import generate_demo_data
+from echocare.tasks.supervised import mask_values_for
+from echocare.tasks.supervised.baselines import all_foreground_baseline, majority_class_baseline
 from echocare.tasks.supervised import EchoCareClassifier, EchoCareSegNet
 from echocare.networks import (
     HeadMismatchWarning,
@@ -33,6 +35,35 @@ KEY_METRIC = {
     "ddti_seg": "mean_dice", "musv_seg": "mean_dice", "abdomen_seg": "mean_dice",
     "busbra_cls": "accuracy", "thyroid_cls": "auc", "fll_cls": "accuracy",
 }
+# Phantom training settings under which each bundle beats its trivial baseline (tiny encoder from
+# scratch, 64 px): the defaults (encoder 1e-4, head 1e-3, a one-epoch warm-up) barely move in a few
+# steps. Images are cached, so an epoch of these 8-16 items costs seconds; start-up and the
+# evaluation dominate each test.
+PHANTOM_TRAINING = {
+    "ddti_seg": ["--max_epochs", "2"],
+    "musv_seg": ["--max_epochs", "6", "--encoder_lr", "1e-3", "--head_lr", "1e-2", "--warmup_epochs", "0"],
+    "abdomen_seg": ["--max_epochs", "6", "--encoder_lr", "1e-3", "--head_lr", "1e-2", "--warmup_epochs", "0"],
+    "busbra_cls": ["--max_epochs", "6", "--encoder_lr", "1e-3", "--head_lr", "1e-2", "--warmup_epochs", "0"],
+    "thyroid_cls": ["--max_epochs", "2"],
+    "fll_cls": ["--max_epochs", "2"],
+}
+# fll_cls's phantom (10 training clips, 2 validated) has not been seen to beat its majority class in a
+# CI-sized run: 8 epochs at encoder 1e-3 / head 1e-2 still score accuracy 0.5, the majority's. Until a
+# learnable setting is found, its test checks that the run works, not that it learnt.
+NOT_YET_LEARNING = {"fll_cls"}
+
+
+def trivial_baseline(name: str, datalist: Path, overlay: str | None = None, dataset_dir: Path | None = None) -> dict[str, float]:
+    """The trivial baseline of bundle ``name`` (with ``overlay``) on the validation list of ``datalist``:
+    all-foreground Dice for segmentation, majority-class accuracy (and AUC 0.5 for two classes)
+    for classification; the classes and label key are the bundle's own."""
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundles" / name / "configs" / f) for f in ("train.yaml", overlay) if f])
+    class_names, label_key = parser.get_parsed_content("class_names"), parser.get_parsed_content("label_key")
+    if name.endswith("_seg"):
+        return all_foreground_baseline(datalist, class_names, base_dir=dataset_dir, label_key=label_key,
+                                       mask_values=mask_values_for(datalist, class_names))
+    return majority_class_baseline(datalist, class_names, base_dir=dataset_dir, label_key=label_key)
 
 
 def configs(name: str, *files: str) -> str:
@@ -61,16 +92,27 @@ def test_bundle_trains_evaluates_and_infers(name: str, datasets, tmp_path: Path)
     data = datasets[name]
     common = [*SMALL, "--dataset_dir", str(data), "--datalist", str(data / "datalist.json"), "--output_dir", str(tmp_path)]
     fraction = ["--train_fraction", "0.5"] if name == "busbra_cls" else []  # 8 items, 2 per class -> 1 per class
-    bundle("training", "--config_file", configs(name, "train.yaml"), *common, *fraction, "--max_epochs", "2",
-           "--tracking", "mlflow", "--run_name", f"{name}_train")
+    epochs = int(PHANTOM_TRAINING[name][1])
+    # one interpreter for the three runs: one start-up of torch, MONAI and MLflow instead of three
+    bundles_in_one_process(
+        ["training", "--config_file", configs(name, "train.yaml"), *common, *fraction, *PHANTOM_TRAINING[name],
+         "--tracking", "mlflow", "--run_name", f"{name}_train"],
+        ["evaluating", "--config_file", configs(name, "train.yaml", "evaluate.yaml"), *common,
+         "--tracking", "mlflow", "--run_name", f"{name}_eval"],
+        ["inferring", "--config_file", configs(name, "inference.yaml"), "--input_dir", str(data / "datalist.json"),
+         "--dataset_dir", str(data), "--output_dir", str(tmp_path), "--network_size", "tiny", "--image_size", "64",
+         "--num_workers", "0"],
+    )
     models = tmp_path / "models"
     assert (models / "model.pt").is_file() and (models / "checkpoint_final.pt").is_file()
 
-    bundle("evaluating", "--config_file", configs(name, "train.yaml", "evaluate.yaml"), *common,
-           "--tracking", "mlflow", "--run_name", f"{name}_eval")
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     key = KEY_METRIC[name]
-    assert key in summary and 0.0 <= summary[key] <= 1.0
+    baseline = trivial_baseline(name, data / "datalist.json")
+    if name in NOT_YET_LEARNING:
+        assert summary[key] >= 0.0 and set(baseline) <= set(summary), (summary, baseline)
+    else:
+        assert summary[key] > baseline[key], (summary, baseline)  # learnt: beats all-foreground / majority / chance
     per_case = (tmp_path / "eval" / "per_case.csv").read_text().splitlines()
     validation = json.loads((data / "datalist.json").read_text())["validation"]
     assert len(per_case) == 1 + len(validation)
@@ -85,7 +127,7 @@ def test_bundle_trains_evaluates_and_infers(name: str, datasets, tmp_path: Path)
     client, runs = mlflow_runs(tmp_path / "mlruns.db")
     by_name = {r.info.run_name: r for r in runs}
     train_run, eval_run = by_name[f"{name}_train"], by_name[f"{name}_eval"]
-    assert len(client.get_metric_history(train_run.info.run_id, key)) == 2  # one value per epoch
+    assert len(client.get_metric_history(train_run.info.run_id, key)) == epochs  # one value per epoch
     assert client.get_metric_history(train_run.info.run_id, "train_loss")
     assert train_run.data.params["network_size"] == "tiny"
     training = json.loads((data / "datalist.json").read_text())["training"]
@@ -94,9 +136,6 @@ def test_bundle_trains_evaluates_and_infers(name: str, datasets, tmp_path: Path)
     artifacts = {a.path for a in client.list_artifacts(eval_run.info.run_id, "eval")}
     assert "eval/summary.json" in artifacts and "eval/per_case.csv" in artifacts
 
-    bundle("inferring", "--config_file", configs(name, "inference.yaml"), "--input_dir", str(data / "datalist.json"),
-           "--dataset_dir", str(data), "--output_dir", str(tmp_path), "--network_size", "tiny", "--image_size", "64",
-           "--num_workers", "0")
     predictions = json.loads((tmp_path / "predictions" / "predictions.json").read_text())
     assert len(predictions) >= len(validation)
     first = predictions[0]
