@@ -18,7 +18,7 @@ from bundle_helpers import REPO, bundles_in_one_process, mlflow_runs
 from dicom_helpers import write_dicom
 from echocare.datasets import DatalistError
 from echocare.tasks.supervised import LoadClipd
-from echocare.tasks.regression import RegressionOutputd, RegressionTargetd, load_regression_datalist
+from echocare.tasks.regression import RegressionOutputd, RegressionTargetd, load_regression_datalist, mean_value_baseline
 from echocare.phantoms import generate_demo_data
 from echocare.io import read_ultrasound
 from echocare.phantoms.regression import area_length_volume
@@ -310,6 +310,7 @@ def test_real_data_hc18_circumference_runs(real_data_dir: Path, tmp_path: Path) 
     truth = {Path(i["image"]).name: i["value"] for i in small["validation"]}
     assert {Path(r["image"]).name: float(r["true"]) for r in rows} == pytest.approx(truth)
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert 0 <= summary["mae"] < 200  # mm
+    baseline = mean_value_baseline(tmp_path / "datalist.json", base_dir=real_data_dir / "hc18")
+    assert summary["mae"] < baseline["mae"], (summary, baseline)  # mm: beats predicting the training mean HC
     predictions = json.loads((tmp_path / "predictions" / "predictions.json").read_text())
     assert len(predictions) == 4 and all(p["unit"] == "mm" and p["hc"] > 0 for p in predictions)
