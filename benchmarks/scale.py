@@ -105,20 +105,17 @@ print(json.dumps({"seconds": seconds, "units": report["units"], "kept": report["
 """
 
 
-def _write_phantoms(job: tuple[str, int, int, int]) -> None:
-    """Phantom PNGs number ``start`` to ``stop - 1`` into ``root`` (one pool task)."""
+def _write_phantoms(root: str, numbers: range, side: int) -> None:
+    """Phantom PNGs with the given numbers into ``root`` (one generating process's share)."""
     import numpy as np
     from PIL import Image
 
     from echocare.phantoms.renderer import PRETRAIN_ANATOMIES, make_phantom_image
 
-    root, start, stop, side = job
     organs = list(PRETRAIN_ANATOMIES)
-    for k in range(start, stop):
+    for k in numbers:
         image, _ = make_phantom_image(np.random.default_rng(k), side, organ=organs[k % len(organs)])
-        path = Path(root) / f"part{k // FOLDER_FILES:03d}" / f"phantom{k:06d}.png"
-        path.parent.mkdir(exist_ok=True)
-        Image.fromarray(image).save(path)
+        Image.fromarray(image).save(Path(root) / f"part{k // FOLDER_FILES:03d}" / f"phantom{k:06d}.png")
 
 
 def make_corpus(root: Path, sizes: list[int], side: int, processes: int) -> dict[int, Path]:
@@ -127,11 +124,18 @@ def make_corpus(root: Path, sizes: list[int], side: int, processes: int) -> dict
     largest = max(sizes)
     full = root / f"inputs_{largest}"
     full.mkdir(parents=True)
-    step = 250
-    jobs = [(str(full), a, min(a + step, largest), side) for a in range(0, largest, step)]
-    with multiprocessing.get_context("fork").Pool(processes) as pool:
-        for _ in pool.imap_unordered(_write_phantoms, jobs):
-            pass
+    for k in range((largest + FOLDER_FILES - 1) // FOLDER_FILES):
+        (full / f"part{k:03d}").mkdir()
+    # Forked processes, not a pool: this file may be loaded under a name pickling cannot import.
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_write_phantoms, args=(str(full), range(p, largest, processes), side))
+             for p in range(processes)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    if any(proc.exitcode != 0 for proc in procs):
+        sys.exit(f"generating the phantom corpus in {full} failed")
     folders = {largest: full}
     for n in sorted(set(sizes) - {largest}):
         folder = root / f"inputs_{n}"
