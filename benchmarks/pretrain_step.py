@@ -132,7 +132,12 @@ def gradients(network, loss_fn, batch, amp: bool, device: torch.device) -> tuple
     network.zero_grad(set_to_none=True)
     loss = forward_loss(network, loss_fn, batch, amp, device, seed=1234)
     loss.backward()
-    grads = {k: p.grad.detach().float().clone() for k, p in network.named_parameters() if p.grad is not None}
+    # torch.compile's wrapper names its parameters "_orig_mod.<name>": compare by the network's own names
+    grads = {
+        k.removeprefix("_orig_mod."): p.grad.detach().float().clone()
+        for k, p in network.named_parameters()
+        if p.grad is not None
+    }
     network.zero_grad(set_to_none=True)
     return loss.item(), grads
 
