@@ -45,7 +45,7 @@ __all__ = [
     "task_datalist",
 ]
 
-#: The datalist keys a JSON label holds, by task (DESIGN's datalist keys; ``image2`` names the
+#: The datalist keys a JSON label holds, by task (the datalist keys of docs/architecture.md; ``image2`` names the
 #: report's second view, an image id of the studies folder).
 JSON_LABEL_KEYS = {
     "detection": {"ellipses": "[[cx, cy, semi_major, semi_minor, angle], ...] in pixels, degrees",
