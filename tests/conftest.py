@@ -32,3 +32,13 @@ def real_data_dir() -> Path:
     if root is None:
         pytest.skip("no real data: set ECHOCARE_DATA or place shared/data beside the checkout")
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_stores_index(tmp_path_factory) -> Path:
+    """Registering a model records its store in the user's index (echocare.registered_models);
+    tests record into a file of their own, which the bundle runs they start inherit."""
+    index = tmp_path_factory.mktemp("echocare_config") / "model_stores.json"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ECHOCARE_MODEL_STORES", str(index))
+        yield index

@@ -392,12 +392,14 @@ def test_a_registered_model_carries_its_settings_and_its_store(runs, tmp_path: P
     inputs = str(data / "datalist.json")
     common = ["--input_dir", inputs, "--datalist_key", "validation", "--num_workers", "0"]
     registered, local = tmp_path / "registered", tmp_path / "local"
-    from bundle_helpers import bundle
+    from bundle_helpers import bundle, bundles_in_one_process
 
-    bundle("inferring", "--config_file", INFERENCE, *common, "--output_dir", str(registered),
-           "--checkpoint", "models:/musv_settings@champion", env=env)
-    bundle("inferring", "--config_file", INFERENCE, *common, "--output_dir", str(local),
-           "--checkpoint", str(out / "models" / "model.pt"), "--network_size", "tiny", "--image_size", "64", env=env)
+    bundles_in_one_process(  # one interpreter; it inherits ECHOCARE_MODEL_STORES and no MLFLOW_TRACKING_URI
+        ["inferring", "--config_file", INFERENCE, *common, "--output_dir", str(registered),
+         "--checkpoint", "models:/musv_settings@champion"],
+        ["inferring", "--config_file", INFERENCE, *common, "--output_dir", str(local),
+         "--checkpoint", str(out / "models" / "model.pt"), "--network_size", "tiny", "--image_size", "64"],
+    )
     by_registered, by_file = _masks(registered / "predictions"), _masks(local / "predictions")
     assert by_registered and by_registered.keys() == by_file.keys()
     for name, mask in by_file.items():
