@@ -252,7 +252,7 @@ def remember_model_store(name: str, store: str) -> None:
 def _holds_model(store: str, name: str) -> bool:
     from mlflow.exceptions import MlflowException
 
-    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+    if not _store_exists(store):
         return False
     check_tracking_server(store)
     try:
@@ -283,10 +283,19 @@ def model_store(uri: str, tracking_uri: str | None = None) -> str:
             if given and store != given:
                 logger.info("%s: not in %s; using %s, where it was registered", uri, given, store)
             return store
-    raise RegistryError(
-        f"{uri}: no MLflow store holds registered model {name!r} (looked in: {', '.join(tried) or 'none'}); "
-        "pass --tracking_uri (sqlite:///OUT/mlruns.db of the training run's --output_dir, or http://HOST:PORT)"
-    )
+    hint = "pass --tracking_uri (sqlite:///OUT/mlruns.db of the training run's --output_dir, or http://HOST:PORT)"
+    if not tried:
+        raise RegistryError(f"{uri}: no MLflow store to look for registered model {name!r} in; {hint}")
+    registered = ""
+    if given and _store_exists(given):  # what the given store does hold, for a mistyped name
+        known = sorted(m.name for m in mlflow_client(given).search_registered_models())
+        registered = f" (registered: {', '.join(known) or 'none'})"
+    raise RegistryError(f"{uri}: no registered model {name!r} in {', '.join(tried)}{registered}; {hint}")
+
+
+def _store_exists(store: str) -> bool:
+    """A sqlite store whose file exists, or a tracking server (checked by the caller's probe)."""
+    return not store.startswith("sqlite:///") or Path(store.removeprefix("sqlite:///")).is_file()
 
 
 # ----------------------------------------------------------------------------- recorded settings
