@@ -88,3 +88,14 @@ def blob_dataset(
         content["mask_values"] = {"background": 0, "nodule": 255}
     (root / "datalist.json").write_text(json.dumps(content))
     return root
+
+
+def checkpoint_readable(path: Path) -> bool:
+    """Whether ``path`` is a whole checkpoint yet (a run being killed may leave one half-written)."""
+    import torch
+
+    try:
+        torch.load(path, weights_only=True)
+        return True
+    except Exception:
+        return False

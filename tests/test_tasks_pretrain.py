@@ -17,7 +17,7 @@ from PIL import Image
 
 from echocare.phantoms import generate_demo_data
 from echocare.networks import build_encoder, load_encoder_weights
-from bundle_helpers import REPO, bundle, mlflow_runs
+from bundle_helpers import REPO, bundle, checkpoint_readable, mlflow_runs
 
 CONFIGS = REPO / "bundles" / "echocare_pretrain" / "configs"
 TRAIN = str(CONFIGS / "train.yaml")
@@ -147,14 +147,6 @@ def test_evaluation_writes_summary_per_case_and_mlflow(trained, phantoms):
     assert {"eval/summary.json", "eval/per_case.csv", "eval/panels"} <= {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
 
 
-def _readable(path: Path) -> bool:
-    try:
-        torch.load(path, weights_only=True)
-        return True
-    except Exception:
-        return False
-
-
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_resume_after_kill_continues_from_last_checkpoint(phantoms, tmp_path):
@@ -168,12 +160,12 @@ def test_resume_after_kill_continues_from_last_checkpoint(phantoms, tmp_path):
         [sys.executable, "-m", "monai.bundle", "run", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 300
-    while time.time() < deadline and not any(_readable(p) for p in (out / "models").glob("checkpoint_iteration=*.pt")):
+    while time.time() < deadline and not any(checkpoint_readable(p) for p in (out / "models").glob("checkpoint_iteration=*.pt")):
         assert process.poll() is None, "training ended before its first checkpoint"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    saved = [p for p in (out / "models").glob("checkpoint_iteration=*.pt") if _readable(p)]
+    saved = [p for p in (out / "models").glob("checkpoint_iteration=*.pt") if checkpoint_readable(p)]
     assert not (out / "models" / "checkpoint_final.pt").exists()
     done = max(int(p.stem.split("=")[1]) for p in saved)
     assert done % 4 != 0  # killed in the middle of an epoch (4 iterations per epoch)

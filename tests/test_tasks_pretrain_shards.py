@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bundle_helpers import REPO, bundle, mlflow_runs
+from bundle_helpers import REPO, bundle, checkpoint_readable, mlflow_runs
 from echocare.datasets.shards import write_index, write_shard
 from echocare.phantoms import generate_demo_data
 
@@ -50,14 +50,6 @@ def shards(tmp_path_factory) -> Path:
     return write_index(out, records, anatomy, {"shard_size": 6})
 
 
-def _readable(path: Path) -> bool:
-    try:
-        torch.load(path, weights_only=True)
-        return True
-    except Exception:
-        return False
-
-
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_training_from_shards_resumes_in_the_middle_of_an_epoch(shards, tmp_path):
@@ -70,7 +62,7 @@ def test_training_from_shards_resumes_in_the_middle_of_an_epoch(shards, tmp_path
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = out / "models" / "checkpoint_iteration=3.pt"
     deadline = time.time() + 300
-    while time.time() < deadline and not _readable(first):
+    while time.time() < deadline and not checkpoint_readable(first):
         assert process.poll() is None, "training ended before its first checkpoint"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
