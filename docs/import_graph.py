@@ -35,7 +35,7 @@ TIERS = {
     "tasks": ["tasks/supervised", "tasks/detection", "tasks/landmarks", "tasks/regression",
               "tasks/enhancement", "tasks/report", "tasks/pretrain"],
     "layers": ["io", "datasets", "networks", "engines", "ontology", "visualize"],
-    "shared helpers": ["bundle", "registered_models", "tracking"],
+    "shared helpers": ["bundle", "registered_models", "tracking", "ray_cluster"],
     "errors": ["errors"],
 }
 

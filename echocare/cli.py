@@ -12,6 +12,7 @@
     echocare registry list [--name NAME] [--tracking-uri URI | --output-dir OUT]
     echocare registry promote NAME VERSION ALIAS [--tracking-uri URI | --output-dir OUT]
     echocare predict BUNDLE --input PATH [--input PATH ...] --out DIR [--checkpoint CKPT] [--config OVERLAY] [--max-frames N] [--precision bf16]
+        [--engine ray [--ray-address HOST:PORT] [--workers N]]
 
 A refused command prints ``error: <file>: <problem>`` and exits 2; a batch with failed items prints
 ``failed: <file>: <problem>`` per item and exits 1. ``--debug`` (anywhere) or ``ECHOCARE_DEBUG=1`` shows
@@ -243,6 +244,9 @@ class EchoCareCLI:
         override: str | list[str] | None = None,
         max_pixels: int | None = None,
         precision: str | None = None,
+        engine: str = "local",
+        ray_address: str | None = None,
+        workers: int | None = None,
         **bundle_args: object,
     ) -> None:
         """Run BUNDLE (segmentation or classification) on images, DICOM files, study folders, videos.
@@ -258,6 +262,10 @@ class EchoCareCLI:
         AVX-512 BF16); see the bundle's README for whether its answers change in bf16.
         --override ID=VALUE and any other --ID VALUE (e.g. --network_size tiny --image_size 128 --device cpu) go to
         the bundle.
+        --engine ray [--ray-address HOST:PORT] [--workers N]: the same steps as a Ray Data pipeline, with the same
+        outputs (pip install 'echocare[scale]'): checking and writing as Ray tasks, the bundle in a pool of model
+        actors (one per GPU, else one per CPU; at most N); without an address, a local Ray instance of --workers
+        CPUs (default 1) on 127.0.0.1. Inputs, checkpoint and --out must be at the same path on every node.
         A bad input is reported on one line (failed: PATH: reason) and skipped; exits with status 1 if any failed.
         """
         import sys
@@ -274,6 +282,7 @@ class EchoCareCLI:
             max_frames=None if max_frames is None else int(max_frames),
             overrides={**parse_overrides(override or []), **bundle_args, **({"precision": precision} if precision else {})},
             max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels),
+            engine=engine, ray_address=ray_address, workers=None if workers is None else int(workers),
         )
         if any(r.status == "failed" for r in rows):
             sys.exit(1)

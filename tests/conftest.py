@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from process_helpers import cmdline, descendants
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,3 +44,20 @@ def model_stores_index(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ECHOCARE_MODEL_STORES", str(index))
         yield index
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray instance for a test module (2 CPUs, 127.0.0.1, no dashboard), started by the
+    function every ``--engine ray`` command uses; its GCS address. Skips without Ray; fails when a
+    Ray process outlives the module."""
+    ray = pytest.importorskip("ray")
+    from echocare.ray_cluster import start_local_ray
+
+    context = start_local_ray(2)
+    try:
+        yield context.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+    leftover = [p for p in descendants(os.getpid()) if "ray" in cmdline(p) or "gcs_server" in cmdline(p)]
+    assert not leftover, f"Ray processes outlived the module: {[cmdline(p) for p in leftover]}"

@@ -1,7 +1,7 @@
 """Tests of echocare.datasets.curation_ray (`echocare curate --engine ray`): the same result as the
 local engine, a killed Ray worker retried, a killed driver resumed, the local instance bound to
-127.0.0.1 and gone after the run. One local Ray instance (2 CPUs), one small corpus (9 files) and
-one local run of it per format (the reference) serve the module."""
+127.0.0.1 and gone after the run. One local Ray instance (2 CPUs, conftest's ``ray_cluster``), one
+small corpus (9 files) and one local run of it per format (the reference) serve the module."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from process_helpers import LOOPBACK, cmdline, descendants, in_session, listening_addresses, pids
 from test_datasets_curation import QUIET, SIZE, build_small, snapshot
 
 from echocare.datasets.curation import CurationError, curate
@@ -26,84 +27,7 @@ pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-# ------------------------------------------------------------------ processes (/proc)
-
-
-def _proc_stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, session id) of a process, or None when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return int(fields[1]), int(fields[3])
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-
-
-def _in_session(sid: int) -> list[int]:
-    return [p for p in _pids() if (st := _proc_stat(p)) is not None and st[1] == sid]
-
-
-def _descendants(root: int) -> list[int]:
-    parents = {p: st[0] for p in _pids() if (st := _proc_stat(p)) is not None}
-    found, frontier = [], {root}
-    while frontier:
-        children = {p for p, pp in parents.items() if pp in frontier}
-        found += sorted(children)
-        frontier = children
-    return found
-
-
-def _listening_addresses(pids: list[int]) -> set[str]:
-    """The local addresses (hex, as /proc/net shows them) of the TCP sockets ``pids`` listen on."""
-    inodes = set()
-    for pid in pids:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-        except OSError:
-            continue
-    addresses = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            cols = line.split()
-            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
-                addresses.add(cols[1].split(":")[0])
-    return addresses
-
-
-#: 127.0.0.1 as /proc/net/tcp (little-endian) and tcp6 (v4-mapped ::ffff:127.0.0.1) write it.
-_LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F"}
-
-
 # ------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray instance for the module (2 CPUs, 127.0.0.1, no dashboard), started by the
-    same function `curate --engine ray` uses; its GCS address."""
-    from echocare.datasets.curation_ray import start_local_ray
-
-    context = start_local_ray(2)
-    try:
-        yield context.address_info["gcs_address"]
-    finally:
-        ray.shutdown()
-    leftover = [p for p in _descendants(os.getpid()) if "ray" in _cmdline(p) or "gcs_server" in _cmdline(p)]
-    assert not leftover, f"Ray processes outlived the module: {[_cmdline(p) for p in leftover]}"
 
 
 #: The settings of every run here; webdataset shards of 2 samples, so that 8 kept images make
@@ -147,9 +71,9 @@ def _assert_each_file_done_once(out: Path, reference: Path) -> None:
 
 
 def test_ray_engine_binds_loopback_only(ray_cluster):
-    pids = [p for p in _descendants(os.getpid())]
-    addresses = _listening_addresses(pids + [os.getpid()])
-    assert addresses and addresses <= _LOOPBACK, addresses
+    ours = [p for p in descendants(os.getpid())]
+    addresses = listening_addresses(ours + [os.getpid()])
+    assert addresses and addresses <= LOOPBACK, addresses
 
 
 @pytest.mark.parametrize("fmt", ["images", "webdataset"])
@@ -191,8 +115,8 @@ def test_a_killed_ray_worker_is_retried_and_nothing_is_lost_or_duplicated(tmp_pa
     def kill_one_busy_worker() -> None:
         deadline = time.time() + 60
         while time.time() < deadline and not killed:
-            for pid in _descendants(os.getpid()):
-                if _cmdline(pid).startswith("ray::curate_file"):  # a worker in the middle of a file
+            for pid in descendants(os.getpid()):
+                if cmdline(pid).startswith("ray::curate_file"):  # a worker in the middle of a file
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
                     return
@@ -225,14 +149,14 @@ def test_a_killed_ray_driver_resumes_from_the_journal(tmp_path, ray_cluster, cor
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         time.sleep(0.5)
-        survivors = _in_session(proc.pid)
+        survivors = in_session(proc.pid)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-        if _in_session(proc.pid):  # what the killed driver started (its session is ours to end)
+        if in_session(proc.pid):  # what the killed driver started (its session is ours to end)
             os.killpg(proc.pid, signal.SIGKILL)
-    assert not survivors, [_cmdline(p) for p in survivors]  # nothing the killed driver started outlives it
+    assert not survivors, [cmdline(p) for p in survivors]  # nothing the killed driver started outlives it
     assert not (out / "shards.json").exists()
     assert 0 < len(_done_files(out)) < len(_done_files(local_runs["webdataset"]))
     curate(corpus, None, str(out), workers=2, engine="ray", format="webdataset", **ARGS, **QUIET)
@@ -256,9 +180,9 @@ def test_cli_ray_engine_starts_and_stops_its_own_loopback_instance(tmp_path, cor
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert json.loads((out / "report.json").read_text())["kept"] == 4
         time.sleep(1.0)  # Ray's processes exit as the instance shuts down
-        leftover = [p for p in _pids() if ray_tmp in _cmdline(p)]
-        assert not leftover, [_cmdline(p) for p in leftover]
+        leftover = [p for p in pids() if ray_tmp in cmdline(p)]
+        assert not leftover, [cmdline(p) for p in leftover]
     finally:
-        for pid in [p for p in _pids() if ray_tmp in _cmdline(p)]:
+        for pid in [p for p in pids() if ray_tmp in cmdline(p)]:
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)

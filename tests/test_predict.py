@@ -331,3 +331,22 @@ def test_precision_bf16_from_the_command_line_gives_the_float32_masks(study, seg
         assert len(wrapped) == (precision == "bf16")  # the bundle's network ran in bf16 only when asked
     assert masks["bf16"].shape == masks["fp32"].shape == (48, 64)
     assert (masks["bf16"] == masks["fp32"]).mean() >= 0.97
+
+
+def test_ray_engine_without_ray_names_the_extra_and_ray_options_need_it(study, tmp_path, monkeypatch) -> None:
+    """``--engine ray`` where Ray is not installed: one line naming the extra, before anything is
+    written; Ray's options with the local engine are refused."""
+    from echocare.ray_cluster import RayClusterError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    out = tmp_path / "out"
+    with pytest.raises(RayClusterError, match=r"^--engine ray needs Ray, which is not installed: "
+                                              r"pip install 'echocare\[scale\]'$"):
+        predict("ddti_seg", [study["png"]], out, engine="ray")
+    assert not out.exists()
+    for options in ({"ray_address": "127.0.0.1:6379"}, {"workers": 2}):
+        with pytest.raises(ValueError, match="only with --engine ray"):
+            predict("ddti_seg", [study["png"]], out, **options)
+    with pytest.raises(ValueError, match="engine: expected one of local, ray, got 'spark'"):
+        predict("ddti_seg", [study["png"]], out, engine="spark")
+    assert not out.exists()

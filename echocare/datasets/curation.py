@@ -87,6 +87,7 @@ from echocare.datasets import shards
 from echocare.errors import EchoCareError
 from echocare.io.readers import DEFAULT_MAX_PIXELS, SUPPORTED_SUFFIXES, UltrasoundReadError, detect_format, iter_frames
 from echocare.ontology import UnknownAnatomyError, load_ontology
+from echocare.ray_cluster import require_ray
 
 __all__ = [
     "curate",
@@ -1153,8 +1154,6 @@ def _check_engine(opts: dict[str, Any], src_paths: list[Path | _UrlSource], give
     """Refuse, before anything is written, what the chosen engine cannot do."""
     if opts["engine"] != "ray":
         return
-    from echocare.datasets.curation_ray import require_ray
-
     require_ray()
     for src, shown in zip(src_paths, given):
         if isinstance(src, _UrlSource) and src.protocol == "memory":

@@ -17,7 +17,8 @@ is the local run's: the same ``datalist.json``, byte-identical images, the same 
 - Without ``--ray-address`` a local Ray instance with ``workers`` CPUs is started for the run and
   shut down at its end: bound to 127.0.0.1, no dashboard. With an address the run joins that
   cluster (see docs/scaling.md for starting one and the ports it opens). When Ray is already
-  initialised in this process (a notebook, the tests), that instance is used.
+  initialised in this process (a notebook, the tests), that instance is used
+  (:func:`echocare.ray_cluster.ray_session`, shared with ``echocare predict --engine ray``).
 
 Workers read the inputs themselves: local paths must be on a file system every node mounts at the
 same path; fsspec URLs (``s3://...``, with ``s3fs`` installed) are read by the worker through
@@ -29,16 +30,14 @@ writes (``OUT`` is needed on the driver's machine only, except for ``--overlay``
 from __future__ import annotations
 
 import logging
-import os
 from collections import deque
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from echocare.datasets import curation
-from echocare.datasets.curation import CurationError
+from echocare.ray_cluster import ray_session
 
-__all__ = ["ray_ordered_map", "require_ray", "ray_session", "start_local_ray", "RETRIES", "LOST_RAY_WORKER"]
+__all__ = ["ray_ordered_map", "RETRIES", "LOST_RAY_WORKER"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,56 +46,6 @@ RETRIES = 3
 #: The error of a file whose Ray worker died on every try.
 LOST_RAY_WORKER = (f"a Ray worker died while reading this file (killed, out of memory, or its node was lost); "
                    f"retried {RETRIES} times")
-
-
-def require_ray() -> Any:
-    """The ``ray`` module, or a :class:`CurationError` naming the extra that installs it."""
-    try:
-        import ray
-    except ImportError:
-        raise CurationError("--engine ray needs Ray, which is not installed: pip install 'echocare[scale]'") from None
-    return ray
-
-
-#: Ray's switch that makes a node take the loopback address as its IP (Ray maps an explicit
-#: ``_node_ip_address="127.0.0.1"`` to the machine's outward address): with it off, every server of
-#: the instance (GCS, raylet, object manager, workers, runtime-env agent) binds 127.0.0.1 only.
-_LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def start_local_ray(num_cpus: int, **options: Any) -> Any:
-    """Start a Ray instance on this machine for this process only: ``num_cpus`` CPUs, every server
-    bound to 127.0.0.1, no dashboard. Returns ``ray.init``'s context (``.address_info["gcs_address"]``)."""
-    ray = require_ray()
-    from ray._private import ray_constants
-
-    os.environ[_LOOPBACK_SWITCH] = "0"  # read by the Ray processes started below
-    ray_constants.ENABLE_RAY_CLUSTER = False  # read by this process (ray was imported before the variable was set)
-    context = ray.init(address="local", num_cpus=max(1, int(num_cpus)), include_dashboard=False,
-                       logging_level=logging.WARNING, log_to_driver=False, **options)
-    node_ip = ray.util.get_node_ip_address()
-    if node_ip != "127.0.0.1":
-        ray.shutdown()
-        raise CurationError(f"the local Ray instance took the address {node_ip}, not 127.0.0.1; refusing to run it")
-    return context
-
-
-@contextmanager
-def ray_session(address: str | None, workers: int) -> Iterator[Any]:
-    """Ray, initialised for one run: the running instance, the cluster at ``address``, or a local
-    instance of ``workers`` CPUs on 127.0.0.1 without dashboard; shut down at the end if started here."""
-    ray = require_ray()
-    if ray.is_initialized():
-        yield ray
-        return
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    else:
-        start_local_ray(workers)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 def curate_file(task: curation._Task, cfg: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,13 @@ from ignite.engine import Engine, Events
 from echocare.datasets.skipping import skipped_row
 from echocare.engines.handlers import UniqueNames, item_source
 
-__all__ = ["PredictionWriter", "RunFileWriter", "is_rank0", "iteration_pairs"]
+__all__ = ["OUTPUT_NAME_KEY", "PredictionWriter", "RunFileWriter", "is_rank0", "iteration_pairs", "output_frame",
+           "write_prediction_index"]
+
+#: Item field naming an item's output files (the stem, without suffix). ``echocare predict`` sets it
+#: from the whole run's inputs, so that a run split over several processes (``--engine ray``) names
+#: its files as one process would; without it the writer names them itself, in the order it meets them.
+OUTPUT_NAME_KEY = "output_name"
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +119,11 @@ class PredictionWriter(RunFileWriter):
 
     def _name(self, source: dict[str, Any]) -> tuple[str, str, int | None]:
         path = item_source(source, default=f"input{len(self.records):05d}")
-        frames = int(source.get("num_frames", 1) or 1)
-        frame = int(source.get("frame", 0)) if frames > 1 else None
+        frame = output_frame(source)
+        given = source.get(OUTPUT_NAME_KEY)
+        if given:
+            self.names.used.add(str(given))
+            return path, str(given), frame
         return path, self.names(path, frame), frame
 
     def write_pair(self, source: dict[str, Any], output: dict[str, Any]) -> None:
@@ -130,15 +139,29 @@ class PredictionWriter(RunFileWriter):
         raise NotImplementedError
 
     def finish(self) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "predictions.json").write_text(json.dumps(self.records, ensure_ascii=False, indent=1), encoding="utf-8")
-        flat = [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in self.records]
-        if flat:
-            # every column in first-seen order, the outputs' before those of skipped rows (status, reason)
-            ordered = sorted(flat, key=lambda row: row.get("status") == "skipped")
-            fields = list(dict.fromkeys(k for row in ordered for k in row))
-            with (self.output_dir / "predictions.csv").open("w", newline="", encoding="utf-8") as handle:
-                writer = csv.DictWriter(handle, fieldnames=fields)
-                writer.writeheader()
-                writer.writerows(flat)
+        write_prediction_index(self.output_dir, self.records)
         logger.info("%d predictions written to %s", len(self.records), self.output_dir)
+
+
+def output_frame(item: dict[str, Any]) -> int | None:
+    """The frame an inference item's outputs are named after (``<stem>_frameNNNN``): its ``frame``
+    for an item of a multi-frame input, None for a still image or a whole clip (``num_frames`` 1)."""
+    frames = int(item.get("num_frames", 1) or 1)
+    return int(item.get("frame", 0)) if frames > 1 else None
+
+
+def write_prediction_index(output_dir: str | os.PathLike[str], records: Sequence[dict[str, Any]]) -> None:
+    """``predictions.json`` (the records as they are) and ``predictions.csv`` (their plain fields) in
+    ``output_dir``: the index of one inference run, one row per result or skipped input."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "predictions.json").write_text(json.dumps(list(records), ensure_ascii=False, indent=1), encoding="utf-8")
+    flat = [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in records]
+    if flat:
+        # every column in first-seen order, the outputs' before those of skipped rows (status, reason)
+        ordered = sorted(flat, key=lambda row: row.get("status") == "skipped")
+        fields = list(dict.fromkeys(k for row in ordered for k in row))
+        with (output_dir / "predictions.csv").open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(flat)
