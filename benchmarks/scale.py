@@ -15,7 +15,10 @@ call), ``driver_peak_rss_mb`` (``ru_maxrss`` of the curate driver process only: 
 enumerates, decides and journals; imported libraries included) and ``worker_peak_rss_mb`` (the
 largest peak RSS among its worker processes: the forked pool's for ``local``, the ``ray::``
 processes for ``ray``; null for ``local`` with 1 worker, which works in the driver). Forked
-workers share the driver's pages, which their RSS counts again.
+workers share the driver's pages, which their RSS counts again. ``driver_cpu_ms_per_input`` is the
+driver process's own CPU time (user + system) per input: with several workers it is what one
+driver spends enumerating, deciding, journalling and (``ray``) submitting and collecting, so
+``1000 / driver_cpu_ms_per_input`` bounds the images per second one driver can take in.
 
 Writes ``{"runs": [{"engine", "workers", "inputs", "images_per_s", "driver_peak_rss_mb",
 "worker_peak_rss_mb", ...}, ...], ...}``: each run also gives its seconds, units, kept images and a
@@ -89,9 +92,12 @@ rss_after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 sampler = threading.Thread(target=sample_ray_workers, daemon=True)
 if engine == "ray":
     sampler.start()
+cpu0 = resource.getrusage(resource.RUSAGE_SELF)
 t0 = time.perf_counter()
 curate([src], None, out, size=size, workers=workers, engine=engine, progress=False)
 seconds = time.perf_counter() - t0
+cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+driver_cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
 done.set()
 if engine == "ray":
     sampler.join()
@@ -99,6 +105,7 @@ else:
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if workers > 1 else 0
 report = json.loads((Path(out) / "report.json").read_text())
 print(json.dumps({"seconds": seconds, "units": report["units"], "kept": report["kept"],
+                  "driver_cpu_ms_per_input": 1000 * driver_cpu_s / max(report["units"], 1),
                   "driver_rss_after_import_mb": rss_after_import / 1024,
                   "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "worker_peak_rss_mb": peak_kb / 1024 if peak_kb else None}))
@@ -194,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
                        "driver_peak_rss_mb": round(measured["driver_peak_rss_mb"], 1),
                        "worker_peak_rss_mb": (None if measured["worker_peak_rss_mb"] is None
                                               else round(measured["worker_peak_rss_mb"], 1)),
+                       "driver_cpu_ms_per_input": round(measured["driver_cpu_ms_per_input"], 3),
                        "seconds": round(measured["seconds"], 2), "units": measured["units"],
                        "kept": measured["kept"],
                        "driver_rss_after_import_mb": round(measured["driver_rss_after_import_mb"], 1),

@@ -100,7 +100,9 @@ def test_scale_runs_each_engine_and_worker_count_to_the_same_outputs(tmp_path):
     assert [(r["engine"], r["workers"], r["inputs"]) for r in result["runs"]] == [
         (e, w, n) for n in (50, 200) for e, w in configs]
     for run in result["runs"]:
-        assert {"engine", "workers", "inputs", "images_per_s", "driver_peak_rss_mb", "worker_peak_rss_mb"} <= set(run)
+        assert {"engine", "workers", "inputs", "images_per_s", "driver_peak_rss_mb", "worker_peak_rss_mb",
+                "driver_cpu_ms_per_input"} <= set(run)
+        assert run["driver_cpu_ms_per_input"] > 0
         kept = {r["kept"] for r in result["runs"] if r["inputs"] == run["inputs"]}
         assert run["units"] == run["inputs"] and kept == {run["kept"]} and run["kept"] >= 0.9 * run["inputs"]
         assert run["images_per_s"] > 0 and run["driver_peak_rss_mb"] >= run["driver_rss_after_import_mb"] > 0

@@ -186,3 +186,78 @@ def test_cli_ray_engine_starts_and_stops_its_own_loopback_instance(tmp_path, cor
         for pid in [p for p in pids() if ray_tmp in cmdline(p)]:
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ driver logic, Ray stood in
+
+
+class _RayError(Exception):
+    pass
+
+
+class _StandInRay:
+    """Just what ``ray_ordered_map`` calls of Ray, run in this process: a task raises Ray's error
+    when one of its files is ``poison`` (its worker killed on every try), and each submission is
+    recorded, so the tasks' files can be checked."""
+
+    exceptions = type("exceptions", (), {"RayError": _RayError})
+
+    def __init__(self, poison: str) -> None:
+        self.poison, self.submitted = poison, []
+
+    def remote(self, **_options):
+        def wrap(fn):
+            stand_in = self
+
+            class Remote:
+                @staticmethod
+                def remote(tasks, cfg):
+                    stand_in.submitted.append([t.key for t in tasks])
+                    return ("failed", None) if any(t.key == stand_in.poison for t in tasks) else ("ok", fn(tasks, cfg))
+            return Remote
+        return wrap
+
+    def cluster_resources(self):
+        return {"CPU": 2}
+
+    def put(self, value):
+        return value
+
+    def get(self, ref):
+        status, value = ref
+        if status == "failed":
+            raise _RayError("worker died")
+        return value
+
+    def cancel(self, ref, force=False):
+        pass
+
+
+def test_a_file_that_kills_every_worker_fails_alone_and_the_order_holds(monkeypatch) -> None:
+    from contextlib import contextmanager
+
+    from echocare.datasets import curation, curation_ray
+
+    stand_in = _StandInRay(poison="src/f05")
+
+    @contextmanager
+    def session(address, workers):
+        yield stand_in
+
+    monkeypatch.setattr(curation_ray, "ray_session", session)
+    monkeypatch.setattr(curation, "_process", lambda task, cfg: {"fmt": "png", "units": [task.key], "error": None})
+    tasks = [curation._Task(key=f"src/f{k:02d}", display=f"f{k:02d}", path=f"f{k:02d}",
+                            skip="not an image" if k == 9 else None) for k in range(20)]
+    out = list(curation_ray.ray_ordered_map(iter(tasks), {}, workers=2, max_in_flight=0, address=None, files_per_task=4))
+
+    assert [t.key for t, _ in out] == [t.key for t in tasks]  # input order, every file once
+    failed = {t.key: r["error"] for t, r in out if r.get("error")}
+    assert failed == {"src/f05": curation_ray.LOST_RAY_WORKER}  # its task-mates were tried again alone
+    assert all(r == {} for t, r in out if t.key == "src/f09")  # the skipped file never submitted
+    assert [r["units"] for t, r in out if t.key not in failed and t.skip is None] == [
+        [t.key] for t in tasks if t.key != "src/f05" and t.skip is None]
+    # tasks of 4 consecutive files, cut before the skipped one; the failed task's files retried one per task
+    assert stand_in.submitted[:2] == [["src/f00", "src/f01", "src/f02", "src/f03"], ["src/f04", "src/f05", "src/f06", "src/f07"]]
+    assert ["src/f08"] in stand_in.submitted and ["src/f05"] in stand_in.submitted
+    assert sorted(k for task in stand_in.submitted for k in task if k != "src/f05") == sorted(
+        [t.key for t in tasks if t.skip is None and t.key != "src/f05"] + ["src/f04", "src/f06", "src/f07"])
