@@ -195,15 +195,21 @@ class _RayError(Exception):
     pass
 
 
+class _RayTaskError(_RayError):
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class _StandInRay:
     """Just what ``ray_ordered_map`` calls of Ray, run in this process: a task raises Ray's error
     when one of its files is ``poison`` (its worker killed on every try), and each submission is
     recorded, so the tasks' files can be checked."""
 
-    exceptions = type("exceptions", (), {"RayError": _RayError})
+    exceptions = type("exceptions", (), {"RayError": _RayError, "RayTaskError": _RayTaskError})
 
-    def __init__(self, poison: str) -> None:
-        self.poison, self.submitted = poison, []
+    def __init__(self, poison: str, task_error: Exception | None = None) -> None:
+        self.poison, self.submitted, self.task_error = poison, [], task_error
 
     def remote(self, **_options):
         def wrap(fn):
@@ -226,19 +232,18 @@ class _StandInRay:
     def get(self, ref):
         status, value = ref
         if status == "failed":
-            raise _RayError("worker died")
+            raise _RayTaskError(self.task_error) if self.task_error else _RayError("worker died")
         return value
 
     def cancel(self, ref, force=False):
         pass
 
 
-def test_a_file_that_kills_every_worker_fails_alone_and_the_order_holds(monkeypatch) -> None:
+def _stand_in_map(monkeypatch, stand_in: _StandInRay):
+    """``ray_ordered_map`` over 20 files (the tenth skipped) in tasks of 4, Ray stood in."""
     from contextlib import contextmanager
 
     from echocare.datasets import curation, curation_ray
-
-    stand_in = _StandInRay(poison="src/f05")
 
     @contextmanager
     def session(address, workers):
@@ -248,7 +253,15 @@ def test_a_file_that_kills_every_worker_fails_alone_and_the_order_holds(monkeypa
     monkeypatch.setattr(curation, "_process", lambda task, cfg: {"fmt": "png", "units": [task.key], "error": None})
     tasks = [curation._Task(key=f"src/f{k:02d}", display=f"f{k:02d}", path=f"f{k:02d}",
                             skip="not an image" if k == 9 else None) for k in range(20)]
-    out = list(curation_ray.ray_ordered_map(iter(tasks), {}, workers=2, max_in_flight=0, address=None, files_per_task=4))
+    return tasks, curation_ray.ray_ordered_map(iter(tasks), {}, workers=2, max_in_flight=0, address=None, files_per_task=4)
+
+
+def test_a_file_that_kills_every_worker_fails_alone_and_the_order_holds(monkeypatch) -> None:
+    from echocare.datasets import curation_ray
+
+    stand_in = _StandInRay(poison="src/f05")
+    tasks, results = _stand_in_map(monkeypatch, stand_in)
+    out = list(results)
 
     assert [t.key for t, _ in out] == [t.key for t in tasks]  # input order, every file once
     failed = {t.key: r["error"] for t, r in out if r.get("error")}
@@ -261,3 +274,13 @@ def test_a_file_that_kills_every_worker_fails_alone_and_the_order_holds(monkeypa
     assert ["src/f08"] in stand_in.submitted and ["src/f05"] in stand_in.submitted
     assert sorted(k for task in stand_in.submitted for k in task if k != "src/f05") == sorted(
         [t.key for t in tasks if t.skip is None and t.key != "src/f05"] + ["src/f04", "src/f06", "src/f07"])
+
+
+def test_workers_that_cannot_run_the_code_stop_the_run_with_one_line(monkeypatch) -> None:
+    """A task whose code raised (not a dead worker: ``_process`` reports each file's own errors)
+    means the workers' environment is wrong: one line naming the cause, not every file 'lost'."""
+    stand_in = _StandInRay(poison="src/f05", task_error=ModuleNotFoundError("No module named 'echocare'"))
+    _, results = _stand_in_map(monkeypatch, stand_in)
+    with pytest.raises(CurationError, match=r"Ray workers could not run the curation of f04 \(ModuleNotFoundError: "
+                                            r"No module named 'echocare'\); every node needs"):
+        list(results)

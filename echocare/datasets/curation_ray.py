@@ -100,6 +100,15 @@ def ray_ordered_map(tasks: Iterable[curation._Task], cfg: dict[str, Any], worker
                 return [{} for _ in files]
             try:
                 return ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                # _process reports every file's own errors: the task's code itself could not run
+                # (the workers' environment), which no retry and no other file would change
+                cause = getattr(exc, "cause", None) or exc
+                raise curation.CurationError(
+                    f"Ray workers could not run the curation of {files[0].display} "
+                    f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}); every node "
+                    f"needs the same Python environment with echocare installed (pip install 'echocare[scale]')"
+                ) from None
             except ray.exceptions.RayError as exc:
                 if len(files) == 1:
                     logger.warning("%s (reported as failed): %s", LOST_RAY_WORKER, type(exc).__name__)
