@@ -41,7 +41,8 @@ What separates the classes (what a network has to learn):
 * thyroid: malignant nodules are hypoechoic, taller than wide, with a spiculated margin,
   punctate bright microcalcifications and some posterior attenuation; benign ones are
   iso- to hyperechoic, wider than tall, smooth, often with a halo and cystic parts.
-* FLL CEUS: HCC arterial hyperenhancement then washout (darker than the liver late);
+* FLL CEUS (one lesion, centred, 40-60 % of the image wide): HCC arterial hyperenhancement then
+  washout (darker than the liver late);
   HEM peripheral nodular enhancement filling in centripetally, sustained; FNH early
   central and spoke-wheel enhancement spreading outwards, sustained (central scar late).
 """
@@ -765,8 +766,11 @@ def make_fll_clip(
     c.imped[:] = 1.0
     # Contrast mode: a narrower displayed range (tissue without bubbles stays black).
     scanner = scanner_settings(rng, atten_db=(15.0, 25.0), saturation_db=(6.0, 10.0), dynamic_range_db=(30.0, 36.0))
-    ly, lx = c.at(rng.uniform(0.35, 0.62), rng.uniform(-0.4, 0.4))
-    R = rng.uniform(0.1, 0.15) * size
+    # The examiner centres the lesion and sets the depth on it (a CEUS examination follows one
+    # lesion), so it fills a good part of the view; a small lesion anywhere in the sector left the
+    # tiny test network nothing to learn from 20 clips (it memorised vessels and speckle).
+    ly, lx = c.at(rng.uniform(0.45, 0.55), rng.uniform(-0.15, 0.15))
+    R = rng.uniform(0.2, 0.3) * size
     ell, ang = rng.uniform(0.85, 1.15), math.radians(rng.uniform(0, 180))
     dy, dx = c.yy - ly, c.xx - lx
     u = (dx * math.cos(ang) - dy * math.sin(ang)) / R
