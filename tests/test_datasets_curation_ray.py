@@ -135,7 +135,9 @@ def test_a_killed_ray_driver_resumes_from_the_journal(tmp_path, ray_cluster, cor
     out = tmp_path / "out"
     code = ("from echocare.datasets.curation import curate\n"
             f"curate({corpus!r}, None, {str(out)!r}, workers=2, engine='ray', ray_address={ray_cluster!r}, "
-            f"format='webdataset', progress=False, _delay=0.5, **{ARGS!r})\n")
+            f"format='webdataset', progress=False, _delay=0.5, max_in_flight=2, **{ARGS!r})\n")
+    # max_in_flight=2: tasks of 2 files, so results come in pairs, not all 8 images in one burst that
+    # could commit every shard before the run can be killed
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path, start_new_session=True)
     journal = out / "progress.jsonl"
