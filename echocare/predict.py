@@ -164,12 +164,15 @@ def _parser(config_files: Sequence[str], overrides: dict[str, Any]):
 
 
 def _read_predictions(predictions_dir: Path) -> dict[Path, list[dict[str, Any]]]:
-    """The bundle writer's records grouped by input file, in frame order."""
+    """The bundle writer's records (its ``predictions.json``) grouped by input file, in frame order."""
     index = predictions_dir / "predictions.json"
-    if not index.is_file():
-        return {}
+    return _group_predictions(json.loads(index.read_text())) if index.is_file() else {}
+
+
+def _group_predictions(records: Sequence[dict[str, Any]]) -> dict[Path, list[dict[str, Any]]]:
+    """``records`` of the bundle writer grouped by input file, in frame order."""
     grouped: dict[Path, list[dict[str, Any]]] = defaultdict(list)
-    for record in json.loads(index.read_text()):
+    for record in records:
         if record.get("status") == "skipped":  # the bundle could not load it: no outputs to read
             continue
         grouped[Path(record["image"]).resolve()].append(record)
@@ -631,7 +634,7 @@ def _predict_on_ray(job: PredictJob, files: Sequence[Path], say: Any, address: s
                 concurrency=actors, batch_format="numpy", **({"num_gpus": 1} if gpus else {"num_cpus": 1}))
             records = [record for result in _in_order(predicted) for record in json.loads(result["records"])]
             write_prediction_index(job.predictions_dir, records)
-            predictions = _read_predictions(job.predictions_dir)
+            predictions = _group_predictions(records)
 
         # 4. write
         ok = [p for p in files if p in items_of and rows[p].status == "ok"]
