@@ -11,7 +11,9 @@ from typing import Any
 
 from ignite.engine import Engine
 
-from echocare.engines.writers import PredictionWriter, RunFileWriter
+import pytest
+
+from echocare.engines.writers import OUTPUT_NAME_KEY, PredictionWriter, RunFileWriter
 
 
 def _engine(items_per_iteration: list[list[dict[str, Any]]]) -> Engine:
@@ -89,3 +91,19 @@ def test_prediction_writer_index_lists_every_column_and_keeps_unicode(tmp_path: 
     assert rows[0]["extra"] == "" and rows[1]["extra"] == "7"
     assert rows[0]["report"] == "甲状腺结节"
     assert sorted(p.name for p in (tmp_path / "out").glob("*.json")) == ["one.json", "predictions.json", "two.json"]
+
+
+@pytest.mark.parametrize("name", ["../escaped", "sub/name", "/tmp/abs", "..", "a\\b"])
+def test_an_output_name_with_a_folder_in_it_is_refused(tmp_path: Path, name: str) -> None:
+    writer = _JsonWriter(tmp_path / "out", class_names=[])
+    writer.reset()
+    with pytest.raises(ValueError, match=f"/x/one.png: {OUTPUT_NAME_KEY} .* is not a plain file name"):
+        writer.write_pair({"filename": "/x/one.png", OUTPUT_NAME_KEY: name}, {"score": 0.5})
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_a_given_output_name_names_the_files(tmp_path: Path) -> None:
+    writer = _JsonWriter(tmp_path / "out", class_names=[])
+    writer.reset()
+    writer.write_pair({"filename": "/x/one.png", OUTPUT_NAME_KEY: "study_7"}, {"score": 0.5})
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["study_7.json"]

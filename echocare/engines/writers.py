@@ -122,8 +122,13 @@ class PredictionWriter(RunFileWriter):
         frame = output_frame(source)
         given = source.get(OUTPUT_NAME_KEY)
         if given:
-            self.names.used.add(str(given))
-            return path, str(given), frame
+            given = str(given)
+            # a datalist is data: a name with a folder in it would write outside output_dir
+            if Path(given).name != given or given in (".", "..") or "\\" in given:
+                raise ValueError(f"{path}: {OUTPUT_NAME_KEY} {given!r} is not a plain file name "
+                                 f"(outputs are written in {self.output_dir} only)")
+            self.names.used.add(given)
+            return path, given, frame
         return path, self.names(path, frame), frame
 
     def write_pair(self, source: dict[str, Any], output: dict[str, Any]) -> None:
