@@ -57,6 +57,50 @@ def test_bf16_segmentation_agrees_with_float32_and_returns_float32():
     assert any(isinstance(m, FastUnetResBlock) for m in inner.modules())
 
 
+def test_bf16_keeps_the_input_and_output_layers_in_float32():
+    """The layers the networks declare (``float32_modules``: the encoder's patch embedding, the
+    decoder's image block and output convolution) run in float32 on float32 inputs, between
+    layers that stay in bfloat16, and compute exactly what the float32 network's layers do."""
+    torch.manual_seed(3)
+    reference = _perturbed(EchoCareSegNet("tiny", out_channels=2))
+    bf16 = BF16Inference(copy.deepcopy(reference), "cpu")
+    assert bf16.float32_names == ["encoder.patch_embed", "decoder.skip_image", "decoder.out"]
+    inner, seen = bf16.module, {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen[name] = (args[0].dtype, output.dtype, args[0].clone())
+        return hook
+
+    for name, module in inner.named_modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            module.register_forward_hook(record(name))
+    x = _image()
+    with torch.inference_mode():
+        bf16(x)
+    kept = [n for n in seen if n.startswith(("encoder.patch_embed.", "decoder.skip_image.", "decoder.out."))]
+    assert len(kept) == 5  # patch embedding, the image block's three convolutions, the output convolution
+    for name in kept:
+        assert seen[name][:2] == (torch.float32, torch.float32), name
+        assert inner.get_submodule(name).weight.dtype == torch.float32, name
+    others = [n for n in seen if n not in kept]
+    assert others and all(seen[n][1] == torch.bfloat16 for n in others)
+    # the output convolution on its (upcast) input gives what the float32 network's gives
+    conv = "decoder.out.conv.conv"
+    with torch.inference_mode():
+        expected = reference.get_submodule(conv)(seen[conv][2])
+        got = inner.get_submodule(conv)(seen[conv][2])
+    assert torch.equal(got, expected)
+    # autocast is back on after a float32 layer, also when its forward raises
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError):  # 5 channels where the convolution takes more
+            inner.decoder.out(torch.zeros(1, 5, 8, 8))
+        assert torch.is_autocast_enabled("cpu")
+    # none kept: every matrix layer in bfloat16, as before
+    plain = BF16Inference(copy.deepcopy(reference), "cpu", float32_modules=[])
+    assert plain.module.decoder.out.conv.conv.weight.dtype == torch.bfloat16
+
+
 def test_bf16_classifier_probabilities_close_to_float32():
     torch.manual_seed(1)
     reference = _perturbed(EchoCareClassifier("tiny", num_classes=4))

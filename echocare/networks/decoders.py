@@ -58,6 +58,11 @@ class UNETRDecoder(nn.Module):
         accepts the 1x1 map (:class:`SinglePixelInstanceNorm2d`).
     """
 
+    #: Run in float32 under ``precision: bf16`` (:mod:`echocare.networks.precision`): the block
+    #: on the image itself (its full-resolution map goes straight to the last stage) and the
+    #: output convolution.
+    float32_modules = ("skip_image", "out")
+
     def __init__(
         self,
         in_channels: int,

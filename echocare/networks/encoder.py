@@ -66,6 +66,10 @@ class EchoCareEncoder(SwinTransformer):
         (B, 4C, H/8, W/8), (B, 8C, H/16, W/16), (B, 16C, H/32, W/32) with C = embed_dim.
     """
 
+    #: Run in float32 under ``precision: bf16`` (:mod:`echocare.networks.precision`): the layer
+    #: that reads the image.
+    float32_modules = ("patch_embed",)
+
     def __init__(
         self,
         in_channels: int = 3,

@@ -69,6 +69,10 @@ class EchoCareEllipseDetector(nn.Module):
         ``C + 5 k .. C + 5 k + 4``; ``s`` = ``output_stride``).
     """
 
+    #: Run in float32 under ``precision: bf16`` (:mod:`echocare.networks.precision`):
+    #: the 1x1 convolutions that produce the outputs.
+    float32_modules = ("heatmap.1", "ellipse.1")
+
     def __init__(
         self,
         network_size: str = "base",

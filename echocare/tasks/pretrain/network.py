@@ -74,6 +74,10 @@ class EchoCarePretrainNet(nn.Module):
         ``pixel_mask`` (B, 1, H, W) float, 1 = masked pixel.
     """
 
+    #: Run in float32 under ``precision: bf16`` (:mod:`echocare.networks.precision`):
+    #: the anatomy scores (the pixel decoder names its own).
+    float32_modules = ("anatomy_head",)
+
     def __init__(
         self,
         network_size: str = "base",

@@ -60,6 +60,10 @@ class EchoCareRegressor(nn.Module):
         the normalised target (the bundles scale it back to the task's unit).
     """
 
+    #: Run in float32 under ``precision: bf16`` (:mod:`echocare.networks.precision`):
+    #: the MLP that produces the outputs.
+    float32_modules = ("head",)
+
     def __init__(
         self,
         network_size: str = "base",

@@ -71,6 +71,10 @@ class EchoCareClassifier(nn.Module):
         H and W divisible by 32 -> logits (B, num_classes).
     """
 
+    #: Run in float32 under ``precision: bf16`` (:mod:`echocare.networks.precision`):
+    #: the MLP that produces the logits.
+    float32_modules = ("head",)
+
     def __init__(
         self,
         network_size: str = "base",
