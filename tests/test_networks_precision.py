@@ -59,12 +59,14 @@ def test_bf16_segmentation_agrees_with_float32_and_returns_float32():
 
 def test_bf16_keeps_the_input_and_output_layers_in_float32():
     """The layers the networks declare (``float32_modules``: the encoder's patch embedding, the
-    decoder's image block and output convolution) run in float32 on float32 inputs, between
+    decoder's convolutions on the image and output convolution) run in float32 on float32 inputs, between
     layers that stay in bfloat16, and compute exactly what the float32 network's layers do."""
     torch.manual_seed(3)
     reference = _perturbed(EchoCareSegNet("tiny", out_channels=2))
     bf16 = BF16Inference(copy.deepcopy(reference), "cpu")
-    assert bf16.float32_names == ["encoder.patch_embed", "decoder.skip_image", "decoder.out"]
+    assert bf16.float32_names == [
+        "encoder.patch_embed", "decoder.skip_image.layer.conv1", "decoder.skip_image.layer.conv3", "decoder.out"
+    ]
     inner, seen = bf16.module, {}
 
     def record(name):
@@ -78,8 +80,8 @@ def test_bf16_keeps_the_input_and_output_layers_in_float32():
     x = _image()
     with torch.inference_mode():
         bf16(x)
-    kept = [n for n in seen if n.startswith(("encoder.patch_embed.", "decoder.skip_image.", "decoder.out."))]
-    assert len(kept) == 5  # patch embedding, the image block's three convolutions, the output convolution
+    kept = [n for n in seen if n.startswith(tuple(f"{name}." for name in bf16.float32_names))]
+    assert len(kept) == 4  # patch embedding, the image block's convolutions on the image, the output convolution
     for name in kept:
         assert seen[name][:2] == (torch.float32, torch.float32), name
         assert inner.get_submodule(name).weight.dtype == torch.float32, name

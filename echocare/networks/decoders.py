@@ -58,11 +58,6 @@ class UNETRDecoder(nn.Module):
         accepts the 1x1 map (:class:`SinglePixelInstanceNorm2d`).
     """
 
-    #: Run in float32 under ``precision: bf16`` (:mod:`echocare.networks.precision`): the block
-    #: on the image itself (its full-resolution map goes straight to the last stage) and the
-    #: output convolution.
-    float32_modules = ("skip_image", "out")
-
     def __init__(
         self,
         in_channels: int,
@@ -98,6 +93,11 @@ class UNETRDecoder(nn.Module):
         self.up0 = up(fs, fs)
         self.out = UnetOutBlock(2, fs, out_channels)
         accept_single_pixel_maps(self)
+        # Run in float32 under ``precision: bf16`` (echocare.networks.precision): the
+        # convolutions that read the image (the image block's first and, where the channels
+        # change, residual convolution) and the output convolution.
+        image_convs = [f"skip_image.layer.{name}" for name in ("conv1", "conv3") if hasattr(self.skip_image.layer, name)]
+        self.float32_modules = (*image_convs, "out")
 
     def forward(self, image: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
         f0, f1, f2, f3, f4 = features

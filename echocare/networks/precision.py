@@ -16,17 +16,19 @@
 produce the outputs run in float32 (autocast off, float32 weights, inputs cast to float32), on
 both devices. Each module names its own such layers, relative to itself, in a
 ``float32_modules`` attribute (:func:`float32_module_names` collects them over the network):
-the encoder its ``patch_embed``, the UNETR decoder its ``skip_image`` (the residual block on
-the image itself, whose full-resolution map goes straight to the last stage) and its ``out``
-(the 1x1 convolution of the logits). Why: a mask is a threshold on logits, and the errors that
-move logits across it come from the ends of the network. Measured on the 100 DDTI validation
-images with briefly trained ``ddti_seg`` weights (issue #19): bf16 everywhere flipped 11,332
-mask pixels (mean Dice with float32 0.9897), float32 logits alone (``out``) 11,138 (0.9899),
-these three blocks 6,821 (0.9938). On 8 of the images, of 885 flipped pixels the image's skip
-block removed 32% (its map reaches magnitudes near 30, where bfloat16's step is 0.125), the
-patch embedding 9% more; the whole encoder in float32 removed 18%, the last decoder stage
-(``up0``) 4%, at many times the FLOPs. The three blocks hold about 5% of the FLOPs (mostly
-the skip block's 3x3 convolution at full resolution), so bf16 keeps most of its speed.
+the encoder its ``patch_embed``, the UNETR decoder the convolutions of its image block
+(``skip_image``: ``conv1`` and the residual ``conv3``) and its ``out`` (the 1x1 convolution of
+the logits), the task networks their heads. Why: a mask is a threshold on logits, and the
+errors that move logits across it come mostly from where the image enters the network.
+Measured on the 100 DDTI validation images with briefly trained ``ddti_seg`` weights (issue
+#19): bf16 everywhere flipped 11,332 mask pixels (mean Dice with float32 0.9897), float32
+logits alone (``out``) 11,138 (0.9899), the patch embedding, the whole image block and ``out``
+6,821 (0.9938). On 8 of the images (885 flipped pixels in bf16): ``out`` 882, the patch
+embedding and ``out`` 801, with the whole image block 522, with only the image block's two
+convolutions that read the image 523; the whole encoder in float32 725; ``out`` and the last
+decoder stage (``up0``) 850. Only those two convolutions, not the whole image block: the
+block's 3x3 convolution and norms at full resolution in float32 made bf16 1.4-1.6x slower at
+batch 8, for no gain. The layers kept hold under 1% of the FLOPs.
 
 Outputs are returned as float32 (floating tensors in a tensor, tuple, list or dict), so
 post-processing, metrics and writers see the same types as with ``fp32``. bfloat16 keeps 8
