@@ -94,6 +94,23 @@ def test_task_datalists_of_the_other_tasks(tmp_path):
         {"images": [str(tmp_path / "us1.png")] * 2, "report": REPORTS[1]}]
     assert len(skipped) == 1 and "image2 'gone' is not an image of the studies folder" in skipped[0]
 
+    # EF: an ED/ES index past the study's frames is skipped and named, not left to fail the whole training
+    frames = np.stack([make_phantom_image(rng, size=64)[0] for _ in range(3)])
+    write_dicom(tmp_path / "cine.dcm", frames, "MONOCHROME2", FrameTime=33.0)
+    (tmp_path / "ef_ok.json").write_text(json.dumps({"ef": 55.0, "ed_frame": 0, "es_frame": 2}))
+    (tmp_path / "ef_late.json").write_text(json.dumps({"ef": 40.0, "ed_frame": 0, "es_frame": 3}))
+    (tmp_path / "ef_still.json").write_text(json.dumps({"ef": 60.0, "es_frame": 1}))
+    (tmp_path / "ef_none.json").write_text(json.dumps({"ef": 50.0}))
+    efs = [{"image": str(tmp_path / "cine.dcm"), "label": str(tmp_path / "ef_ok.json")},
+           {"image": str(tmp_path / "cine.dcm"), "label": str(tmp_path / "ef_late.json")},
+           {"image": str(tmp_path / "us0.png"), "label": str(tmp_path / "ef_still.json")},
+           {"image": str(tmp_path / "us0.png"), "label": str(tmp_path / "ef_none.json")}]
+    datalist, skipped = task_datalist(efs, "regression", [], val_split=0)
+    assert datalist["training"] == [{"image": str(tmp_path / "cine.dcm"), "ef": 55.0, "ed_frame": 0, "es_frame": 2},
+                                    {"image": str(tmp_path / "us0.png"), "ef": 50.0}]
+    assert skipped == [f"{tmp_path / 'cine.dcm'}: es_frame=3 but the sequence has 3 frames",
+                       f"{tmp_path / 'us0.png'}: es_frame=1 but the sequence has 1 frames"]
+
     pairs = [{"image": str(tmp_path / "us0.png"), "label": str(tmp_path / "us1.png")},
              {"image": str(tmp_path / "us1.png"), "label": str(tmp_path / "small.png")},
              {"image": str(tmp_path / "us2.png"), "label": str(tmp_path / "r0.json")}]

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from echocare.io.readers import UltrasoundReadError
+from echocare.tasks.regression.data import frame_index_problem
 from echocare.tasks.supervised.data import check_task_item, first_frame_size
 from lib.validation import JSON_LABEL_LIMIT, RequestFieldError, check_json_label, check_store_name
 
@@ -301,8 +302,9 @@ def task_datalist(
 
     Every item is checked as the bundle would check it (images decode; masks read, hold only
     known classes and have their image's size; class labels parse; JSON labels hold the task's
-    keys; enhancement targets decode at their image's size); a bad item is reported and skipped,
-    so one broken label does not stop the training of the others.
+    keys; EF frame indices lie inside their sequence; enhancement targets decode at their
+    image's size); a bad item is reported and skipped, so one broken label does not stop the
+    training of the others.
 
     Args:
         labelled: MONAI Label's ``datastore.datalist()`` (absolute paths).
@@ -341,6 +343,8 @@ def task_datalist(
             problem = check_task_item(entry, task, len(class_names))
         else:
             problem = next(filter(None, map(_image_problem, entry["images"] if "images" in entry else [entry["image"]])), None)
+            if problem is None and task == "regression":
+                problem = frame_index_problem(entry)  # an ED/ES index past the study's frames
         if problem is not None:
             problems.append(problem)
             continue

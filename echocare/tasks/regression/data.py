@@ -34,7 +34,14 @@ from echocare.datasets.datalist import list_inputs, load_datalist, raise_problem
 from echocare.io.readers import UltrasoundReadError
 from echocare.tasks.supervised.data import check_task_item, clip_frame_count, subsample_training
 
-__all__ = ["TARGET_UNITS", "RegressionOutputd", "RegressionTargetd", "load_regression_datalist", "regression_inputs"]
+__all__ = [
+    "TARGET_UNITS",
+    "RegressionOutputd",
+    "RegressionTargetd",
+    "frame_index_problem",
+    "load_regression_datalist",
+    "regression_inputs",
+]
 
 #: How :class:`RegressionTargetd` normalises a target (see the module docstring).
 TARGET_UNITS = ("value", "extent")
@@ -127,19 +134,27 @@ def load_regression_datalist(
     if not problems and check_images:
         for position, item in enumerate(items):
             problem = check_task_item(item, "classification", 1)  # the image or sequence decodes
-            if problem is None and any(item[name] >= 0 for name in frame_keys):
-                try:
-                    count = clip_frame_count(item["image"])
-                except UltrasoundReadError as error:
-                    problem = str(error)
-                else:
-                    late = [f"{name}={item[name]}" for name in frame_keys if item[name] >= count]
-                    if late:
-                        problem = f"{item['image']}: {', '.join(late)} but the sequence has {count} frames"
+            if problem is None:
+                problem = frame_index_problem(item, frame_keys)
             if problem is not None:
                 problems.append(f"item {position}: {problem}")
     raise_problems(datalist, key, problems)
     return subsample_training(items, train_fraction, seed, stratify_key=None)
+
+
+def frame_index_problem(item: Mapping[str, Any], frame_keys: Sequence[str] = ("ed_frame", "es_frame")) -> str | None:
+    """None when every frame index of ``item`` (keys ``frame_keys``; missing or -1: none) lies
+    inside the sequence ``item["image"]``; else one line naming the image, the indices past its
+    end and its frame count (or why its frames cannot be counted)."""
+    given = {name: item[name] for name in frame_keys if isinstance(item.get(name), int) and item[name] >= 0}
+    if not given:
+        return None
+    try:
+        count = clip_frame_count(item["image"])
+    except UltrasoundReadError as error:
+        return str(error)
+    late = [f"{name}={index}" for name, index in given.items() if index >= count]
+    return f"{item['image']}: {', '.join(late)} but the sequence has {count} frames" if late else None
 
 
 def regression_inputs(
