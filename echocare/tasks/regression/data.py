@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from echocare.datasets.datalist import list_inputs, load_datalist, raise_problems
