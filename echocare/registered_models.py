@@ -47,9 +47,18 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PATH = "models/model.pt"
 #: The executed config of the run inside a registered bundle (every id it trained with).
 RUN_CONFIG_PATH = "configs/run_config.json"
-#: Version tags that hold a run's evaluated settings (``registry.TAGGED_PARAMS``); ``class_names``
-#: is comma-joined there.
-SETTING_TAGS = ("network_size", "image_size", "class_names", "clip_frames", "clip_pooling", "finetune_mode")
+#: Run params that :func:`echocare.registry.register_run` copies onto each model version as tags:
+#: the run's evaluated shape-defining settings (what rebuilding the network needs); ``class_names``
+#: and ``landmark_names`` are comma-joined there.
+SETTING_TAGS = (
+    "network_size",
+    "image_size",
+    "class_names",
+    "landmark_names",
+    "clip_frames",
+    "clip_pooling",
+    "finetune_mode",
+)
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 

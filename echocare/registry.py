@@ -45,6 +45,7 @@ from echocare.bundle import BUNDLES_DIR, bundle_dir
 from echocare.experiments import markdown_table
 from echocare.registered_models import (
     CHECKPOINT_PATH,
+    SETTING_TAGS,
     RegistryError,
     checkpoint_sidecar,
     fetch_checkpoint,
@@ -79,8 +80,6 @@ __all__ = [
 
 #: Folder of a run's artifacts that holds its registered bundle (the model versions' source).
 REGISTERED_MODEL_PATH = "registered_model"
-#: Run params copied onto each model version as tags (what rebuilding the network needs).
-TAGGED_PARAMS = ("network_size", "image_size", "class_names", "clip_frames", "clip_pooling", "finetune_mode")
 
 _EXECUTED_CONFIG = re.compile(r"^config_\d{8}_\d{6}\.json$")
 
@@ -318,7 +317,7 @@ def _download_run_files(run_id: str, paths: Sequence[str], folder: Path, trackin
 
 def _version_tags(record: RunRecord) -> dict[str, str]:
     tags = {"bundle": record.bundle, "key_metric": record.key_metric, "best_epoch": str(record.best_epoch)}
-    tags.update({k: str(record.params[k]) for k in TAGGED_PARAMS if k in record.params})
+    tags.update({k: str(record.params[k]) for k in SETTING_TAGS if k in record.params})
     tags.update({k: f"{v:.6g}" for k, v in record.metrics.items()})
     return tags
 

@@ -21,6 +21,7 @@ from monai.bundle import ConfigParser
 from bundle_helpers import REPO
 from echocare.bundle import BUNDLES_DIR
 from echocare.registry import RegistryError, describe_run, register_run
+from echocare.tasks.landmarks import BRAIN_LANDMARK_NAMES
 
 #: Key-metric history by epoch (1-based steps, as the bundles log validation): the lowest value
 #: (0.8) first at epoch 3, again at epoch 5; the highest (2.5) first at epoch 2, again at epoch 4.
@@ -203,3 +204,32 @@ def test_a_run_without_key_metric_history_is_refused(store, tmp_path: Path) -> N
     with pytest.raises(RegistryError) as error:
         register_run(run_id, "never", tracking_uri=uri)
     assert _message(error) == f"run {run_id}: no history of its key metric 'mae' (no validation ran?)"
+
+
+def test_landmark_names_follow_a_registered_checkpoint(store, tmp_path: Path) -> None:
+    """A brain_landmark run trained on other landmarks (HC18's four axis ends, say) registers their
+    names; ``--checkpoint models:/...`` then builds its inference and evaluation networks with as
+    many heatmap channels, unless ``landmark_names`` is given. Before, the 24 brain landmarks were
+    assumed and the checkpoint failed to load."""
+    client, uri, _, _ = store
+    names = ["major_axis_end_1", "major_axis_end_2", "minor_axis_end_1", "minor_axis_end_2"]
+    key, others, _ = BUNDLES["brain_landmark"]
+    run_id = _run(store, tmp_path, "hc18_axes", _executed_config("brain_landmark"), history=_history(key, others))
+    client.log_param(run_id, "landmark_names", ",".join(names))  # as train.yaml's MLflow params log it
+    register_run(run_id, "axes_model", alias="champion", tracking_uri=uri)
+    assert client.get_model_version_by_alias("axes_model", "champion").tags["landmark_names"] == ",".join(names)
+
+    configs = REPO / "bundles" / "brain_landmark" / "configs"
+    for files in ([configs / "inference.yaml"], [configs / "train.yaml", configs / "evaluate.yaml"]):
+        parser = ConfigParser()
+        parser.read_config([str(f) for f in files])
+        parser.update({"checkpoint": "models:/axes_model@champion", "tracking_uri": uri, "output_dir": str(tmp_path)})
+        assert parser.get_parsed_content("landmark_names") == names, files
+        assert parser.get_parsed_content("network_def#num_landmarks") == 4
+        parser = ConfigParser()
+        parser.read_config([str(f) for f in files])
+        parser.update({"checkpoint": "models:/axes_model@champion", "tracking_uri": uri, "landmark_names": ["a", "b"]})
+        assert parser.get_parsed_content("network_def#num_landmarks") == 2  # given on the command line: it wins
+    parser = ConfigParser()
+    parser.read_config(str(configs / "inference.yaml"))
+    assert parser.get_parsed_content("network_def#num_landmarks") == len(BRAIN_LANDMARK_NAMES)  # no registered checkpoint
