@@ -11,7 +11,6 @@ bundle's own ``train.yaml`` and a tiny ``models/model.pt``.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
