@@ -87,7 +87,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from echocare.networks.fast import optimize_for_inference, reference_paths, use_fast_paths  # noqa: E402
+from echocare.networks.fast import keep_freed_memory, optimize_for_inference, reference_paths, use_fast_paths  # noqa: E402
 from echocare.networks.precision import BF16Inference, cpu_isa  # noqa: E402
 from echocare.tasks.supervised import EchoCareClassifier, EchoCareSegNet  # noqa: E402
 
@@ -149,7 +149,8 @@ def gemm_gflops(dtype: torch.dtype = torch.float32, repeats: int = 5, side: int 
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(side, side, generator=generator).to(dtype)
     b = torch.randn(side, side, generator=generator).to(dtype)
-    seconds = time_alternating({"gemm": lambda: torch.mm(a, b)}, repeats)["gemm"]
+    product = torch.empty(side, side, dtype=dtype)  # written in place: the rate of the product alone
+    seconds = time_alternating({"gemm": lambda: torch.mm(a, b, out=product)}, repeats)["gemm"]
     return 2 * side**3 / seconds / 1e9
 
 
@@ -503,6 +504,8 @@ def main(argv: list[str] | None = None) -> dict:
     phases: dict[str, float] = {}
 
     torch.set_num_threads(args.threads)
+    # as optimize_for_inference does: every path (and the sgemm probe) under the same allocator
+    keep_freed_memory()
     isa = cpu_isa()
     bf16_units = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and bool({"amx_bf16", "avx512_bf16"} & set(isa))
     if not bf16_units:

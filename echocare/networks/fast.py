@@ -46,6 +46,9 @@ Correctness (outputs and gradients within tolerance of MONAI's modules) is teste
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
+import sys
 from typing import Any
 
 import torch
@@ -64,6 +67,7 @@ from torch import nn
 
 from echocare.networks.decoders import UNETRDecoder
 from echocare.networks.encoder import EchoCareEncoder
+from echocare.networks.winograd import transform_filter, winograd_conv3x3, winograd_pays
 
 __all__ = [
     "CHECKPOINT_MODES",
@@ -76,6 +80,7 @@ __all__ = [
     "FastUnetrUpBlock",
     "MICRO_BATCH_MIN_PIXELS",
     "fast_paths_enabled",
+    "keep_freed_memory",
     "optimize_for_inference",
     "reference_paths",
     "use_fast_paths",
@@ -203,20 +208,44 @@ def _fusable(x: torch.Tensor, linear: nn.Module) -> bool:
         and linear.weight.dtype == x.dtype and (linear.bias is None or linear.bias.dtype == x.dtype)
 
 
-def _inference_linear(x: torch.Tensor, linear: nn.Module, gelu: bool = False) -> torch.Tensor:
-    """``linear(x)``, followed by the exact (erf) GELU when ``gelu``; fused on oneDNN."""
+def _linear_weight(linear: nn.Module, cache: dict | None) -> torch.Tensor:
+    """The linear layer's weight in oneDNN's blocked layout, reordered once while the weight is
+    unchanged (not at every call), kept in ``cache`` (the owning fast module's, which copies
+    and pickles leave out: oneDNN's layout has no storage); the plain weight without a cache
+    or where oneDNN cannot reorder it."""
+    weight = linear.weight
+    if cache is None:
+        return weight
+    stamp = (weight.data_ptr(), weight.dtype, None if weight.is_inference() else weight._version)
+    hit = cache.get(linear)
+    if hit is None or hit[0] != stamp:
+        try:
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        except RuntimeError:  # builds without oneDNN's reorder for this dtype
+            packed = weight
+        hit = cache[linear] = (stamp, packed)
+    return hit[1]
+
+
+def _inference_linear(x: torch.Tensor, linear: nn.Module, gelu: bool = False, cache: dict | None = None) -> torch.Tensor:
+    """``linear(x)``, followed by the exact (erf) GELU when ``gelu``; fused on oneDNN (weights
+    reordered once into ``cache``, see :func:`_linear_weight`)."""
     if _fusable(x, linear):
+        weight = _linear_weight(linear, cache)
         if gelu:
-            return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "gelu", [], "none")
-        return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x, weight, linear.bias, "gelu", [], "none")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, linear.bias, "none", [], "")
     out = linear(x)
     return F.gelu(out) if gelu else out
 
 
-def _inference_linear_add(x: torch.Tensor, linear: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+def _inference_linear_add(
+    x: torch.Tensor, linear: nn.Module, residual: torch.Tensor, cache: dict | None = None
+) -> torch.Tensor:
     """``residual + linear(x)`` (may reuse ``residual``'s memory)."""
     if _fusable(x, linear):
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, linear.weight, linear.bias, "add")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, _linear_weight(linear, cache), linear.bias, "add")
     return residual.add_(linear(x))
 
 
@@ -302,7 +331,13 @@ class FastBasicLayer(_FastModule, BasicLayer):
         tokens = _permute(tokens, index, inverse)
         if plan.merging:
             # the gather above did the 2x2 merge: only the merging's norm and reduction are left
-            tokens = self.downsample.reduction(self.downsample.norm(tokens.view(b, h // 2, w // 2, 4 * c)))
+            merged = self.downsample.norm(tokens.view(b, h // 2, w // 2, 4 * c))
+            if torch.is_grad_enabled():
+                tokens = self.downsample.reduction(merged)
+            else:
+                packed = self.__dict__.setdefault("_fast_packed", {})
+                flat = _inference_linear(merged.view(-1, 4 * c), self.downsample.reduction, cache=packed)
+                tokens = flat.view(b, h // 2, w // 2, -1)
             h, w = h // 2, w // 2
         else:
             tokens = tokens.view(b, h, w, c)
@@ -313,12 +348,13 @@ class FastBasicLayer(_FastModule, BasicLayer):
     def _blocks_inference(self, x: torch.Tensor, plan: _StagePlan) -> torch.Tensor:
         b, length, c = x.shape
         n, nw = plan.tokens, plan.num_windows
+        packed = self.__dict__.setdefault("_fast_packed", {})
         for i, blk in enumerate(self.blocks):
             attn = blk.attn
             heads = attn.num_heads
             x = x.index_select(1, plan.gathers[i][0]).view(b * length, c)
             h = F.layer_norm(x, (c,), blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
-            qkv = _inference_linear(h, attn.qkv)
+            qkv = _inference_linear(h, attn.qkv, cache=packed)
             q, k, v = qkv.view(b * nw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
             bias = self._inference_bias(i, plan, q.dtype)
             if plan.shifted[i] and b > 1:
@@ -331,13 +367,13 @@ class FastBasicLayer(_FastModule, BasicLayer):
             else:
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
                 o = o.transpose(1, 2).reshape(b * length, c)
-            x = _inference_linear_add(o, attn.proj, x)
+            x = _inference_linear_add(o, attn.proj, x, packed)
             h = F.layer_norm(x, (c,), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
             if _is_exact_gelu(blk.mlp.fn):
-                h = _inference_linear(h, blk.mlp.linear1, gelu=True)
+                h = _inference_linear(h, blk.mlp.linear1, gelu=True, cache=packed)
             else:
-                h = blk.mlp.fn(_inference_linear(h, blk.mlp.linear1))
-            x = _inference_linear_add(h, blk.mlp.linear2, x).view(b, length, c)
+                h = blk.mlp.fn(_inference_linear(h, blk.mlp.linear1, cache=packed))
+            x = _inference_linear_add(h, blk.mlp.linear2, x, packed).view(b, length, c)
         return x
 
     # ---- training (autograd): same order of operations as MONAI -----------------------
@@ -446,11 +482,75 @@ def _like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.contiguous()
 
 
+def _winograd_ok(module: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether ``module(x)`` runs as a Winograd F(4x4, 3x3) convolution: turned on
+    (``fast_winograd``, set by :func:`optimize_for_inference`), float32 inference on the CPU
+    (not under autocast), a 3x3 stride-1 convolution with padding 1, and where it pays."""
+    return (
+        getattr(module, "fast_winograd", False)
+        and x.dtype == torch.float32
+        and module.weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.ndim == 4
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and tuple(module.kernel_size) == (3, 3)
+        and tuple(module.stride) == (1, 1)
+        and tuple(module.dilation) == (1, 1)
+        and module.padding in ((1, 1), [1, 1])
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and winograd_pays(x, module.in_channels, module.out_channels)
+    )
+
+
+def _pointwise_ok(module: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether ``module(x)`` runs as a fused linear layer over the pixels: a 1x1 convolution
+    (stride 1, no padding, no groups) of a channels-last map, at inference, not under autocast."""
+    return (
+        x.ndim == 4
+        and x.dtype in _MKLDNN_LINEAR
+        and x.device.type == "cpu"
+        and module.weight.dtype == x.dtype
+        and (module.bias is None or module.bias.dtype == x.dtype)
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and tuple(module.kernel_size) == (1, 1)
+        and tuple(module.stride) == (1, 1)
+        and module.padding in ((0, 0), [0, 0])
+        and module.groups == 1
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def _winograd_filters(module: nn.Conv2d) -> torch.Tensor:
+    """The module's filters transformed for :func:`winograd_conv3x3`, once while the weight is unchanged."""
+    weight = module.weight
+    cache = module.__dict__.setdefault("_fast_packed", {})
+    stamp = (weight.data_ptr(), None if weight.is_inference() else weight._version)
+    hit = cache.get("winograd")
+    if hit is None or hit[0] != stamp:
+        hit = cache["winograd"] = (stamp, transform_filter(weight).to(weight.device))
+    return hit[1]
+
+
 class FastConv2d(_FastModule, nn.Conv2d):
     """``nn.Conv2d`` whose inference runs oneDNN with the weight reordered once (not at every
-    call) where the weight outweighs the activations (deep, low-resolution layers)."""
+    call) where the weight outweighs the activations (deep, low-resolution layers); with
+    ``fast_winograd`` (:func:`optimize_for_inference`), float32 3x3 convolutions with enough
+    channels run as Winograd F(4x4, 3x3) (:mod:`echocare.networks.winograd`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _winograd_ok(self, x):
+            return _like(winograd_conv3x3(x, _winograd_filters(self), self.bias), x)
+        if _pointwise_ok(self, x):
+            # a 1x1 convolution of a channels-last map is a linear layer over its pixels
+            n, c, h, w = x.shape
+            tokens = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view
+            out = torch.ops.mkldnn._linear_pointwise(
+                tokens, self.weight.view(self.out_channels, c), self.bias, "none", [], ""
+            )
+            return out.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
         if not _packed_conv_ok(self, x) or self.weight.numel() < x[0].numel():
             return super().forward(x)
         packed = _packed(self, x, transposed=False)
@@ -534,8 +634,9 @@ def _channels_last_instance_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tens
     """MONAI's ``InstanceNorm2d`` on a channels-last map (B, C, H, W), returned channels-last
     (no copies to channels-first and back); None where this does not apply.
 
-    Two passes like the reference kernel: the mean, then the mean of the squared deviations,
-    both with PyTorch's cascaded float32 sums. (PyTorch's channels-last group- and batch-norm
+    Two passes for the statistics like the reference kernel: the mean, then the mean of the
+    squared deviations, both with PyTorch's cascaded float32 sums; then one pass
+    ``x * scale + shift``. (PyTorch's channels-last group- and batch-norm
     kernels accumulate E[x^2] and E[x] in one running float32 sum each: off by up to 4e-5 at
     256x256.) Whole-tensor operations, not slices: on a busy CPU every parallel operation
     also waits for its threads.
@@ -558,13 +659,15 @@ def _channels_last_instance_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tens
         return F.group_norm(x, x.shape[1], weight, bias, norm.eps)
     n, c, h, w = x.shape
     tokens = x.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view: x is channels-last
-    out = tokens - tokens.mean(1, keepdim=True)
-    scale = out.square().mean(1, keepdim=True).add_(norm.eps).rsqrt_()
+    mean = tokens.mean(1, keepdim=True)
+    scale = (tokens - mean).square_().mean(1, keepdim=True).add_(norm.eps).rsqrt_()
     if norm.affine:
-        out.mul_(scale * norm.weight).add_(norm.bias)
+        scale = scale.mul_(norm.weight)
+        shift = torch.addcmul(norm.bias, mean, scale, value=-1)
     else:
-        out.mul_(scale)
-    return out.view(n, h, w, c).permute(0, 3, 1, 2)
+        shift = mean.mul(scale).neg_()
+    # one pass over the map: x * scale + shift, per image and channel
+    return torch.addcmul(shift, tokens, scale).view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 def _inference_instance_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -692,6 +795,9 @@ class FastEchoCareEncoder(_FastModule, EchoCareEncoder):
         return [torch.cat(maps) for maps in zip(*parts)]
 
     def _forward(self, x: torch.Tensor, mask: torch.Tensor | None, normalize: bool) -> list[torch.Tensor]:
+        if _inference_format(x):
+            # the patch embedding then writes its map channels-last, the layout of every later block
+            x = x.contiguous(memory_format=torch.channels_last)
         x0 = self.pos_drop(self.embed(x, mask))
         norm = _channel_layer_norm if normalize else (lambda t: t)
         outputs = [norm(x0)]
@@ -764,7 +870,7 @@ def reference_paths(network: nn.Module) -> nn.Module:
         ref = _REFERENCE_CLASSES.get(type(module))
         if ref is not None:
             module.__class__ = ref
-            for cache in (*_CACHES, "fast_checkpoint", "fast_micro_batch"):
+            for cache in (*_CACHES, "fast_checkpoint", "fast_micro_batch", "fast_winograd"):
                 module.__dict__.pop(cache, None)
     return network
 
@@ -774,7 +880,42 @@ def fast_paths_enabled(network: nn.Module) -> bool:
     return any(type(m) in _REFERENCE_CLASSES for m in network.modules())
 
 
-def optimize_for_inference(network: nn.Module, inplace: bool = True, micro_batch: int | None = 1) -> nn.Module:
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+_freed_memory_kept: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Make this process keep the memory it frees for its next allocations (glibc on Linux),
+    as a caching allocator does; returns whether it applies (False elsewhere).
+
+    By default glibc gives large blocks (over 128 KiB to 32 MiB) back to the kernel when they
+    are freed, so the next forward pass takes a page fault for every 4 KiB of every large
+    activation again: 10-15 % of a Swin-base forward on a 2-core virtual machine. With
+    ``M_MMAP_MAX`` 0 and no trimming, freed blocks are reused instead. The process's resident
+    memory then stays at its peak (it does not shrink between calls). Called once per process by
+    :func:`optimize_for_inference` (``keep_freed_memory=True``); idempotent.
+    """
+    global _freed_memory_kept
+    if _freed_memory_kept is None:
+        _freed_memory_kept = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                mallopt = libc.mallopt
+            except (OSError, AttributeError):  # musl and other libcs without mallopt
+                mallopt = None
+            if mallopt is not None:
+                _freed_memory_kept = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return _freed_memory_kept
+
+
+def optimize_for_inference(
+    network: nn.Module,
+    inplace: bool = True,
+    micro_batch: int | None = 1,
+    winograd: bool = True,
+    keep_memory: bool = True,
+) -> nn.Module:
     """The fastest exact inference form of an EchoCare network (encoder, task or pretraining network).
 
     Puts the network in ``eval()`` mode with the fast paths of :func:`use_fast_paths`. Run it
@@ -790,12 +931,23 @@ def optimize_for_inference(network: nn.Module, inplace: bool = True, micro_batch
             default: on a CPU one image's activations stay in the caches); the deeper decoder
             blocks, whose weights outweigh their activations, run the whole batch. ``None``
             runs whole batches everywhere.
+        winograd: float32 3x3 convolutions with at least
+            :data:`~echocare.networks.winograd.WINOGRAD_MIN_CHANNELS` channels run as Winograd
+            F(4x4, 3x3) where it pays (a quarter of the multiply-adds; about 1e-5 relative
+            rounding difference, see :mod:`echocare.networks.winograd`). ``False`` keeps
+            oneDNN's direct convolutions.
+        keep_memory: on the CPU, :func:`keep_freed_memory` (the process keeps freed memory
+            for reuse instead of page-faulting it in again at every call).
     """
     if not inplace:
         network = copy.deepcopy(network)
     network.eval()
     use_fast_paths(network)
+    if keep_memory and any(p.device.type == "cpu" for p in network.parameters()):
+        keep_freed_memory()
     for module in network.modules():
         if isinstance(module, (FastEchoCareEncoder, FastUnetResBlock, FastUnetrUpBlock)):
             module.fast_micro_batch = micro_batch
+        if isinstance(module, FastConv2d):
+            module.fast_winograd = winograd
     return network
