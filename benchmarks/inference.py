@@ -511,7 +511,7 @@ def run_case(name: str, b: int, x: torch.Tensor, paths: dict, args: argparse.Nam
         "speedup_fp32": t_ref / t_fast,
         "fp32_fraction_of_bound": gflop / gemm / (t_fast / b),
         "sgemm_gflops": gemm,
-        # against the best single product at the start (a short burst): the stricter figure
+        # against the single product at the start (a 50 ms sample: a burst or a dip)
         "fp32_fraction_of_one_product_bound": gflop / one_product / (t_fast / b),
         "speedup_bf16": t_ref / t_bf16,
         "max_abs_diff": diff,
