@@ -215,6 +215,18 @@ def _fusable(x: torch.Tensor, linear: nn.Module) -> bool:
         and linear.weight.dtype == x.dtype and (linear.bias is None or linear.bias.dtype == x.dtype)
 
 
+def _derived(cache: dict, key: Any, source: torch.Tensor, make) -> Any:
+    """``make()``, kept in ``cache`` under ``key`` while ``source`` (a weight or table) is
+    unchanged: the same storage, dtype and version (inference tensors have no version counter,
+    and cannot change outside inference mode)."""
+    stamp = (source.data_ptr(), source.dtype, None if source.is_inference() else source._version)
+    hit = cache.get(key)
+    if hit is None or hit[0] != stamp:
+        with torch.no_grad():
+            hit = cache[key] = (stamp, make())
+    return hit[1]
+
+
 def _linear_weight(linear: nn.Module, cache: dict | None) -> torch.Tensor:
     """The linear layer's weight in oneDNN's blocked layout, reordered once while the weight is
     unchanged (not at every call), kept in ``cache`` (the owning fast module's, which copies
@@ -223,16 +235,14 @@ def _linear_weight(linear: nn.Module, cache: dict | None) -> torch.Tensor:
     weight = linear.weight
     if cache is None:
         return weight
-    stamp = (weight.data_ptr(), weight.dtype, None if weight.is_inference() else weight._version)
-    hit = cache.get(linear)
-    if hit is None or hit[0] != stamp:
+
+    def reorder() -> torch.Tensor:
         try:
-            with torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            return torch.ops.mkldnn._reorder_linear_weight(weight, None)
         except RuntimeError:  # builds without oneDNN's reorder for this dtype
-            packed = weight
-        hit = cache[linear] = (stamp, packed)
-    return hit[1]
+            return weight
+
+    return _derived(cache, linear, weight, reorder)
 
 
 def _inference_linear(x: torch.Tensor, linear: nn.Module, gelu: bool = False, cache: dict | None = None) -> torch.Tensor:
@@ -309,18 +319,14 @@ class FastBasicLayer(_FastModule, BasicLayer):
         table = attn.relative_position_bias_table
         cache = self.__dict__.setdefault("_fast_bias", {})
         key = (i, plan.window, plan.num_windows, table.device.type, dtype)
-        # inference tensors have no version counter (and cannot change outside inference mode)
-        stamp = (table.data_ptr(), None if table.is_inference() else table._version)
-        hit = cache.get(key)
-        if hit is not None and hit[0] == stamp:
-            return hit[1]
-        with torch.no_grad():
+
+        def mask() -> torch.Tensor:
             bias = _relative_bias(attn, plan.tokens).unsqueeze(0)
             if plan.shifted[i]:
                 bias = bias + plan.mask.to(bias.dtype).unsqueeze(1)
-            bias = bias.to(dtype).contiguous()
-        cache[key] = (stamp, bias)
-        return bias
+            return bias.to(dtype).contiguous()
+
+        return _derived(cache, key, table, mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
@@ -449,24 +455,22 @@ def _packed(module: nn.Module, x: torch.Tensor, transposed: bool) -> torch.Tenso
     weight = module.weight
     cache = module.__dict__.setdefault("_fast_packed", {})
     key = (tuple(x.shape), x.dtype)
-    stamp = (weight.data_ptr(), None if weight.is_inference() else weight._version)
-    hit = cache.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    if len(cache) >= 4:
-        cache.clear()
-    with torch.no_grad():
+    shapes = [k for k in cache if isinstance(k, tuple)]
+    if key not in cache and len(shapes) >= 4:  # a bounded number of input shapes
+        for old in shapes:
+            del cache[old]
+
+    def reorder() -> torch.Tensor:
         if transposed:
-            packed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
+            return torch.ops.mkldnn._reorder_convolution_transpose_weight(
                 weight, list(module.padding), list(module.output_padding), list(module.stride),
                 list(module.dilation), module.groups, list(x.shape),
             )
-        else:
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                weight, list(module.padding), list(module.stride), list(module.dilation), module.groups, list(x.shape)
-            )
-    cache[key] = (stamp, packed)
-    return packed
+        return torch.ops.mkldnn._reorder_convolution_weight(
+            weight, list(module.padding), list(module.stride), list(module.dilation), module.groups, list(x.shape)
+        )
+
+    return _derived(cache, key, weight, reorder)
 
 
 def _packed_conv_ok(module: nn.Module, x: torch.Tensor) -> bool:
@@ -489,6 +493,29 @@ def _like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.contiguous()
 
 
+def _plain_inference_conv(
+    module: nn.Conv2d, x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]
+) -> bool:
+    """Whether ``module(x)`` is inference on the CPU (no autograd, not under autocast) of a
+    ``kernel`` convolution with stride 1, no dilation, no groups and zero ``padding``, with
+    weights of the input's dtype."""
+    return (
+        x.ndim == 4
+        and x.device.type == "cpu"
+        and module.weight.dtype == x.dtype
+        and (module.bias is None or module.bias.dtype == x.dtype)
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and tuple(module.kernel_size) == kernel
+        and tuple(module.stride) == (1, 1)
+        and tuple(module.dilation) == (1, 1)
+        and not isinstance(module.padding, str)
+        and tuple(module.padding) == padding
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+    )
+
+
 def _winograd_ok(module: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether ``module(x)`` runs as a Winograd F(4x4, 3x3) convolution: turned on
     (``fast_winograd``, set by :func:`optimize_for_inference`), float32 inference on the CPU
@@ -496,17 +523,7 @@ def _winograd_ok(module: nn.Conv2d, x: torch.Tensor) -> bool:
     return (
         getattr(module, "fast_winograd", False)
         and x.dtype == torch.float32
-        and module.weight.dtype == torch.float32
-        and x.device.type == "cpu"
-        and x.ndim == 4
-        and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")
-        and tuple(module.kernel_size) == (3, 3)
-        and tuple(module.stride) == (1, 1)
-        and tuple(module.dilation) == (1, 1)
-        and module.padding in ((1, 1), [1, 1])
-        and module.groups == 1
-        and module.padding_mode == "zeros"
+        and _plain_inference_conv(module, x, (3, 3), (1, 1))
         and winograd_pays(x, module.in_channels, module.out_channels)
     )
 
@@ -515,17 +532,8 @@ def _pointwise_ok(module: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether ``module(x)`` runs as a fused linear layer over the pixels: a 1x1 convolution
     (stride 1, no padding, no groups) of a channels-last map, at inference, not under autocast."""
     return (
-        x.ndim == 4
-        and x.dtype in _MKLDNN_LINEAR
-        and x.device.type == "cpu"
-        and module.weight.dtype == x.dtype
-        and (module.bias is None or module.bias.dtype == x.dtype)
-        and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")
-        and tuple(module.kernel_size) == (1, 1)
-        and tuple(module.stride) == (1, 1)
-        and module.padding in ((0, 0), [0, 0])
-        and module.groups == 1
+        x.dtype in _MKLDNN_LINEAR
+        and _plain_inference_conv(module, x, (1, 1), (0, 0))
         and x.is_contiguous(memory_format=torch.channels_last)
     )
 
@@ -534,11 +542,7 @@ def _winograd_filters(module: nn.Conv2d) -> torch.Tensor:
     """The module's filters transformed for :func:`winograd_conv3x3`, once while the weight is unchanged."""
     weight = module.weight
     cache = module.__dict__.setdefault("_fast_packed", {})
-    stamp = (weight.data_ptr(), None if weight.is_inference() else weight._version)
-    hit = cache.get("winograd")
-    if hit is None or hit[0] != stamp:
-        hit = cache["winograd"] = (stamp, transform_filter(weight).to(weight.device))
-    return hit[1]
+    return _derived(cache, "winograd", weight, lambda: transform_filter(weight).to(weight.device))
 
 
 class FastConv2d(_FastModule, nn.Conv2d):
@@ -924,7 +928,7 @@ def keep_freed_memory() -> bool:
     activation again: 10-15 % of a Swin-base forward on a 2-core virtual machine. With
     ``M_MMAP_MAX`` 0 and no trimming, freed blocks are reused instead. The process's resident
     memory then stays at its peak (it does not shrink between calls). Called once per process by
-    :func:`optimize_for_inference` (``keep_freed_memory=True``); idempotent.
+    :func:`optimize_for_inference` (``keep_memory=True``); idempotent.
     """
     global _freed_memory_kept
     if _freed_memory_kept is None:
