@@ -166,7 +166,7 @@ def gemm_probe(dtype: torch.dtype = torch.float32, side: int = 2048, products: i
 
 #: Products of the sgemm probe in each timing round (about a second on 2 cores, as long as a
 #: pass of the paths): the bound is the rate the machine sustains over such a pass. One product
-#: (50 ms) catches short frequency bursts: up to 409 GFLOP/s where 335-340 were sustained.
+#: (50 ms) lands on short frequency bursts or dips: 281-409 GFLOP/s where 260-395 were sustained.
 PROBE_PRODUCTS = 16
 
 
