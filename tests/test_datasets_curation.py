@@ -775,5 +775,19 @@ def test_max_pixels_refuses_a_huge_image_before_decoding_and_the_batch_goes_on(t
     datalist, report = load_outputs(out)
     assert [Path(f["file"]).name for f in report["failed"]] == ["huge.png"]
     assert report["kept"] == 2 and len(os.listdir(out / "images")) == 2
+    # The limit is a setting of the run: resuming with another one (here the default) is refused,
+    # with the same one it is the finished run again.
+    before = sorted(os.listdir(out / "images"))
+    with pytest.raises(CurationError, match="other settings"):
+        curate([str(src)], None, str(out), size=SIZE, **QUIET)
+    for limit in (None, 10**9):
+        with pytest.raises(CurationError, match="other settings"):
+            curate([str(src)], None, str(out), size=SIZE, max_pixels=limit or "none", **QUIET)
+    assert sorted(os.listdir(out / "images")) == before
+    with pytest.raises(SystemExit) as exited:
+        main(["curate", "--src", str(src), "--out", str(out), "--size", str(SIZE), "--progress", "false",
+              "--max-pixels", "20000000"])
+    assert exited.value.code == 1
+    assert load_outputs(out)[1]["kept"] == 2
     with pytest.raises(CurationError, match="max_pixels"):
         curate([str(src)], None, str(tmp_path / "out2"), max_pixels=0, **QUIET)

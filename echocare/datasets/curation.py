@@ -28,7 +28,8 @@ taken in the main process in that order, so the result does not depend on ``work
 Each decision is appended to ``OUT/progress.jsonl`` (flushed per line, fsync'ed every
 ``fsync_every`` lines); a rerun into the same ``OUT`` replays the journal (skipping
 finished files and rebuilding the hash indices) and continues, so a run killed at any
-point and rerun gives the same files as an uninterrupted one. ``datalist.json``,
+point and rerun gives the same files as an uninterrupted one; a rerun with other settings
+(sources, size, frame step, crop, limits, ...) is refused. ``datalist.json``,
 ``report.json`` and ``report.png`` are written at the end from the journal, atomically.
 
 Memory stays flat as the input grows: files are enumerated lazily, frames are streamed,
@@ -1228,6 +1229,10 @@ def _run_settings(src_paths: list[Path | _UrlSource], size: int, frame_step: int
         "overlay": opts["overlay"],
         "exclude": opts["exclude"],
     }
+    if opts["max_pixels"] != DEFAULT_MAX_PIXELS:
+        # A resume with another limit would judge the rest of the files by another rule. Only a
+        # limit other than the default is written, so journals from before it was kept resume.
+        settings["max_pixels"] = opts["max_pixels"]
     if opts["format"] == "webdataset":
         # Shards are written as units are decided: their split (and size) is fixed for the run.
         settings.update(format="webdataset", shard_size=opts["shard_size"], val_fraction=val_fraction, seed=opts["seed"])
