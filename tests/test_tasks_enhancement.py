@@ -145,6 +145,25 @@ def test_degraded_transform_is_fixed_per_file_in_validation() -> None:
 # ----------------------------------------------------------------------------- the bundle
 
 
+def test_evaluation_keeps_the_degradation_of_the_variant(tmp_path) -> None:
+    """evaluate.yaml, merged last, must not reset the degraded variant's ranges (its validation
+    images and BRISQUE's levels would then be degraded by other ranges than training's)."""
+    from monai.bundle import ConfigParser
+
+    def ranges(*files: str) -> object:
+        parser = ConfigParser()
+        parser.read_config([str(REPO / "bundles" / "usenhance" / "configs" / f) if "/" not in f else f for f in files])
+        assert parser["quality_models"]["degradation_ranges"] == "@degradation_ranges"
+        return parser["degradation_ranges"]
+
+    stronger = tmp_path / "stronger.yaml"
+    stronger.write_text("degradation_ranges:\n  speckle: [0.2, 0.9]\n")
+    degraded = {"downscale": [0.7, 0.35], "blur_sigma": [0.5, 2.0], "speckle": [0.15, 0.5], "gain": [0.85, 0.55]}
+    assert ranges("train.yaml", "evaluate.yaml") == {}
+    assert ranges("train.yaml", "degraded.yaml", "evaluate.yaml") == degraded
+    assert ranges("train.yaml", "degraded.yaml", str(stronger), "evaluate.yaml") == {"speckle": [0.2, 0.9]}
+
+
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_bundle_trains_evaluates_infers_and_beats_identity(phantom, tmp_path) -> None:
