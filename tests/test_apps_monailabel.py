@@ -108,6 +108,11 @@ def test_selected_models_and_overrides(tmp_path):
     config = bundle_config("thyroid_cls", "inference.yaml", {**overrides, "clip_frames": 3, "unknown_id": 1})
     assert config.get_parsed_content("checkpoint") == str(tmp_path / "ddti_seg" / "models" / "model.pt")
     assert config.get_parsed_content("clip_frames") == 3 and "unknown_id" not in config
+    # the EF bundle's frames per sequence: a number, as the bundle's transforms take it
+    assert bundle_overrides("camus_ef", {"camus_ef.num_frames": "8"}) == {"num_frames": 8}
+    config = bundle_config("camus_ef", "inference.yaml", bundle_overrides("camus_ef", {"camus_ef.num_frames": "8"}))
+    assert config.get_parsed_content("num_frames") == 8
+    assert config.get_parsed_content("load_transforms")[0].num_frames == 8
 
 
 def test_class_label_files(tmp_path):

@@ -69,7 +69,7 @@ def selected_models(value: str | None) -> list[str]:
 
 
 #: Config ids whose ``--conf`` values are integers.
-INTEGER_IDS = ("image_size", "clip_frames", "batch_size", "num_workers", "max_epochs", "lora_rank")
+INTEGER_IDS = ("image_size", "clip_frames", "num_frames", "batch_size", "num_workers", "max_epochs", "lora_rank")
 
 
 def bundle_overrides(name: str, conf: Mapping[str, str]) -> dict[str, Any]:
