@@ -148,6 +148,30 @@ def test_evaluation_writes_summary_per_case_and_mlflow(trained, phantoms):
 
 
 @pytest.mark.slow
+def test_evaluation_of_a_registered_model_takes_its_settings(trained, tmp_path, monkeypatch):
+    """``--checkpoint models:/NAME@ALIAS`` alone: the evaluation's network and masking are the ones
+    the run trained with (tiny, 64 px, 16 px mask units), not the bundle's defaults."""
+    from monai.bundle import ConfigParser
+    from echocare.registry import register_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _, runs = mlflow_runs(trained / "mlruns.db")
+    run = next(r for r in runs if r.info.run_name == "phantom_run")
+    register_run(run.info.run_id, "pretrain_settings", alias="champion", output_dir=trained)
+    settings = ("network_size", "image_size", "mask_unit", "mask_ratio")
+    evaluation = ConfigParser()
+    evaluation.read_config([TRAIN, str(CONFIGS / "evaluate.yaml")])
+    evaluation.update({"checkpoint": "models:/pretrain_settings@champion", "output_dir": str(tmp_path)})
+    assert [evaluation.get_parsed_content(k) for k in settings] == ["tiny", 64, 16, 0.5]
+    evaluation.update({"image_size": 96})  # given on the command line: it wins
+    assert evaluation.get_parsed_content("image_size") == 96
+    training = ConfigParser()  # training never takes a checkpoint's settings
+    training.read_config(TRAIN)
+    training.update({"checkpoint": "models:/pretrain_settings@champion", "output_dir": str(tmp_path)})
+    assert [training.get_parsed_content(k) for k in settings] == ["base", 256, 32, 0.5]
+
+
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_resume_after_kill_continues_from_last_checkpoint(phantoms, tmp_path):
     out = tmp_path / "resume"
