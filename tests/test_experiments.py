@@ -394,6 +394,29 @@ def test_experiment_runs_resumes_and_compares(tmp_path: Path, monkeypatch: pytes
     assert len(compare_runs) == 1
 
 
+def test_a_grid_without_its_datalist_is_refused_before_any_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys) -> None:
+    from echocare.bundle import MissingIdError
+    from echocare.cli import main
+
+    launched: list[Path] = []
+    monkeypatch.setattr(experiment_run, "_launch", lambda spec, log, timeout: launched.append(spec) or 0)
+    grid = tmp_path / "grid"
+    with pytest.raises(MissingIdError, match=r"^pass --datalist"):
+        experiment_run.run_experiment("ddti_seg", "nodata", seeds=2, output_dir=grid, progress=False)
+    with pytest.raises(SystemExit) as refused:
+        main(["experiment", "busbra_cls", "--name", "nodata", "--seeds", "2", "--output_dir", str(grid)])
+    assert refused.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "--datalist" in errors[0]
+    assert launched == [] and not (grid / "runs").exists()
+    # the pretraining bundle streams shards instead: its own rule applies (--datalist or --shards)
+    _, pretrain_files, _ = experiment_run._config_files("echocare_pretrain", None)
+    with pytest.raises(MissingIdError, match=r"^pass --datalist .* or --shards"):
+        experiment_run._check_required_ids(pretrain_files, {})
+    experiment_run._check_required_ids(pretrain_files, {"shards": str(tmp_path / "shards.json")})
+
+
 def test_run_table_names_each_runs_mlflow_id() -> None:
     """The summary `echocare experiment` prints ends each run's line with its MLflow run name and id
     (what `echocare registry register --run` takes)."""

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from echocare.bundle import resolve_bundle, resolve_overlays, split_values
+from echocare.bundle import MissingIdError, resolve_bundle, resolve_overlays, split_values
 from echocare.bundle import tracking_uri as bundle_tracking_uri
 from echocare.tracking import check_tracking_server
 from echocare.experiments.common import (
@@ -186,6 +186,7 @@ class _GridPlan:
     common: dict[str, Any]
     evaluate: bool
     timeout: float | None
+    ids_checked: bool = False
 
 
 def _bundle_command(run_id: str, config_files: list[str], overrides: Mapping[str, Any]) -> str:
@@ -282,6 +283,33 @@ def _common_ids(dataset_dir: str | None, datalist: str | None, bundle_args: Mapp
     return common
 
 
+def _check_required_ids(train_files: Sequence[str], common: Mapping[str, Any]) -> None:
+    """The bundle's own check of its required ids (the first item of its ``training``), with the ids
+    every run gets, before the grid's first run starts: a grid without ``--datalist`` would otherwise
+    launch every run only to have each refused the same way.
+
+    Raises:
+        MissingIdError: the bundle's message (``pass --datalist (...)``).
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(list(train_files))
+    parser.update(dict(common))
+    training = parser.get("training")
+    if not (isinstance(training, list) and training and "require_ids(" in str(training[0])):
+        return
+    try:
+        parser.get_parsed_content("training#0")
+    except Exception as error:  # MONAI wraps what an expression raises
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, MissingIdError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def _check_inits(inits: Any) -> None:
     """Every encoder file of ``inits`` exists (before the first run starts)."""
     for label, path in parse_inits(inits):
@@ -314,6 +342,9 @@ def _run_grid_cell(client, experiment_id: str, cell: GridCell, plan: _GridPlan) 
         row.update(status="skipped", run_id=done.info.run_id, wall_time_s=done.data.metrics.get("wall_time_s", math.nan),
                    **{k: v for k, v in done.data.metrics.items() if k.startswith("final_")})
         return row
+    if not plan.ids_checked:  # before the first run that starts (a finished grid needs no data)
+        _check_required_ids(plan.train_files, plan.common)
+        plan.ids_checked = True
     for stale in existing:  # a crashed or interrupted attempt: start again from nothing
         client.delete_run(stale.info.run_id)
     spec_path = _prepare_cell(cell, plan)
