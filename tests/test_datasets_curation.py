@@ -410,6 +410,30 @@ def test_no_patient_attribute_in_any_output(tmp_path, capsys, caplog):
 # ------------------------------------------------------------------- kill and resume
 
 
+def curate_killed_when(sources: list[str], mapping: str | None, out: Path, cwd: Path, ready, workers: int,
+                       delay: float, **args) -> None:
+    """``curate`` into ``out`` in a child process, killed with SIGKILL (as an out-of-memory kill
+    would) as soon as ``ready(journal text)``; fails when the run ends before that."""
+    code = ("from echocare.datasets.curation import curate\n"
+            f"curate({sources!r}, {mapping!r}, {str(out)!r}, workers={workers}, progress=False, _delay={delay}, "
+            f"**{args!r})\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=cwd)
+    journal = out / "progress.jsonl"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if ready(journal.read_text() if journal.exists() else ""):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     expected = build_mixed(tmp_path / "in")
     for k in range(8):  # more files, so that the kill lands mid-run
@@ -421,27 +445,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     curate(sources, None, str(reference), workers=1, **args, **QUIET)
 
     out = tmp_path / "out"
-    code = (
-        "import sys; from echocare.datasets.curation import curate\n"
-        f"curate({sources!r}, None, {str(out)!r}, workers=2, progress=False, _delay=0.25, **{args!r})\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path)
+    curate_killed_when(sources, None, out, tmp_path, lambda journal: journal.count('"fr"') >= 4, workers=2, delay=0.25,
+                       **args)
     journal = out / "progress.jsonl"
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline:
-            if journal.exists() and sum(1 for line in journal.read_text().splitlines() if '"fr"' in line) >= 4:
-                break
-            if proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert not (out / "datalist.json").exists()
     done_before = journal.read_text().count('"done":true')
     assert done_before < 20

@@ -7,21 +7,16 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from test_datasets_curation import QUIET, SIZE, build_small, phantom, save, snapshot
+from test_datasets_curation import QUIET, SIZE, build_small, curate_killed_when, phantom, save, snapshot
 
 from echocare.datasets.curation import curate
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MAPPING = "breast: thorax/breast\nabdomen: abdomen\n"
 
 
@@ -116,24 +111,10 @@ def test_a_killed_driver_resumes_into_the_same_shards(tmp_path, corpus, referenc
     sources, mapping = corpus
     args = dict(size=SIZE, val_fraction=0.3, format="webdataset", shard_size=SHARD_SIZE)
     out = tmp_path / "out"
-    code = ("from echocare.datasets.curation import curate\n"
-            f"curate({sources!r}, {mapping!r}, {str(out)!r}, workers=1, progress=False, _delay=0.3, **{args!r})\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path)
-    journal = out / "progress.jsonl"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            text = journal.read_text() if journal.exists() else ""
-            if text.count('"shard"') >= 1 and text.count('"st":"kept"') >= 3:  # a shard committed, another open
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # killed with a shard committed and another open
+    curate_killed_when(sources, mapping, out, tmp_path,
+                       lambda journal: journal.count('"shard"') >= 1 and journal.count('"st":"kept"') >= 3,
+                       workers=1, delay=0.3, **args)
     assert not (out / "shards.json").exists()
     committed = sorted(p.name for p in (out / "shards").glob("shard-*.tar"))
     assert committed and len(committed) < len(list((reference["webdataset"] / "shards").glob("shard-*.tar")))
