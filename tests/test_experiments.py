@@ -417,6 +417,25 @@ def test_a_grid_without_its_datalist_is_refused_before_any_run(tmp_path: Path, m
     experiment_run._check_required_ids(pretrain_files, {"shards": str(tmp_path / "shards.json")})
 
 
+def test_a_run_folder_holding_other_files_is_never_emptied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    launched: list[Path] = []
+    monkeypatch.setattr(experiment_run, "_launch", lambda spec, log, timeout: launched.append(spec) or 1)
+    data = _tiny_seg_dataset(tmp_path / "data")
+    grid = tmp_path / "grid"
+    mine = grid / "runs" / "mine_scratch_s1_f1" / "notes.txt"  # the grid's second run's folder, not the grid's
+    mine.parent.mkdir(parents=True)
+    mine.write_text("my notes")
+    args = dict(seeds=2, dataset_dir=str(data), datalist=str(data / "datalist.json"), output_dir=grid, progress=False)
+    with pytest.raises(FileExistsError, match=r"mine_scratch_s1_f1: holds files this experiment did not write"):
+        experiment_run.run_experiment("ddti_seg", "mine", **args)
+    assert mine.read_text() == "my notes" and launched == []
+    mine.unlink()  # an empty folder, or one the experiment wrote (a failed attempt), is the experiment's to redo
+    rows = experiment_run.run_experiment("ddti_seg", "mine", **args)
+    assert [r["status"] for r in rows] == ["failed", "failed"] and len(launched) == 2
+    rows = experiment_run.run_experiment("ddti_seg", "mine", **args)
+    assert len(launched) == 4 and (grid / "runs" / "mine_scratch_s1_f1" / "spec.json").is_file()
+
+
 def test_run_table_names_each_runs_mlflow_id() -> None:
     """The summary `echocare experiment` prints ends each run's line with its MLflow run name and id
     (what `echocare registry register --run` takes)."""

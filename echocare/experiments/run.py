@@ -317,8 +317,21 @@ def _check_inits(inits: Any) -> None:
             raise FileNotFoundError(f"{path}: no such encoder file (init {label!r})")
 
 
+def _check_run_folders(cells: Sequence[GridCell]) -> None:
+    """Refuse a grid whose run folders hold what the experiment did not write (a folder without
+    its ``spec.json``, and not empty): a rerun empties its runs' folders, and must never take a
+    user's files with them."""
+    for cell in cells:
+        if cell.run_dir.is_dir() and not (cell.run_dir / "spec.json").is_file() and any(cell.run_dir.iterdir()):
+            raise FileExistsError(f"{cell.run_dir}: holds files this experiment did not write (no spec.json); "
+                                  "move them, or choose another --output_dir")
+        if cell.run_dir.exists() and not cell.run_dir.is_dir():
+            raise FileExistsError(f"{cell.run_dir}: not a folder; move it, or choose another --output_dir")
+
+
 def _prepare_cell(cell: GridCell, plan: _GridPlan) -> Path:
-    """Empty the cell's folder, write its ``spec.json`` and ``commands.sh``; returns the spec's path."""
+    """Empty the cell's folder (an earlier attempt's, see :func:`_check_run_folders`), write its
+    ``spec.json`` and ``commands.sh``; returns the spec's path."""
     if cell.run_dir.exists():
         shutil.rmtree(cell.run_dir)
     cell.run_dir.mkdir(parents=True)
@@ -414,6 +427,7 @@ def run_experiment(
     client = mlflow_client(uri)
     experiment_id = find_experiment(client, name, create=True)
     cells = grid_cells(name, inits, seeds, train_fractions, out, bundle=bundle_name)
+    _check_run_folders(cells)
     rows: list[dict[str, Any]] = []
     bar = tqdm(cells, desc=f"experiment {name}", unit="run", disable=not progress)
     for cell in bar:
