@@ -12,7 +12,9 @@ validation metrics (``mean_dice``, ``accuracy``, ... as named in docs/architectu
 ``final_<metric>`` (with ``eval/`` as artifacts) and the times as ``wall_time_s``,
 ``train_time_s``, ``eval_time_s``. ``echocare.status = finished`` is set last: rerunning the
 same command skips finished runs and reruns the others from scratch (their MLflow run is
-deleted and their folder emptied first).
+deleted and their folder emptied first). A run folder holding files the experiment did not
+write (no ``spec.json``) refuses the grid before any run; a grid whose bundle lacks a required id
+(``--datalist``) is refused before its first run starts.
 """
 
 from __future__ import annotations
