@@ -423,13 +423,13 @@ def run_experiment(
     check_tracking_server(uri)
     common = _common_ids(dataset_dir, datalist, bundle_args, overrides)
     _check_inits(inits)
+    cells = grid_cells(name, inits, seeds, train_fractions, out, bundle=bundle_name)
+    _check_run_folders(cells)
     out.mkdir(parents=True, exist_ok=True)  # only once the grid can start
     plan = _GridPlan(name, uri, train_files, eval_files, common, evaluate, timeout)
 
     client = mlflow_client(uri)
     experiment_id = find_experiment(client, name, create=True)
-    cells = grid_cells(name, inits, seeds, train_fractions, out, bundle=bundle_name)
-    _check_run_folders(cells)
     rows: list[dict[str, Any]] = []
     bar = tqdm(cells, desc=f"experiment {name}", unit="run", disable=not progress)
     for cell in bar:
